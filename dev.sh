@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Set up everything fashion_exp needs, then run something with it.
+#
+#   ./dev.sh run [overrides]   set up, then train (default: the original experiment's set-up)
+#   ./dev.sh test [pytest args] set up, then ruff check and the whole test suite
+#   ./dev.sh ui                 set up, then open the MLflow UI on the local store
+#   ./dev.sh setup              only set up
+#
+# Set-up (skipped when already done): the real Fashion-MNIST files (Debian package
+# dataset-fashion-mnist), a virtual environment in .venv with the package installed editable
+# and its pinned dependencies. Re-running is fast: the venv is rebuilt only when
+# pyproject.toml changes.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+STAMP="$VENV/.fashion-exp-setup"
+DATA_FILES=(train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz
+            t10k-images-idx3-ubyte.gz t10k-labels-idx1-ubyte.gz)
+
+have_data() {
+  local dir
+  for dir in "${FASHION_MNIST_DIR:-}" "$HOME/.keras/datasets/fashion-mnist" \
+             /usr/share/datasets/fashion-mnist; do
+    [ -n "$dir" ] || continue
+    local ok=1 f
+    for f in "${DATA_FILES[@]}"; do [ -f "$dir/$f" ] || ok=0; done
+    [ "$ok" = 1 ] && return 0
+  done
+  return 1
+}
+
+setup_data() {
+  have_data && return 0
+  echo "dev.sh: installing the Fashion-MNIST files (apt-get install dataset-fashion-mnist)" >&2
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo="sudo"
+  if ! command -v apt-get >/dev/null; then
+    echo "dev.sh: no apt-get here; put the four Fashion-MNIST .gz files in" \
+         "~/.keras/datasets/fashion-mnist/ (or set FASHION_MNIST_DIR and pass data.dir=...)" >&2
+    return 1
+  fi
+  $sudo apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+  have_data
+}
+
+pick_python() {
+  local py
+  for py in python3.11 python3.12 python3; do
+    if command -v "$py" >/dev/null \
+       && "$py" -c 'import sys; sys.exit(not ((3, 11) <= sys.version_info[:2] <= (3, 12)))'; then
+      echo "$py"; return 0
+    fi
+  done
+  echo "dev.sh: Python 3.11 or 3.12 is required (apt-get install python3 python3-venv)" >&2
+  return 1
+}
+
+setup_venv() {
+  local want
+  want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+  if [ -x "$VENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$want" ]; then
+    return 0
+  fi
+  echo "dev.sh: creating $VENV and installing fashion_exp with its pinned dependencies" >&2
+  [ -x "$VENV/bin/python" ] || "$(pick_python)" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e '.[dev]'
+  echo "$want" > "$STAMP"
+}
+
+setup() { setup_data; setup_venv; }
+
+cmd="${1:-run}"
+[ $# -gt 0 ] && shift
+export PATH="$PWD/$VENV/bin:$PATH"
+case "$cmd" in
+  setup) setup ;;
+  run)   setup; exec fashion-exp-train "$@" ;;
+  test)  setup; ruff check . && exec pytest "$@" ;;
+  ui)    setup; exec mlflow ui --backend-store-uri "sqlite:///$PWD/mlruns/mlflow.db" "$@" ;;
+  *)     echo "dev.sh: unknown command '$cmd'; use run, test, ui or setup" >&2; exit 2 ;;
+esac

@@ -1,0 +1,257 @@
+"""Typed config schema: registered in Hydra's ConfigStore, checked before any heavy import.
+
+Hydra checks key names and types while it composes the config; `validate` then checks values
+(ranges, allowed names) by building the dataclasses below, whose `__post_init__` raise
+`ConfigError`. Nothing here imports TensorFlow or MLflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+# conf/ sits beside the package in the repository (the package is installed editable).
+CONF_DIR = PACKAGE_PARENT / "conf"
+
+MODELS = ("mlp", "cnn")
+OPTIMIZERS = ("sgd", "adam", "rmsprop")
+ACTIVATIONS = ("relu", "elu", "gelu", "selu", "silu", "tanh", "sigmoid")
+POOLINGS = ("max", "avg")
+# Metrics the runner can hand back to a sweeper.
+OPTIMIZABLE = ("val_accuracy", "val_loss", "accuracy", "loss", "test_accuracy", "test_loss")
+
+
+def project_root() -> Path:
+    """The repository this package lives in (editable install), else the working directory."""
+    return PACKAGE_PARENT if (PACKAGE_PARENT / "pyproject.toml").is_file() else Path.cwd()
+
+
+class ConfigError(ValueError):
+    """A config value that is out of range or not one of the allowed names."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"{key}={value!r}: {allowed}")
+
+    def prefixed(self, group: str) -> ConfigError:
+        """The same error with the config group in front of the key."""
+        return ConfigError(f"{group}.{self.key}", self.value, self.allowed)
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def _one_of(key: str, value: str, names: tuple[str, ...]) -> None:
+    _check(value in names, key, value, f"use one of {', '.join(names)}")
+
+
+def _dropout(key: str, value: float) -> None:
+    _check(0.0 <= value < 1.0, key, value, "must be in [0, 1)")
+
+
+def _widths(key: str, values: list[int], allow_empty: bool = False) -> None:
+    _check(allow_empty or len(values) > 0, key, values, "must list at least one width")
+    for v in values:
+        _check(v >= 1, key, values, "every width must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    dir: str | None = None
+    val_split: float = 0.2
+    limit: int | None = None
+    verify_checksums: bool = True
+    shuffle_seed: int | None = None
+    download: bool = True
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.val_split < 1.0, "val_split", self.val_split, "must be in (0, 1)")
+        if self.limit is not None:
+            _check(self.limit >= 10, "limit", self.limit, "must be >= 10, or null for all")
+
+
+@dataclass
+class MLPConfig:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [256, 128, 32])
+    activation: str = "relu"
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _one_of("name", self.name, ("mlp",))
+        _widths("hidden", self.hidden)
+        _one_of("activation", self.activation, ACTIVATIONS)
+        _dropout("dropout", self.dropout)
+
+
+@dataclass
+class CNNConfig:
+    name: str = "cnn"
+    filters: list[int] = field(default_factory=lambda: [32, 64])
+    convs_per_block: int = 1
+    kernel_size: int = 3
+    pooling: str = "max"
+    global_pooling: bool = False
+    dense: list[int] = field(default_factory=lambda: [128])
+    activation: str = "relu"
+    batch_norm: bool = False
+    dropout: float = 0.25
+
+    def __post_init__(self) -> None:
+        _one_of("name", self.name, ("cnn",))
+        _widths("filters", self.filters)
+        _check(self.convs_per_block >= 1, "convs_per_block", self.convs_per_block, "must be >= 1")
+        _check(self.kernel_size in (1, 3, 5, 7), "kernel_size", self.kernel_size, "use 1, 3, 5 or 7")
+        _check(
+            len(self.filters) <= 4, "filters", self.filters,
+            "at most 4 pooled blocks fit a 28x28 image",
+        )
+        _one_of("pooling", self.pooling, POOLINGS)
+        _widths("dense", self.dense, allow_empty=True)
+        _one_of("activation", self.activation, ACTIVATIONS)
+        _dropout("dropout", self.dropout)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING
+    lr: float = 0.02
+    momentum: float = 0.0
+    nesterov: bool = False
+    beta_1: float = 0.9
+    beta_2: float = 0.999
+    rho: float = 0.9
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _one_of("name", self.name, OPTIMIZERS)
+        _check(self.lr > 0, "lr", self.lr, "must be > 0")
+        _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "must be in [0, 1)")
+        for key in ("beta_1", "beta_2", "rho"):
+            value = getattr(self, key)
+            _check(0.0 < value < 1.0, key, value, "must be in (0, 1)")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    seed: int = 0
+    deterministic: bool = False
+    early_stopping: bool = False
+    patience: int = 5
+    monitor: str = "val_loss"
+    steps_per_execution: int = 32
+    jit_compile: bool | None = None
+    threads: int = 0
+    verbose: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
+        _check(self.patience >= 1, "patience", self.patience, "must be >= 1")
+        _one_of("monitor", self.monitor, ("val_loss", "val_accuracy"))
+        _check(
+            self.steps_per_execution >= 1, "steps_per_execution", self.steps_per_execution,
+            "must be >= 1",
+        )
+        _check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0: TensorFlow decides)")
+        _check(self.verbose in (0, 1, 2), "verbose", self.verbose, "use 0, 1 or 2")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None
+    experiment_name: str = "fashion_exp"
+    log_model: bool = True
+    registered_model_name: str | None = None
+    figures: bool = True
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment_name.strip()), "experiment_name", self.experiment_name,
+               "must not be empty")
+
+
+@dataclass
+class Config:
+    data: DataConfig = MISSING
+    model: Any = MISSING
+    optimizer: OptimizerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    optimized_metric: str = "val_accuracy"
+    task_name: str = "train"
+
+
+GROUP_SCHEMAS = {"data": DataConfig, "optimizer": OptimizerConfig,
+                 "trainer": TrainerConfig, "tracking": TrackingConfig}
+MODEL_SCHEMAS = {"mlp": MLPConfig, "cnn": CNNConfig}
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore; the YAML files in conf/ extend them."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, schema in GROUP_SCHEMAS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema)
+    for name, schema in MODEL_SCHEMAS.items():
+        cs.store(group="model", name=f"{name}_schema", node=schema)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first missing or out-of-range key of a composed config."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(missing[0], "???", "a value is required; set it on the command line")
+    for group in ("data", "model", "optimizer", "trainer", "tracking"):
+        node = cfg[group]
+        if group == "model":
+            _one_of("model.name", node.get("name"), MODELS)
+        try:
+            OmegaConf.to_object(node)
+        except ConfigError as err:
+            raise err.prefixed(group) from None
+    _one_of("optimized_metric", cfg.optimized_metric, OPTIMIZABLE)
+
+
+def one_line(err: BaseException) -> str:
+    """A Hydra/OmegaConf error message folded onto one line, without its internal details."""
+    parts: list[str] = []
+    text = str(err) + (f"\n{err.__cause__}" if err.__cause__ else "")
+    for line in text.splitlines():
+        line = line.strip().removeprefix("In 'config': ").rstrip(".:")
+        if line.startswith(("full_key", "object_type", "reference_type", "Config search path",
+                            "provider=", "Set the environment")) or line.endswith("_schema"):
+            continue
+        if line and line not in parts:
+            parts.append(line)
+    return "; ".join(parts).replace("options in", "options for")
+
+
+def precheck(overrides: list[str]) -> None:
+    """Compose the config for these command-line overrides and validate it.
+
+    Raises ConfigError (one line) for an unknown key or group option, a wrong type or an
+    out-of-range value, so that the runner can stop before Hydra starts a job.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=job_overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
+    validate(cfg)

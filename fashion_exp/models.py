@@ -1,0 +1,65 @@
+"""Keras models built from the model config. Every model takes raw uint8 images (N, 28, 28)
+and returns class probabilities (N, 10): scaling to 0-1 is the model's first layer."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+from omegaconf import DictConfig
+
+IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
+
+
+def _inputs() -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    """Raw uint8 pixels in, floats in [0, 1] out."""
+    raw = keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name="image")
+    return raw, layers.Rescaling(1.0 / 255, name="scale")(raw)
+
+
+def build_mlp(cfg: DictConfig) -> keras.Model:
+    """Flatten, one Dense layer per width in cfg.hidden (with optional dropout), softmax."""
+    raw, x = _inputs()
+    x = layers.Flatten(name="flatten")(x)
+    for i, width in enumerate(cfg.hidden):
+        x = layers.Dense(width, activation=cfg.activation, name=f"dense_{i}")(x)
+        if cfg.dropout > 0:
+            x = layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
+    probs = layers.Dense(NUM_CLASSES, activation="softmax", name="probs")(x)
+    return keras.Model(raw, probs, name="mlp")
+
+
+def build_cnn(cfg: DictConfig) -> keras.Model:
+    """Conv blocks (conv [+BN] x convs_per_block, pooling), then Dense layers and softmax."""
+    raw, x = _inputs()
+    x = layers.Reshape((*IMAGE_SHAPE, 1), name="channel")(x)
+    pool = layers.MaxPooling2D if cfg.pooling == "max" else layers.AveragePooling2D
+    for b, filters in enumerate(cfg.filters):
+        for c in range(cfg.convs_per_block):
+            name = f"block{b}_conv{c}"
+            x = layers.Conv2D(filters, cfg.kernel_size, padding="same",
+                              use_bias=not cfg.batch_norm, name=name)(x)
+            if cfg.batch_norm:
+                x = layers.BatchNormalization(name=f"{name}_bn")(x)
+            x = layers.Activation(cfg.activation, name=f"{name}_act")(x)
+        x = pool(2, name=f"block{b}_pool")(x)
+    if cfg.global_pooling:
+        x = layers.GlobalAveragePooling2D(name="global_pool")(x)
+    else:
+        x = layers.Flatten(name="flatten")(x)
+    for i, width in enumerate(cfg.dense):
+        if cfg.dropout > 0:
+            x = layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
+        x = layers.Dense(width, activation=cfg.activation, name=f"dense_{i}")(x)
+    if cfg.dropout > 0:
+        x = layers.Dropout(cfg.dropout, name="dropout_out")(x)
+    probs = layers.Dense(NUM_CLASSES, activation="softmax", name="probs")(x)
+    return keras.Model(raw, probs, name="cnn")
+
+
+BUILDERS = {"mlp": build_mlp, "cnn": build_cnn}
+
+
+def build_model(cfg: DictConfig) -> keras.Model:
+    """The model that cfg.name names."""
+    return BUILDERS[cfg.name](cfg)

@@ -1,0 +1,225 @@
+"""MLflow: where runs go, what a run records, and how a run always ends with a final status."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import keras
+import mlflow
+import numpy as np
+from mlflow.entities import RunStatus
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Schema, TensorSpec
+from omegaconf import DictConfig, OmegaConf
+
+from fashion_exp.config import project_root
+
+log = logging.getLogger(__name__)
+
+MODEL_ARTIFACT = "model"
+
+
+# --- Where runs go -----------------------------------------------------------------------------
+
+def resolve_uri(uri: str | None) -> str:
+    """The tracking URI to use, with relative SQLite and file paths made absolute."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
+    if not uri:
+        return f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    if "://" not in uri:
+        return Path(uri).resolve().as_uri()
+    return uri
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifacts of a local SQLite store live beside the database; servers choose their own."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return None
+
+
+def setup(uri: str | None, experiment_name: str) -> tuple[str, str]:
+    """Point MLflow at the store (creating it if new) and return (uri, experiment id)."""
+    uri = resolve_uri(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        try:
+            exp_id = mlflow.create_experiment(experiment_name, artifact_root(uri))
+        except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
+            exp_id = mlflow.get_experiment_by_name(experiment_name).experiment_id
+    else:
+        exp_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return uri, exp_id
+
+
+def ui_hint(uri: str, exp_id: str, run_id: str) -> str:
+    """How to open a run in the MLflow UI."""
+    store = f" --backend-store-uri {uri}" if "://" in uri and not uri.startswith("http") else ""
+    link = f"#/experiments/{exp_id}/runs/{run_id}"
+    if uri.startswith("http"):
+        return f"open {uri.rstrip('/')}/{link}"
+    return f"mlflow ui{store}  then open http://127.0.0.1:5000/{link}"
+
+
+# --- What a run records ------------------------------------------------------------------------
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as MLflow params with dot keys: {'optimizer.lr': '0.02', ...}."""
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            flat[prefix] = "null" if node is None else str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
+
+
+def git_commit() -> str:
+    """The checked-out commit of the project, with '-dirty' when files changed; 'unknown'."""
+    root = project_root()
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout
+        return sha + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
+    """Params (flattened config), the resolved YAML, and Hydra's .hydra/ files."""
+    mlflow.log_params(flatten(cfg))
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
+        mlflow.log_artifacts(str(hydra_dir / ".hydra"), "hydra")
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Logs the Keras epoch metrics, the learning rate and the epoch's seconds, step=epoch."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        lr = self.model.optimizer.learning_rate
+        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
+        metrics["epoch_seconds"] = time.perf_counter() - self._start
+        mlflow.log_metrics(metrics, step=epoch)
+
+
+def log_model_info(model: keras.Model) -> None:
+    """Parameter and layer counts as params, the Keras summary as a text artifact."""
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, **_: lines.append(line))
+    mlflow.log_params({"model.param_count": model.count_params(),
+                       "model.num_layers": len(model.layers)})
+    mlflow.log_text("\n".join(lines), "model_summary.txt")
+
+
+def metric_key(class_name: str) -> str:
+    """A class name as a metric-name suffix: 'T-shirt/top' -> 't_shirt_top'."""
+    return "".join(c if c.isalnum() else "_" for c in class_name.lower())
+
+
+def log_evaluation(result: Any, epochs_trained: int) -> None:
+    """Test loss and accuracy, accuracy per class, and the classification report."""
+    per_class = {f"test_accuracy.{metric_key(name)}": acc
+                 for name, acc in result.per_class_accuracy.items()}
+    mlflow.log_metrics({"test_loss": result.loss, "test_accuracy": result.accuracy,
+                        "epochs_trained": epochs_trained} | per_class)
+    mlflow.log_text(result.report, "classification_report.txt")
+
+
+def log_figures(figures: dict[str, Any]) -> None:
+    """Each matplotlib figure as a PNG artifact under its file name."""
+    for name, fig in figures.items():
+        mlflow.log_figure(fig, name)
+
+
+def log_metric(key: str, value: float) -> None:
+    """One final metric of the active run."""
+    mlflow.log_metric(key, value)
+
+
+def model_signature() -> ModelSignature:
+    """Raw uint8 images (N, 28, 28) in, class probabilities (N, 10) out."""
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
+    )
+
+
+def log_model(model: keras.Model, registered_name: str | None) -> str:
+    """Log the model at artifact path 'model' (and register it); returns its URI."""
+    import mlflow.tensorflow
+    import tensorflow as tf
+
+    # Explicit requirements: inferring them costs ~11 s per run in a subprocess.
+    requirements = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}",
+                    f"mlflow=={mlflow.__version__}"]
+    info = mlflow.tensorflow.log_model(
+        model, name=MODEL_ARTIFACT, signature=model_signature(),
+        pip_requirements=requirements, registered_model_name=registered_name,
+    )
+    return info.model_uri
+
+
+# --- How a run ends ----------------------------------------------------------------------------
+
+def _record_error(err: BaseException) -> None:
+    """Put the error on the run (tag and traceback artifact); never raises."""
+    try:
+        mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        mlflow.log_text(text, "error.txt")
+    except Exception as inner:  # noqa: BLE001 - the original error matters more
+        log.warning("could not record the error on the run: %s", inner)
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+@contextmanager
+def tracked_run(run_name: str, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run that ends FINISHED, FAILED (error recorded) or KILLED (Ctrl-C, SIGTERM)."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    run = mlflow.start_run(run_name=run_name, tags=tags)
+    try:
+        yield run
+    except KeyboardInterrupt as err:
+        _record_error(err)
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException as err:
+        _record_error(err)
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    else:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)

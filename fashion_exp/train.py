@@ -1,0 +1,123 @@
+"""The runner: config -> data -> model -> training -> evaluation -> one MLflow run.
+
+    fashion-exp-train [overrides]          e.g. fashion-exp-train experiment=original trainer.seed=1
+    python -m fashion_exp.train [overrides]
+
+The config is validated before TensorFlow or MLflow are imported, so a bad value costs a
+second, not a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fashion_exp.config import CONF_DIR, ConfigError, precheck, register_configs, validate
+
+log = logging.getLogger("fashion_exp")
+
+
+def run_name_and_tags(cfg: DictConfig) -> tuple[str, dict[str, str], Path | None]:
+    """Run name (the command-line overrides), tags, and Hydra's output folder."""
+    if not HydraConfig.initialized():
+        return "defaults", {}, None
+    hydra_cfg = HydraConfig.get()
+    overrides = " ".join(hydra_cfg.overrides.task)
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    tags = {"overrides": overrides, "hydra_output_dir": str(output_dir)}
+    return overrides or "defaults", tags, output_dir
+
+
+def train(cfg: DictConfig) -> float:
+    """Train and evaluate one model as `cfg` says, logged as one MLflow run; returns
+    cfg.optimized_metric."""
+    # Heavy imports only once the config is known to be good.
+    from fashion_exp import data, models, optim, plots, tracking, training
+
+    # --- Set up: seeds, threads, data --------------------------------------------------------
+    training.configure_runtime(cfg.trainer)
+    seed = cfg.trainer.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed
+    splits = data.load(cfg.data.dir, cfg.data.val_split, seed, cfg.data.limit,
+                       cfg.data.verify_checksums, cfg.data.download)
+    log.info("Data <data>: %d train, %d validation, %d test images from %s",
+             len(splits.x_train), len(splits.x_val), len(splits.x_test), splits.source)
+
+    uri, exp_id = tracking.setup(cfg.tracking.uri, cfg.tracking.experiment_name)
+    run_name, tags, output_dir = run_name_and_tags(cfg)
+    tags |= {"git_commit": tracking.git_commit(), "data_source": str(splits.source)}
+
+    with tracking.tracked_run(run_name, tags) as run:
+        tracking.log_config(cfg, output_dir)
+
+        # --- Model and optimizer -------------------------------------------------------------
+        log.info("Building model <model.name=%s>, optimizer <optimizer.name=%s lr=%g>",
+                 cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr)
+        model = models.build_model(cfg.model)
+        training.compile_model(model, optim.build_optimizer(cfg.optimizer), cfg.trainer,
+                               cfg.model.name)
+        tracking.log_model_info(model)
+
+        # --- Train --------------------------------------------------------------------------
+        log.info("Training <trainer.epochs=%d trainer.batch_size=%d>",
+                 cfg.trainer.epochs, cfg.trainer.batch_size)
+        history = training.fit(model, splits, cfg.trainer, [tracking.EpochLogger()])
+
+        # --- Evaluate -----------------------------------------------------------------------
+        result = training.evaluate(model, splits)
+        test = {"test_loss": result.loss, "test_accuracy": result.accuracy}
+        tracking.log_evaluation(result, epochs_trained=len(history["loss"]))
+
+        # --- Figures and model --------------------------------------------------------------
+        if cfg.tracking.figures:
+            tracking.log_figures({
+                "curves.png": plots.curves(history),
+                "confusion_matrix.png": plots.confusion(result.confusion),
+                "predictions.png": plots.predictions(splits.x_test, splits.y_test, result.probs),
+                "dataset_sample.png": plots.dataset_sample(splits.x_train, splits.y_train),
+            })
+        if cfg.tracking.log_model:
+            tracking.log_model(model, cfg.tracking.registered_model_name)
+
+        value = training.best_value(history, test, cfg.optimized_metric)
+        tracking.log_metric("optimized_metric", value)
+
+    run_id = run.info.run_id
+    print(f"test_accuracy={result.accuracy:.4f}  {cfg.optimized_metric}={value:.4f}  "
+          f"run_id={run_id}  view: {tracking.ui_hint(uri, exp_id, run_id)}", flush=True)
+    return value
+
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def _hydra_main(cfg: DictConfig) -> float:
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        print(f"fashion-exp-train: invalid config: {err}", file=sys.stderr)
+        sys.exit(2)
+    return train(cfg)
+
+
+def main() -> None:
+    """Console-script entry point: check a single run's overrides, then hand over to Hydra."""
+    args = sys.argv[1:]
+    # Multirun (-m) overrides hold sweep syntax that only the sweeper expands, and Hydra's own
+    # flags (--cfg, --help, ...) do not run a job: both go to Hydra unchecked.
+    if not any(a.startswith("-") for a in args):
+        try:
+            precheck(args)
+        except ConfigError as err:
+            print(f"fashion-exp-train: invalid config: {err}", file=sys.stderr)
+            sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

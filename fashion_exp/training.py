@@ -1,0 +1,113 @@
+"""The training loop: runtime settings, compile, fit, evaluate."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+from omegaconf import DictConfig
+from sklearn.metrics import classification_report, confusion_matrix
+
+from fashion_exp.data import CLASSES, Splits
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Test-set results of a trained model."""
+
+    loss: float
+    accuracy: float
+    probs: np.ndarray
+    per_class_accuracy: dict[str, float]
+    confusion: np.ndarray
+    report: str
+
+
+def configure_runtime(cfg: DictConfig) -> None:
+    """Threads, seeds and determinism, before any TensorFlow op runs."""
+    if cfg.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(cfg.threads)
+    keras.utils.set_random_seed(cfg.seed)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def use_xla(cfg: DictConfig, model_name: str) -> bool:
+    """trainer.jit_compile, where null means: XLA for MLPs, not for CNNs (slower on CPU)."""
+    return model_name == "mlp" if cfg.jit_compile is None else bool(cfg.jit_compile)
+
+
+def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                  cfg: DictConfig, model_name: str) -> None:
+    """Sparse categorical cross-entropy on integer labels, accuracy metric."""
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"], steps_per_execution=cfg.steps_per_execution,
+                  jit_compile=use_xla(cfg, model_name))
+
+
+def callbacks(cfg: DictConfig) -> list[keras.callbacks.Callback]:
+    """Stop on NaN always; early stopping (restoring the best weights) when asked."""
+    found = [keras.callbacks.TerminateOnNaN()]
+    if cfg.early_stopping:
+        found.append(keras.callbacks.EarlyStopping(
+            monitor=cfg.monitor, patience=cfg.patience, restore_best_weights=True))
+    return found
+
+
+def fit(model: keras.Model, splits: Splits, cfg: DictConfig,
+        extra: list[keras.callbacks.Callback]) -> dict[str, list[float]]:
+    """Train on in-memory arrays; returns the per-epoch history."""
+    history = model.fit(
+        splits.x_train, splits.y_train, validation_data=(splits.x_val, splits.y_val),
+        epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
+        callbacks=callbacks(cfg) + extra, verbose=cfg.verbose,
+    ).history
+    if any(not math.isfinite(v) for v in history.get("loss", [])):
+        raise TrainingDiverged(
+            f"the training loss became {history['loss'][-1]} at epoch {len(history['loss'])}; "
+            "lower optimizer.lr or change the optimizer"
+        )
+    return history
+
+
+def evaluate(model: keras.Model, splits: Splits, batch_size: int = 1024) -> Evaluation:
+    """Predict the test set once and derive every test metric from those probabilities."""
+    probs = model.predict(splits.x_test, batch_size=batch_size, verbose=0)
+    labels = splits.y_test.astype(np.int64)
+    loss = keras.losses.sparse_categorical_crossentropy(labels, probs)
+    pred = probs.argmax(axis=1)
+    matrix = confusion_matrix(labels, pred, labels=range(len(CLASSES)))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        recall = matrix.diagonal() / matrix.sum(axis=1)
+    return Evaluation(
+        loss=float(np.mean(keras.ops.convert_to_numpy(loss))),
+        accuracy=float(np.mean(pred == labels)),
+        probs=probs,
+        per_class_accuracy={name: float(r) for name, r in zip(CLASSES, recall, strict=True)
+                            if np.isfinite(r)},
+        confusion=matrix,
+        report=classification_report(labels, pred, labels=range(len(CLASSES)),
+                                     target_names=CLASSES, digits=4, zero_division=0),
+    )
+
+
+def best_value(history: dict[str, list[float]], test: dict[str, float], metric: str) -> float:
+    """The value a sweeper optimizes: the best epoch of a history metric, or a test metric."""
+    if metric in test:
+        return test[metric]
+    if metric not in history:
+        allowed = ", ".join(sorted({*history, *test}))
+        raise KeyError(f"optimized_metric={metric!r} was not computed; use one of {allowed}")
+    values = history[metric]
+    return float(min(values) if "loss" in metric else max(values))

@@ -1,0 +1,69 @@
+"""Shared helpers: synthetic IDX files, a temporary MLflow store, running the real CLI."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fashion_exp.data import DEBIAN_DIR, FILES, KERAS_CACHE
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int | None = None) -> Path:
+    """Write a uint8 array as a gzipped IDX file (images: 3 dims, labels: 1 dim)."""
+    if magic is None:
+        magic = 0x803 if array.ndim == 3 else 0x801
+    header = struct.pack(">II", magic, array.shape[0])
+    if array.ndim == 3:
+        header += struct.pack(">II", *array.shape[1:])
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+    return path
+
+
+def write_dataset(folder: Path, n_train: int = 200, n_test: int = 50, seed: int = 0) -> Path:
+    """Four small synthetic files with the real names, in `folder`."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "x_train": rng.integers(0, 256, (n_train, 28, 28)),
+        "y_train": np.arange(n_train) % 10,
+        "x_test": rng.integers(0, 256, (n_test, 28, 28)),
+        "y_test": np.arange(n_test) % 10,
+    }
+    for key, array in arrays.items():
+        write_idx(folder / FILES[key], array)
+    return folder
+
+
+def real_data_dir() -> Path | None:
+    """Where the real Fashion-MNIST files are on this machine, if anywhere."""
+    for folder in (KERAS_CACHE, DEBIAN_DIR):
+        if all((folder / name).is_file() for name in FILES.values()):
+            return folder
+    return None
+
+
+@pytest.fixture
+def tracking_uri(tmp_path: Path) -> str:
+    """A fresh SQLite MLflow store in a temporary folder."""
+    return f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+
+
+def run_cli(*overrides: str, tmp_path: Path, script: str | None = None,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the training entry point in a subprocess, outputs under tmp_path."""
+    cmd = [script] if script else [sys.executable, "-m", "fashion_exp.train"]
+    cmd += [*overrides, f"hydra.run.dir={tmp_path / 'hydra'}"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+                          env=env)

@@ -1,0 +1,83 @@
+"""The schema: every shipped config composes and validates; bad values fail with one line."""
+
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+from fashion_exp.config import ConfigError, precheck
+
+from .conftest import run_cli
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["experiment=original"], ["experiment=cnn"], ["debug=fast"], ["model=cnn"],
+    ["optimizer=adam"], ["optimizer=rmsprop"], ["model=cnn", "model.batch_norm=true"],
+    ["model.hidden=[64]", "model.dropout=0.5"],
+])
+def test_shipped_configs_are_valid(overrides: list[str]) -> None:
+    precheck(overrides)
+
+
+def test_original_experiment_is_the_original_setup() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from fashion_exp.config import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=original"])
+    assert OmegaConf.to_container(cfg.model) == {
+        "name": "mlp", "hidden": [256, 128, 32], "activation": "relu", "dropout": 0.0}
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.momentum) == ("sgd", 0.02, 0.0)
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.data.val_split) == (30, 32, 0.2)
+
+
+BAD = [
+    ("optimizer.lr=0", "optimizer.lr=0.0", "must be > 0"),
+    ("optimizer.lr=-1", "optimizer.lr=-1.0", "must be > 0"),
+    ("model.hidden=[128,0]", "model.hidden=[128, 0]", "every width must be >= 1"),
+    ("model.hidden=[]", "model.hidden=[]", "at least one width"),
+    ("model.dropout=1.0", "model.dropout=1.0", "[0, 1)"),
+    ("model.dropout=-0.1", "model.dropout=-0.1", "[0, 1)"),
+    ("trainer.epochs=0", "trainer.epochs=0", "must be >= 1"),
+    ("trainer.batch_size=0", "trainer.batch_size=0", "must be >= 1"),
+    ("data.val_split=0", "data.val_split=0.0", "(0, 1)"),
+    ("data.val_split=1.5", "data.val_split=1.5", "(0, 1)"),
+    ("optimizer.name=lion", "optimizer.name='lion'", "sgd, adam, rmsprop"),
+    ("model.name=resnet", "model.name='resnet'", "mlp, cnn"),
+    ("model.activation=foo", "model.activation='foo'", "relu"),
+    ("optimized_metric=acc", "optimized_metric='acc'", "val_accuracy"),
+    ("optimzer.lr=0.1", "overrides=", "Key 'optimzer' not in 'Config'"),
+    ("optimizer=lion", "overrides=", "Available options for 'optimizer'; adam; rmsprop; sgd"),
+    ("model=resnet", "overrides=", "Could not find 'model/resnet'"),
+    ("trainer.epochs=ten", "overrides=", "could not be converted to Integer"),
+]
+
+
+@pytest.mark.parametrize(("override", "key", "allowed"), BAD)
+def test_bad_values_name_key_value_and_what_is_allowed(override, key, allowed) -> None:
+    with pytest.raises(ConfigError) as info:
+        precheck([override])
+    message = str(info.value)
+    assert key in message and allowed in message
+    assert "\n" not in message
+
+
+def test_cli_rejects_bad_value_before_anything_runs(tmp_path, tracking_uri) -> None:
+    result = run_cli("optimizer.lr=-0.5", f"tracking.uri={tracking_uri}", tmp_path=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["fashion-exp-train: invalid config: optimizer.lr=-0.5: must be > 0"]
+    # Stopped before TensorFlow, MLflow and Hydra's job: no store, no output folder.
+    assert not (tmp_path / "mlruns").exists()
+    assert not (tmp_path / "hydra").exists()
+
+
+def test_validation_does_not_import_tensorflow() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from fashion_exp.config import precheck; precheck(['model=cnn']); "
+            "import fashion_exp.train; print('tensorflow' in sys.modules, 'mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
