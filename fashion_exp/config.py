@@ -108,7 +108,8 @@ class CNNConfig:
         _one_of("name", self.name, ("cnn",))
         _widths("filters", self.filters)
         _check(self.convs_per_block >= 1, "convs_per_block", self.convs_per_block, "must be >= 1")
-        _check(self.kernel_size in (1, 3, 5, 7), "kernel_size", self.kernel_size, "use 1, 3, 5 or 7")
+        _check(self.kernel_size in (1, 3, 5, 7), "kernel_size", self.kernel_size,
+               "use 1, 3, 5 or 7")
         _check(
             len(self.filters) <= 4, "filters", self.filters,
             "at most 4 pooled blocks fit a 28x28 image",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
@@ -50,20 +51,37 @@ def artifact_root(uri: str) -> str | None:
     return None
 
 
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Hold an exclusive lock beside a SQLite store while it may be created or migrated.
+
+    MLflow creates and migrates a new SQLite store on first use; two processes doing that at
+    once leave it half-migrated ("duplicate column name") and every later run fails. Parallel
+    jobs therefore take turns for this step; ordinary writes afterwards need no lock.
+    """
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def setup(uri: str | None, experiment_name: str) -> tuple[str, str]:
     """Point MLflow at the store (creating it if new) and return (uri, experiment id)."""
     uri = resolve_uri(uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
-    experiment = mlflow.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        try:
+    with store_lock(uri):
+        experiment = mlflow.get_experiment_by_name(experiment_name)
+        if experiment is None:
             exp_id = mlflow.create_experiment(experiment_name, artifact_root(uri))
-        except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel job
-            exp_id = mlflow.get_experiment_by_name(experiment_name).experiment_id
-    else:
-        exp_id = experiment.experiment_id
+        else:
+            exp_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return uri, exp_id
 

@@ -61,6 +61,7 @@ def tracking_uri(tmp_path: Path) -> str:
 def run_cli(*overrides: str, tmp_path: Path, script: str | None = None,
             timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the training entry point in a subprocess, outputs under tmp_path."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cmd = [script] if script else [sys.executable, "-m", "fashion_exp.train"]
     cmd += [*overrides, f"hydra.run.dir={tmp_path / 'hydra'}"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}

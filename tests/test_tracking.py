@@ -1,0 +1,95 @@
+"""Tracking helpers: URIs, flattened params, and the final status of every run."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import mlflow
+import pytest
+from omegaconf import OmegaConf
+
+from fashion_exp import tracking
+
+
+def test_flatten_uses_dot_keys_and_resolves() -> None:
+    cfg = OmegaConf.create({"optimizer": {"lr": 0.02}, "model": {"hidden": [256, 128]},
+                            "data": {"dir": None, "n": "${optimizer.lr}"}})
+    assert tracking.flatten(cfg) == {"optimizer.lr": "0.02", "model.hidden": "[256, 128]",
+                                     "data.dir": "null", "data.n": "0.02"}
+
+
+def test_relative_uris_become_absolute(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_uri("sqlite:///rel/m.db") == f"sqlite:///{tmp_path}/rel/m.db"
+    assert tracking.resolve_uri("store") == (tmp_path / "store").as_uri()
+    assert tracking.resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    default = tracking.resolve_uri(None)
+    assert default == f"sqlite:///{Path(tracking.__file__).parents[1] / 'mlruns' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    assert tracking.resolve_uri(None) == f"sqlite:///{tmp_path}/env.db"
+
+
+@pytest.fixture
+def store(tracking_uri: str) -> str:
+    uri, exp_id = tracking.setup(tracking_uri, "statuses")
+    yield exp_id
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def _only_run(exp_id: str):
+    runs = mlflow.search_runs([exp_id], output_format="list")
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_artifacts_live_beside_the_database(tracking_uri, store) -> None:
+    location = mlflow.get_experiment(store).artifact_location
+    assert location == (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+
+
+def test_finished(store) -> None:
+    with tracking.tracked_run("ok", {"k": "v"}):
+        mlflow.log_metric("m", 1.0)
+    run = _only_run(store)
+    assert (run.info.status, run.info.run_name, run.data.tags["k"]) == ("FINISHED", "ok", "v")
+
+
+def test_failed_records_the_error(store) -> None:
+    with pytest.raises(ZeroDivisionError):
+        with tracking.tracked_run("bad", {}):
+            1 / 0  # noqa: B018
+    run = _only_run(store)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "ZeroDivisionError: division by zero"
+    text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/error.txt")
+    assert "1 / 0" in text
+
+
+def test_sigterm_ends_killed(store) -> None:
+    with pytest.raises(KeyboardInterrupt):
+        with tracking.tracked_run("term", {}):
+            os.kill(os.getpid(), signal.SIGTERM)
+            signal.sigtimedwait([], 0)  # let the handler run
+    assert _only_run(store).info.status == "KILLED"
+    assert signal.getsignal(signal.SIGTERM) is not tracking._terminate
+
+
+def test_parallel_first_use_of_a_fresh_store_does_not_corrupt_it(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    code = ("import sys, mlflow; from fashion_exp import tracking; "
+            "tracking.setup(sys.argv[1], 'shared'); "
+            "mlflow.start_run(); mlflow.log_metric('m', 1); mlflow.end_run()")
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["shared"], output_format="list")
+    assert len(runs) == 4 and all(r.data.metrics["m"] == 1 for r in runs)

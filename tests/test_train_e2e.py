@@ -1,0 +1,147 @@
+"""The real runner, in subprocesses, against a temporary MLflow store and the real data."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+
+from .conftest import REPO, real_data_dir, run_cli
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(real_data_dir() is None, reason="real Fashion-MNIST not installed"),
+]
+FAST = ["debug=fast", "data.limit=1000", "tracking.experiment_name=e2e"]
+
+
+def runs_of(uri: str, experiment: str = "e2e") -> list:
+    mlflow.set_tracking_uri(uri)
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list",
+                              order_by=["attributes.start_time ASC"])
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory):
+    """One full debug run (2 epochs, model registered) shared by the assertions below."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    uri = f"sqlite:///{tmp / 'store' / 'mlflow.db'}"
+    result = run_cli(*FAST, "trainer.epochs=2", f"tracking.uri={uri}",
+                     "tracking.registered_model_name=fashion_e2e", tmp_path=tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(uri)
+    return uri, run, result
+
+
+def test_run_ends_with_one_summary_line(logged) -> None:
+    uri, run, result = logged
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("test_accuracy=0.")
+    assert f"run_id={run.info.run_id}" in last and "mlflow ui --backend-store-uri" in last
+    assert run.info.status == "FINISHED"
+
+
+def test_params_tags_and_metrics(logged) -> None:
+    uri, run, _ = logged
+    params, tags = run.data.params, run.data.tags
+    assert params["optimizer.lr"] == "0.02" and params["model.hidden"] == "[256, 128, 32]"
+    assert params["trainer.epochs"] == "2" and params["model.param_count"] == "238314"
+    assert run.info.run_name == tags["overrides"]
+    assert "debug=fast" in tags["overrides"] and tags["git_commit"]
+    client = mlflow.MlflowClient(uri)
+    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds"):
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [0, 1], key
+    metrics = run.data.metrics
+    assert 0.1 < metrics["test_accuracy"] <= 1 and metrics["test_loss"] > 0
+    per_class = [k for k in metrics if k.startswith("test_accuracy.")]
+    assert len(per_class) == 10 and "test_accuracy.ankle_boot" in per_class
+    best = max(m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy"))
+    assert metrics["optimized_metric"] == pytest.approx(best)
+
+
+def test_artifacts(logged) -> None:
+    uri, run, _ = logged
+    client = mlflow.MlflowClient(uri)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "hydra", "curves.png", "confusion_matrix.png", "predictions.png",
+            "dataset_sample.png", "model_summary.txt", "classification_report.txt"} <= names
+    hydra_files = {a.path for a in client.list_artifacts(run.info.run_id, "hydra")}
+    assert {"hydra/config.yaml", "hydra/overrides.yaml"} <= hydra_files
+    png = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="curves.png",
+                                              tracking_uri=uri)
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_logged_and_registered_model_predict_from_raw_images(logged) -> None:
+    uri, run, _ = logged
+    mlflow.set_tracking_uri(uri)
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28)).astype(np.uint8)
+    for model_uri in (f"runs:/{run.info.run_id}/model", "models:/fashion_e2e/1"):
+        model = mlflow.pyfunc.load_model(model_uri)
+        probs = np.asarray(model.predict(images))
+        assert probs.shape == (5, 10)
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    signature = model.metadata.signature.to_dict()
+    assert "uint8" in signature["inputs"] and "[-1, 28, 28]" in signature["inputs"]
+
+
+def test_same_seed_same_metrics_via_both_entry_points(tmp_path, tracking_uri) -> None:
+    script = shutil.which("fashion-exp-train") or str(REPO / ".venv/bin/fashion-exp-train")
+    common = [*FAST, f"tracking.uri={tracking_uri}", "tracking.log_model=false",
+              "tracking.figures=false", "trainer.deterministic=true"]
+    first = run_cli(*common, tmp_path=tmp_path / "a")
+    second = run_cli(*common, tmp_path=tmp_path / "b", script=script)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
+    a, b = runs_of(tracking_uri)
+    for key in ("loss", "val_accuracy", "test_accuracy", "test_loss"):
+        assert a.data.metrics[key] == b.data.metrics[key], key
+
+
+def test_diverged_training_fails_the_run_with_the_reason(tmp_path, tracking_uri) -> None:
+    result = run_cli(*FAST, f"tracking.uri={tracking_uri}", "optimizer.lr=1e6",
+                     "model.activation=elu", tmp_path=tmp_path)
+    assert result.returncode != 0
+    (run,) = runs_of(tracking_uri)
+    assert run.info.status == "FAILED"
+    assert "TrainingDiverged" in run.data.tags["error"] and "optimizer.lr" in run.data.tags["error"]
+
+
+def test_missing_data_fails_before_any_run(tmp_path, tracking_uri) -> None:
+    result = run_cli(*FAST, f"tracking.uri={tracking_uri}", f"data.dir={tmp_path / 'nope'}",
+                     tmp_path=tmp_path)
+    assert result.returncode != 0
+    assert "lacks train-images-idx3-ubyte.gz" in result.stderr
+    assert not (tmp_path / "mlruns").exists() or not runs_of(tracking_uri)
+
+
+def test_ctrl_c_ends_the_run_killed(tmp_path, tracking_uri) -> None:
+    cmd = [sys.executable, "-m", "fashion_exp.train", *FAST, "trainer.epochs=500",
+           "trainer.steps_per_execution=1", f"tracking.uri={tracking_uri}",
+           f"hydra.run.dir={tmp_path / 'hydra'}"]
+    log = open(tmp_path / "log.txt", "w")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            time.sleep(2)
+            # Read the store only once the runner has created it (it logs "Training" after).
+            if "Training <" not in (tmp_path / "log.txt").read_text():
+                continue
+            runs = runs_of(tracking_uri)
+            if runs and "loss" in runs[0].data.metrics:
+                break
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) != 0
+    finally:
+        proc.kill()
+    runs = runs_of(tracking_uri)
+    assert len(runs) == 1, (tmp_path / "log.txt").read_text()[-3000:]
+    assert runs[0].info.status == "KILLED"
+    assert "loss" in runs[0].data.metrics
