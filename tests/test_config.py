@@ -81,3 +81,14 @@ def test_validation_does_not_import_tensorflow() -> None:
             "import fashion_exp.train; print('tensorflow' in sys.modules, 'mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_presets_override_the_root_config() -> None:
+    from hydra import compose, initialize_config_dir
+
+    from fashion_exp.config import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["debug=fast", "experiment=cnn"])
+    assert (cfg.task_name, cfg.trainer.epochs, cfg.data.limit) == ("debug", 1, 2000)
+    assert (cfg.model.name, cfg.optimizer.name, cfg.trainer.early_stopping) == ("cnn", "adam", True)

@@ -11,7 +11,7 @@ import pytest
 from fashion_exp import data
 from fashion_exp.data import FILES, DataError, load_arrays, read_idx
 
-from .conftest import real_data_dir, write_dataset, write_idx
+from .conftest import real_data_dir, requires_real_data, write_dataset, write_idx
 
 
 def test_read_idx_round_trips_images_and_labels(tmp_path: Path) -> None:
@@ -106,7 +106,7 @@ def test_split_is_seeded_disjoint_and_limited(tmp_path: Path) -> None:
     assert (len(small.x_train), len(small.x_val), len(small.x_test)) == (32, 8, 40)
 
 
-@pytest.mark.skipif(real_data_dir() is None, reason="real Fashion-MNIST not installed")
+@requires_real_data
 def test_real_files_are_verified_fashion_mnist() -> None:
     arrays = load_arrays(real_data_dir(), verify_md5=True)
     assert arrays["x_train"].shape == (60_000, 28, 28)

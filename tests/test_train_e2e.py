@@ -12,11 +12,11 @@ import mlflow
 import numpy as np
 import pytest
 
-from .conftest import REPO, real_data_dir, run_cli
+from .conftest import REPO, real_data_dir, requires_real_data, run_cli
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(real_data_dir() is None, reason="real Fashion-MNIST not installed"),
+    requires_real_data,
 ]
 FAST = ["debug=fast", "data.limit=1000", "tracking.experiment_name=e2e"]
 
