@@ -17,6 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from fashion_exp import sweeps
 from fashion_exp.config import CONF_DIR, ConfigError, precheck, register_configs, validate
 
 log = logging.getLogger("fashion_exp")
@@ -50,6 +51,8 @@ def train(cfg: DictConfig) -> float:
     uri, exp_id = tracking.setup(cfg.tracking.uri, cfg.tracking.experiment_name)
     run_name, tags, output_dir = run_name_and_tags(cfg)
     tags |= {"git_commit": tracking.git_commit(), "data_source": str(splits.source)}
+    child_name, child_tags = sweeps.child_name_and_tags(cfg)  # set in a multirun only
+    run_name, tags = child_name or run_name, tags | child_tags
 
     with tracking.tracked_run(run_name, tags) as run:
         tracking.log_config(cfg, output_dir)
@@ -116,7 +119,14 @@ def main() -> None:
         except ConfigError as err:
             print(f"fashion-exp-train: invalid config: {err}", file=sys.stderr)
             sys.exit(2)
-    _hydra_main()
+    try:
+        _hydra_main()
+    except KeyboardInterrupt:
+        sweeps.finish_open_sweeps(interrupted=True)
+        raise
+    finally:
+        # A multirun whose job raised never reaches Hydra's on_multirun_end: end its parent.
+        sweeps.finish_open_sweeps()
 
 
 if __name__ == "__main__":

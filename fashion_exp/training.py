@@ -34,9 +34,14 @@ class Evaluation:
 
 def configure_runtime(cfg: DictConfig) -> None:
     """Threads, seeds and determinism, before any TensorFlow op runs."""
-    if cfg.threads:
-        tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
-        tf.config.threading.set_inter_op_parallelism_threads(cfg.threads)
+    keras.backend.clear_session()  # a fresh graph for every job of an in-process sweep
+    if cfg.threads and tf.config.threading.get_intra_op_parallelism_threads() != cfg.threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
+            tf.config.threading.set_inter_op_parallelism_threads(cfg.threads)
+        except RuntimeError:  # TensorFlow already started in this process (earlier job)
+            log.warning("trainer.threads=%d ignored: TensorFlow is already running in this "
+                        "process", cfg.threads)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()

@@ -1,0 +1,212 @@
+"""Multirun sweeps as one group in MLflow: a parent run per sweep, a nested child run per job.
+
+The parent is created once per sweep folder, under a file lock, by the Hydra callback below
+before any job starts; a job that finds no parent (a launcher in another process, a callback
+that failed) creates it the same way, so children are always grouped. When the sweep ends the
+parent gets the best child, its metric and a leaderboard, and a final status.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "mlflow_sweep.json"
+# Sweeps this process opened and has not finished yet (see finish_open_sweeps).
+_open_sweeps: dict[Path, DictConfig] = {}
+
+
+def job_sweep_dir() -> Path | None:
+    """The sweep folder when the current Hydra job is part of a multirun, else None."""
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return Path(hydra_cfg.sweep.dir).resolve() if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+@contextmanager
+def _locked(sweep_dir: Path) -> Iterator[None]:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / ".mlflow_sweep.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def swept_keys(config: DictConfig) -> list[str]:
+    """Config keys a multirun varies: sweep overrides (a=1,2) and sweeper search spaces."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = [o.get_key_element() for o in overrides if o.is_sweep_override()]
+    params = config.hydra.sweeper.get("params") or {}
+    return keys + [str(k) for k in params if str(k) not in keys]
+
+
+def _state(sweep_dir: Path) -> dict[str, Any]:
+    return json.loads((sweep_dir / STATE_FILE).read_text())
+
+
+def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = None) -> str:
+    """The parent run id of this sweep, creating the run (left RUNNING) if it does not exist."""
+    from mlflow import MlflowClient
+
+    from fashion_exp import tracking
+
+    state = sweep_dir / STATE_FILE
+    with _locked(sweep_dir):
+        if state.is_file():
+            return _state(sweep_dir)["run_id"]
+        uri, exp_id = tracking.setup(cfg.tracking.uri, cfg.tracking.experiment_name)
+        # Called from a job (no hydra node, keys unknown) the name falls back to the folder.
+        varied = [o for o in cfg.hydra.overrides.task if o.split("=", 1)[0] in keys] if keys else []
+        run = MlflowClient(uri).create_run(
+            exp_id, run_name="sweep " + (" ".join(varied) or sweep_dir.name),
+            tags={"sweep_dir": str(sweep_dir), "sweep": "parent",
+                  "optimized_metric": cfg.optimized_metric, "git_commit": tracking.git_commit()},
+        )
+        run_id = run.info.run_id
+        MlflowClient(uri).set_tag(run_id, "sweep_id", run_id)
+        state.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri,
+                                     "experiment_id": exp_id, "swept_keys": keys or []}))
+        log.info("Sweep parent run %s for <%s>", run_id, sweep_dir)
+        return run_id
+
+
+def child_name_and_tags(cfg: DictConfig) -> tuple[str | None, dict[str, str]]:
+    """A job's run name (the values its sweep varies) and the tags that nest it under the
+    sweep's parent run; (None, {}) outside a multirun."""
+    sweep_dir = job_sweep_dir()
+    if sweep_dir is None:
+        return None, {}
+    parent = ensure_parent(sweep_dir, cfg)
+    keys = set(_state(sweep_dir)["swept_keys"])
+    overrides = list(HydraConfig.get().overrides.task)
+    varied = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] in keys]
+    tags = {"mlflow.parentRunId": parent, "sweep_id": parent, "sweep": "child",
+            "sweep_job": str(HydraConfig.get().job.num)}
+    return " ".join(varied or overrides) or "defaults", tags
+
+
+def _better(metric: str) -> Any:
+    return min if "loss" in metric else max
+
+
+def leaderboard(children: list, metric: str) -> list[dict[str, Any]]:
+    """Rows of the sweep's children, best first; failed or metric-less runs last."""
+    rows = []
+    for run in children:
+        value = run.data.metrics.get("optimized_metric")
+        end = run.info.end_time or run.info.start_time
+        rows.append({
+            "run_name": run.info.run_name, "run_id": run.info.run_id,
+            "status": run.info.status, metric: value,
+            "test_accuracy": run.data.metrics.get("test_accuracy"),
+            "duration_s": round((end - run.info.start_time) / 1000, 1),
+        })
+    sign = 1 if _better(metric) is min else -1
+
+    def key(row: dict[str, Any]) -> tuple:
+        value = row[metric]
+        ok = row["status"] == "FINISHED" and value is not None and math.isfinite(value)
+        return (not ok, sign * value if ok else 0.0)
+
+    return sorted(rows, key=key)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of leaderboard rows."""
+    if not rows:
+        return "(no runs)\n"
+    cols = list(rows[0])
+
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
+    """Record the best child and the leaderboard on the parent and end it; returns status."""
+    import csv
+    import io
+
+    from mlflow import MlflowClient
+
+    state = sweep_dir / STATE_FILE
+    if not state.is_file():
+        return None
+    info = _state(sweep_dir)
+    client = MlflowClient(info["tracking_uri"])
+    parent = client.get_run(info["run_id"])
+    if parent.info.status != "RUNNING":
+        return parent.info.status
+    metric = parent.data.tags.get("optimized_metric", "val_accuracy")
+    children = client.search_runs([info["experiment_id"]],
+                                  filter_string=f"tags.sweep_id = '{info['run_id']}'"
+                                  " and tags.sweep = 'child'", max_results=5000)
+    rows = leaderboard(children, metric)
+    finished = [r for r in rows if r["status"] == "FINISHED" and r[metric] is not None]
+    if finished:
+        best = finished[0]
+        client.log_metric(info["run_id"], f"best_{metric}", best[metric])
+        if best["test_accuracy"] is not None:
+            client.log_metric(info["run_id"], "best_test_accuracy", best["test_accuracy"])
+        client.set_tag(info["run_id"], "best_run_id", best["run_id"])
+        client.set_tag(info["run_id"], "best_run_name", best["run_name"])
+    client.log_metric(info["run_id"], "jobs_total", len(rows))
+    client.log_metric(info["run_id"], "jobs_failed", sum(r["status"] != "FINISHED" for r in rows))
+    buffer = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    client.log_text(info["run_id"], buffer.getvalue(), "leaderboard.csv")
+    client.log_text(info["run_id"], markdown(rows), "leaderboard.md")
+    status = "KILLED" if interrupted else ("FINISHED" if finished else "FAILED")
+    client.set_terminated(info["run_id"], status)
+    log.info("Sweep %s ended %s: %d jobs, best %s", info["run_id"], status, len(rows),
+             finished[0]["run_name"] if finished else "none")
+    return status
+
+
+def finish_open_sweeps(interrupted: bool = False) -> None:
+    """End every sweep this process started whose end Hydra did not report (a job raised)."""
+    for sweep_dir in list(_open_sweeps):
+        try:
+            finish_parent(sweep_dir, interrupted)
+        finally:
+            _open_sweeps.pop(sweep_dir, None)
+
+
+class SweepCallback(Callback):
+    """Hydra callback: parent run before the first job, leaderboard after the last."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        _open_sweeps[sweep_dir] = config
+        ensure_parent(sweep_dir, config, swept_keys(config))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir).resolve()
+        try:
+            finish_parent(sweep_dir)
+        finally:
+            _open_sweeps.pop(sweep_dir, None)
