@@ -67,6 +67,11 @@ setup_venv() {
   [ -x "$VENV/bin/python" ] || "$(pick_python)" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e '.[dev]'
+  # Packages whose declared requirements conflict with ours (see pyproject.toml).
+  local nodeps
+  nodeps="$("$VENV/bin/python" -c 'import tomllib
+print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["fashion-exp"]["install-without-deps"]))')"
+  [ -z "$nodeps" ] || "$VENV/bin/python" -m pip install -q --no-deps $nodeps
   echo "$want" > "$STAMP"
 }
 

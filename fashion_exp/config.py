@@ -200,6 +200,8 @@ MODEL_SCHEMAS = {"mlp": MLPConfig, "cnn": CNNConfig}
 
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore; the YAML files in conf/ extend them."""
+    # ${project_root:} in configs: the repository, wherever the command runs from.
+    OmegaConf.register_new_resolver("project_root", lambda: str(project_root()), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for group, schema in GROUP_SCHEMAS.items():

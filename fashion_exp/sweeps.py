@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,26 @@ def job_sweep_dir() -> Path | None:
         return None
     hydra_cfg = HydraConfig.get()
     return Path(hydra_cfg.sweep.dir).resolve() if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def parallel_jobs() -> int:
+    """How many jobs the current Hydra launcher runs at once (1 unless it is joblib's)."""
+    if not HydraConfig.initialized():
+        return 1
+    launcher = HydraConfig.get().launcher
+    if "joblib" not in str(launcher.get("_target_", "")):
+        return 1
+    n_jobs = int(launcher.get("n_jobs") or 1)
+    return (os.cpu_count() or 1) if n_jobs < 1 else n_jobs
+
+
+def job_threads(configured: int) -> int:
+    """TensorFlow threads for this job: trainer.threads if set, else the cores shared out
+    among parallel jobs (0, TensorFlow's choice, when jobs run one at a time)."""
+    jobs = parallel_jobs()
+    if configured or jobs == 1:
+        return configured
+    return max(1, (os.cpu_count() or 1) // jobs)
 
 
 @contextmanager
@@ -62,8 +83,12 @@ def _state(sweep_dir: Path) -> dict[str, Any]:
     return json.loads((sweep_dir / STATE_FILE).read_text())
 
 
-def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = None) -> str:
-    """The parent run id of this sweep, creating the run (left RUNNING) if it does not exist."""
+def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = None,
+                  reopen: bool = False) -> str:
+    """The parent run id of this sweep, creating the run (left RUNNING) if it does not exist.
+
+    With `reopen` (a resumed search reusing its sweep folder) an ended parent runs again, so
+    that its leaderboard is rebuilt over old and new jobs when the sweep ends."""
     from mlflow import MlflowClient
 
     from fashion_exp import tracking
@@ -71,7 +96,13 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
     state = sweep_dir / STATE_FILE
     with _locked(sweep_dir):
         if state.is_file():
-            return _state(sweep_dir)["run_id"]
+            info = _state(sweep_dir)
+            if reopen:
+                client = MlflowClient(info["tracking_uri"])
+                if client.get_run(info["run_id"]).info.status != "RUNNING":
+                    client.update_run(info["run_id"], status="RUNNING")
+                    log.info("Reopened sweep parent run %s", info["run_id"])
+            return info["run_id"]
         uri, exp_id = tracking.setup(cfg.tracking.uri, cfg.tracking.experiment_name)
         # Called from a job (no hydra node, keys unknown) the name falls back to the folder.
         varied = [o for o in cfg.hydra.overrides.task if o.split("=", 1)[0] in keys] if keys else []
@@ -202,7 +233,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         _open_sweeps[sweep_dir] = config
-        ensure_parent(sweep_dir, config, swept_keys(config))
+        ensure_parent(sweep_dir, config, swept_keys(config), reopen=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()

@@ -8,14 +8,12 @@ import os
 import signal
 import subprocess
 import threading
-import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import keras
 import mlflow
 import numpy as np
 from mlflow.entities import RunStatus
@@ -133,21 +131,12 @@ def log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
         mlflow.log_artifacts(str(hydra_dir / ".hydra"), "hydra")
 
 
-class EpochLogger(keras.callbacks.Callback):
-    """Logs the Keras epoch metrics, the learning rate and the epoch's seconds, step=epoch."""
-
-    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        metrics = {key: float(value) for key, value in (logs or {}).items()}
-        lr = self.model.optimizer.learning_rate
-        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
-        metrics["epoch_seconds"] = time.perf_counter() - self._start
-        mlflow.log_metrics(metrics, step=epoch)
+def log_epoch(metrics: dict[str, float], epoch: int) -> None:
+    """One epoch's metrics, step=epoch."""
+    mlflow.log_metrics(metrics, step=epoch)
 
 
-def log_model_info(model: keras.Model) -> None:
+def log_model_info(model: Any) -> None:
     """Parameter and layer counts as params, the Keras summary as a text artifact."""
     lines: list[str] = []
     model.summary(print_fn=lambda line, **_: lines.append(line))
@@ -189,8 +178,9 @@ def model_signature() -> ModelSignature:
     )
 
 
-def log_model(model: keras.Model, registered_name: str | None) -> str:
+def log_model(model: Any, registered_name: str | None) -> str:
     """Log the model at artifact path 'model' (and register it); returns its URI."""
+    import keras
     import mlflow.tensorflow
     import tensorflow as tf
 

@@ -10,6 +10,7 @@ second, not a run.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -41,7 +42,8 @@ def train(cfg: DictConfig) -> float:
     from fashion_exp import data, models, optim, plots, tracking, training
 
     # --- Set up: seeds, threads, data --------------------------------------------------------
-    training.configure_runtime(cfg.trainer)
+    threads = sweeps.job_threads(cfg.trainer.threads)  # shares the cores among parallel jobs
+    training.configure_runtime(cfg.trainer, threads)
     seed = cfg.trainer.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed
     splits = data.load(cfg.data.dir, cfg.data.val_split, seed, cfg.data.limit,
                        cfg.data.verify_checksums, cfg.data.download)
@@ -50,7 +52,8 @@ def train(cfg: DictConfig) -> float:
 
     uri, exp_id = tracking.setup(cfg.tracking.uri, cfg.tracking.experiment_name)
     run_name, tags, output_dir = run_name_and_tags(cfg)
-    tags |= {"git_commit": tracking.git_commit(), "data_source": str(splits.source)}
+    tags |= {"git_commit": tracking.git_commit(), "data_source": str(splits.source),
+             "tf_threads": str(threads or "auto")}
     child_name, child_tags = sweeps.child_name_and_tags(cfg)  # set in a multirun only
     run_name, tags = child_name or run_name, tags | child_tags
 
@@ -68,7 +71,7 @@ def train(cfg: DictConfig) -> float:
         # --- Train --------------------------------------------------------------------------
         log.info("Training <trainer.epochs=%d trainer.batch_size=%d>",
                  cfg.trainer.epochs, cfg.trainer.batch_size)
-        history = training.fit(model, splits, cfg.trainer, [tracking.EpochLogger()])
+        history = training.fit(model, splits, cfg.trainer)
 
         # --- Evaluate -----------------------------------------------------------------------
         result = training.evaluate(model, splits)
@@ -108,6 +111,10 @@ def _hydra_main(cfg: DictConfig) -> float:
     return train(cfg)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 def main() -> None:
     """Console-script entry point: check a single run's overrides, then hand over to Hydra."""
     args = sys.argv[1:]
@@ -119,6 +126,8 @@ def main() -> None:
         except ConfigError as err:
             print(f"fashion-exp-train: invalid config: {err}", file=sys.stderr)
             sys.exit(2)
+    # SIGTERM stops like Ctrl-C, also between the jobs of a sweep, so every run gets an end.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         _hydra_main()
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import keras
@@ -11,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
+from fashion_exp import tracking
 from fashion_exp.data import CLASSES, Splits
 
 log = logging.getLogger(__name__)
@@ -32,16 +34,16 @@ class Evaluation:
     report: str
 
 
-def configure_runtime(cfg: DictConfig) -> None:
-    """Threads, seeds and determinism, before any TensorFlow op runs."""
+def configure_runtime(cfg: DictConfig, threads: int) -> None:
+    """Threads (0: TensorFlow's choice), seeds and determinism, before any op runs."""
     keras.backend.clear_session()  # a fresh graph for every job of an in-process sweep
-    if cfg.threads and tf.config.threading.get_intra_op_parallelism_threads() != cfg.threads:
+    if threads and tf.config.threading.get_intra_op_parallelism_threads() != threads:
         try:
-            tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
-            tf.config.threading.set_inter_op_parallelism_threads(cfg.threads)
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(threads)
         except RuntimeError:  # TensorFlow already started in this process (earlier job)
-            log.warning("trainer.threads=%d ignored: TensorFlow is already running in this "
-                        "process", cfg.threads)
+            log.warning("%d threads ignored: TensorFlow is already running in this process",
+                        threads)
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -60,22 +62,35 @@ def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer,
                   jit_compile=use_xla(cfg, model_name))
 
 
+class EpochLogger(keras.callbacks.Callback):
+    """Logs the Keras epoch metrics, the learning rate and the epoch's seconds, step=epoch."""
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        metrics = {key: float(value) for key, value in (logs or {}).items()}
+        lr = self.model.optimizer.learning_rate
+        metrics["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
+        metrics["epoch_seconds"] = time.perf_counter() - self._start
+        tracking.log_epoch(metrics, epoch)
+
+
 def callbacks(cfg: DictConfig) -> list[keras.callbacks.Callback]:
-    """Stop on NaN always; early stopping (restoring the best weights) when asked."""
-    found = [keras.callbacks.TerminateOnNaN()]
+    """Log every epoch, stop on NaN; early stopping (restoring the best weights) if asked."""
+    found = [EpochLogger(), keras.callbacks.TerminateOnNaN()]
     if cfg.early_stopping:
         found.append(keras.callbacks.EarlyStopping(
             monitor=cfg.monitor, patience=cfg.patience, restore_best_weights=True))
     return found
 
 
-def fit(model: keras.Model, splits: Splits, cfg: DictConfig,
-        extra: list[keras.callbacks.Callback]) -> dict[str, list[float]]:
+def fit(model: keras.Model, splits: Splits, cfg: DictConfig) -> dict[str, list[float]]:
     """Train on in-memory arrays; returns the per-epoch history."""
     history = model.fit(
         splits.x_train, splits.y_train, validation_data=(splits.x_val, splits.y_val),
         epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
-        callbacks=callbacks(cfg) + extra, verbose=cfg.verbose,
+        callbacks=callbacks(cfg), verbose=cfg.verbose,
     ).history
     if any(not math.isfinite(v) for v in history.get("loss", [])):
         raise TrainingDiverged(

@@ -1,0 +1,262 @@
+"""Compare runs from the MLflow store: leaderboard, curves, metric against params, seed groups.
+
+    fashion-exp-compare                              # the latest sweep
+    fashion-exp-compare --sweep <parent run id>      # one sweep
+    fashion-exp-compare --all                        # every run of the experiment
+    fashion-exp-compare --filter "params.model.name = 'cnn'"
+    fashion-exp-compare --experiment my_exp --tracking-uri sqlite:////abs/mlflow.db --out cmp/
+
+Writes leaderboard.csv, leaderboard.md, val_accuracy.png, metric_vs_params.png (and
+seeds.csv / seeds.md when runs differ only by seed) into --out (default
+outputs/compare/<what>), and prints the leaderboard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fashion_exp.config import project_root
+
+SEED_KEYS = ("trainer.seed", "data.shuffle_seed")
+METRICS = ("optimized_metric", "val_accuracy", "test_accuracy", "test_loss")
+
+
+class CompareError(RuntimeError):
+    """Nothing to compare: unknown sweep or experiment, or no run matches."""
+
+
+@dataclass
+class Selection:
+    """The runs to compare and a short name for them."""
+
+    runs: list
+    name: str
+    metric: str
+
+
+def select(client: Any, experiment: str, sweep: str | None, filter_string: str | None,
+           all_runs: bool) -> Selection:
+    """Find the runs the command line asks for (default: the children of the latest sweep)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        names = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise CompareError(f"experiment {experiment!r} does not exist (experiments: {names})")
+    ids = [exp.experiment_id]
+    if sweep is None and not filter_string and not all_runs:
+        parents = client.search_runs(ids, "tags.sweep = 'parent'", max_results=1,
+                                     order_by=["attributes.start_time DESC"])
+        if not parents:
+            raise CompareError(f"experiment {experiment!r} has no sweep yet; run one with "
+                               "fashion-exp-train -m ..., or pass --all or --filter")
+        sweep = parents[0].info.run_id
+    if sweep is not None:
+        try:
+            parent = client.get_run(sweep)
+        except Exception:  # noqa: BLE001 - MLflow raises several types for a bad id
+            raise CompareError(f"--sweep {sweep!r}: no such run in the tracking store") from None
+        if parent.data.tags.get("sweep") != "parent":
+            raise CompareError(f"--sweep {sweep!r} is not a sweep's parent run")
+        runs = client.search_runs(ids, f"tags.sweep_id = '{sweep}' and tags.sweep = 'child'",
+                                  max_results=5000)
+        metric = parent.data.tags.get("optimized_metric", "val_accuracy")
+        name = f"sweep_{sweep[:8]}"
+    else:
+        try:
+            runs = client.search_runs(ids, filter_string or "", max_results=5000)
+        except Exception as err:  # noqa: BLE001 - MLflow's parse errors
+            raise CompareError(f"--filter {filter_string!r}: {err}") from None
+        runs = [r for r in runs if r.data.tags.get("sweep") != "parent"]
+        metric = "val_accuracy"
+        name = "filtered" if filter_string else "all"
+    if not runs:
+        what = f"sweep {sweep}" if sweep else f"filter {filter_string!r}" if filter_string \
+            else f"experiment {experiment!r}"
+        raise CompareError(f"no runs in {what}")
+    return Selection(runs=runs, name=name, metric=metric)
+
+
+def varied_params(runs: list) -> list[str]:
+    """Param keys whose value is not the same in every run."""
+    keys = sorted({k for r in runs for k in r.data.params})
+    return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+
+
+def _best(metric: str) -> Any:
+    return min if "loss" in metric else max
+
+
+def _value(run: Any, metric: str) -> float | None:
+    value = run.data.metrics.get(metric)
+    return value if value is not None and math.isfinite(value) else None
+
+
+def rows_of(runs: list, varied: list[str], metric: str) -> list[dict[str, Any]]:
+    """One leaderboard row per run, sorted by `metric`, best first; failed runs last."""
+    rows = []
+    for r in runs:
+        end = r.info.end_time or r.info.start_time
+        row = {"run": r.info.run_name, "status": r.info.status}
+        row |= {k: r.data.params.get(k) for k in varied}
+        row |= {m: _value(r, m) for m in METRICS}
+        row |= {"duration_s": round((end - r.info.start_time) / 1000, 1),
+                "run_id": r.info.run_id}
+        rows.append(row)
+    sign = 1 if _best(metric) is min else -1
+    column = metric if metric in METRICS else "optimized_metric"
+    return sorted(rows, key=lambda row: (row[column] is None,
+                                         sign * (row[column] or 0.0)))
+
+
+def seed_groups(rows: list[dict[str, Any]], varied: list[str]) -> list[dict[str, Any]]:
+    """Runs that differ only by seed, as groups with mean and std of each metric."""
+    if not any(k in varied for k in SEED_KEYS):
+        return []
+    keys = [k for k in varied if k not in SEED_KEYS]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["status"] == "FINISHED":
+            groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    out = []
+    for values, members in groups.items():
+        entry: dict[str, Any] = dict(zip(keys, values, strict=True)) | {"runs": len(members)}
+        for m in ("val_accuracy", "test_accuracy", "test_loss"):
+            xs = [row[m] for row in members if row[m] is not None]
+            if xs:
+                std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+                entry[m] = f"{statistics.mean(xs):.4f} ± {std:.4f}"
+        out.append(entry)
+    return out
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of dict rows (columns from the first row)."""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """Rows as CSV with a header."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def curves_figure(client: Any, runs: list, key: str = "val_accuracy") -> Any:
+    """Every run's per-epoch `key` in one plot."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5), layout="constrained")
+    ax = fig.subplots()
+    for r in runs:
+        history = sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)
+        if history:
+            ax.plot([m.step + 1 for m in history], [m.value for m in history], marker=".",
+                    label=r.info.run_name[:60])
+    ax.set(xlabel="epoch", ylabel=key, title=f"{key} per epoch")
+    ax.grid(alpha=0.3)
+    if len(runs) <= 20:
+        ax.legend(fontsize=7)
+    return fig
+
+
+def params_figure(rows: list[dict[str, Any]], varied: list[str], metric: str) -> Any:
+    """`metric` against each varied param (numbers on a log axis when they span decades)."""
+    from matplotlib.figure import Figure
+
+    keys = varied or ["run"]
+    fig = Figure(figsize=(4.2 * len(keys), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    done = [r for r in rows if r.get(metric) is not None]
+    for ax, key in zip(axes, keys, strict=True):
+        raw = [str(r.get(key)) for r in done]
+        ys = [r[metric] for r in done]
+        try:
+            xs = [float(v) for v in raw]
+            ax.scatter(xs, ys)
+            if min(xs) > 0 and max(xs) / min(xs) >= 100:
+                ax.set_xscale("log")
+        except ValueError:
+            labels = sorted(set(raw))
+            ax.scatter([labels.index(v) for v in raw], ys)
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+        ax.set(xlabel=key, ylabel=metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{metric} against the varied params")
+    return fig
+
+
+def compare(selection: Selection, client: Any, out: Path) -> str:
+    """Write the tables and figures into `out`; returns the printed report."""
+    out.mkdir(parents=True, exist_ok=True)
+    varied = varied_params(selection.runs)
+    rows = rows_of(selection.runs, varied, selection.metric)
+    write_csv(rows, out / "leaderboard.csv")
+    (out / "leaderboard.md").write_text(markdown(rows))
+    curves_figure(client, selection.runs).savefig(out / "val_accuracy.png", dpi=100)
+    params_figure(rows, varied, "optimized_metric").savefig(out / "metric_vs_params.png",
+                                                            dpi=100)
+    shown = [{k: v for k, v in r.items() if k != "run_id"} for r in rows]
+    report = [f"{len(rows)} runs ({selection.name}), sorted by {selection.metric}; "
+              f"varied params: {', '.join(varied) or 'none'}", markdown(shown)]
+    groups = seed_groups(rows, varied)
+    if groups:
+        write_csv(groups, out / "seeds.csv")
+        (out / "seeds.md").write_text(markdown(groups))
+        report += ["Runs that differ only by seed (mean ± std):", markdown(groups)]
+    report.append(f"written to {out}")
+    return "\n".join(report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: fashion-exp-compare."""
+    parser = argparse.ArgumentParser(prog="fashion-exp-compare",
+                                     description="Compare fashion_exp runs in MLflow.")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--sweep", help="parent run id of a sweep (default: the latest sweep)")
+    what.add_argument("--filter", help="an MLflow filter string, e.g. \"params.model.name = "
+                                       "'cnn'\"")
+    what.add_argument("--all", action="store_true", help="every run of the experiment")
+    parser.add_argument("--experiment", default="fashion_exp", help="MLflow experiment name")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="tracking URI (default: $MLFLOW_TRACKING_URI or the repo's store)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder")
+    args = parser.parse_args(argv)
+
+    from mlflow import MlflowClient
+
+    from fashion_exp.tracking import resolve_uri
+
+    uri = resolve_uri(args.tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        print(f"fashion-exp-compare: no tracking store at {uri}; train something first or "
+              "pass --tracking-uri", file=sys.stderr)
+        return 2
+    client = MlflowClient(uri)
+    try:
+        selection = select(client, args.experiment, args.sweep, args.filter, args.all)
+    except CompareError as err:
+        print(f"fashion-exp-compare: {err}", file=sys.stderr)
+        return 2
+    out = args.out or project_root() / "outputs" / "compare" / selection.name
+    print(compare(selection, client, out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Resuming a stored Optuna study: the same command continues an interrupted search.
+
+hydra-optuna-sweeper always runs `n_trials` new trials and leaves the trials of a killed
+process RUNNING forever. `resume` first marks those stale trials FAIL (they are not
+counted), then runs only the trials still missing, so a search that was stopped after k of n
+trials ends with n finished trials in the study.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED = "interrupted"  # user attribute of trials whose process died
+
+
+def close_stale_trials(study: optuna.Study) -> int:
+    """Mark trials left RUNNING by a stopped process as FAIL; returns how many."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale:
+        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    return len(stale)
+
+
+def finished_trials(study: optuna.Study) -> int:
+    """Trials that ran to an end: completed, pruned, or failed on their own (not interrupted)."""
+    return sum(
+        1 for t in study.get_trials(deepcopy=False)
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+        or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED))
+    )
+
+
+def resume(impl: Any) -> None:
+    """Before a sweep: close stale trials of the stored study and lower n_trials by the
+    trials already finished (impl: the plugin's OptunaSweeperImpl)."""
+    if not (impl.storage and impl.study_name):
+        return
+    try:
+        study = optuna.load_study(study_name=impl.study_name, storage=impl.storage)
+    except KeyError:  # a new study
+        return
+    stale = close_stale_trials(study)
+    done = finished_trials(study)
+    impl.n_trials = max(0, impl.n_trials - done)
+    log.info("Resuming study %s: %d trials done, %d interrupted, %d to go",
+             impl.study_name, done, stale, impl.n_trials)

@@ -1,0 +1,17 @@
+"""Hydra plugins of fashion_exp (Hydra loads plugins from the hydra_plugins namespace only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
+from fashion_exp.search import resume
+
+
+class ResumableOptunaSweeper(OptunaSweeper):
+    """Hydra's Optuna sweeper that resumes a stored study instead of starting over."""
+
+    def sweep(self, arguments: list[str]) -> Any:
+        resume(self.sweeper)
+        return self.sweeper.sweep(arguments)
