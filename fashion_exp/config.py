@@ -240,19 +240,37 @@ def one_line(err: BaseException) -> str:
     return "; ".join(parts).replace("options in", "options for")
 
 
-def precheck(overrides: list[str]) -> None:
+def first_value(override: Any) -> str | None:
+    """An override as its first swept value (`a=1,2` -> `a=1`); None for an interval."""
+    if not override.is_sweep_override():
+        return override.input_line
+    try:
+        first = next(iter(override.sweep_string_iterator()))
+    except Exception:  # noqa: BLE001 - interval sweeps have no values to list
+        return None
+    return f"{override.get_key_element()}={first}"
+
+
+def precheck(overrides: list[str], multirun: bool = False) -> None:
     """Compose the config for these command-line overrides and validate it.
 
     Raises ConfigError (one line) for an unknown key or group option, a wrong type or an
-    out-of-range value, so that the runner can stop before Hydra starts a job.
+    out-of-range value, so that the runner can stop before Hydra starts a job. For a multirun
+    the fixed overrides and the first value of each swept one are checked (each job checks
+    its own values).
     """
     from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
-    job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+    job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
+        if multirun:
+            parsed = OverridesParser.create().parse_overrides(job_overrides)
+            job_overrides = [first_value(o) for o in parsed]
+            job_overrides = [o for o in job_overrides if o is not None]
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=job_overrides)
     except (HydraException, OmegaConfBaseException) as err:

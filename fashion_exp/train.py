@@ -106,6 +106,8 @@ def _hydra_main(cfg: DictConfig) -> float:
     try:
         validate(cfg)
     except ConfigError as err:
+        if sweeps.job_sweep_dir() is not None:
+            raise  # one failed job of a sweep; the others go on
         print(f"fashion-exp-train: invalid config: {err}", file=sys.stderr)
         sys.exit(2)
     return train(cfg)
@@ -118,11 +120,11 @@ def _interrupt(signum: int, frame: object) -> None:
 def main() -> None:
     """Console-script entry point: check a single run's overrides, then hand over to Hydra."""
     args = sys.argv[1:]
-    # Multirun (-m) overrides hold sweep syntax that only the sweeper expands, and Hydra's own
-    # flags (--cfg, --help, ...) do not run a job: both go to Hydra unchecked.
-    if not any(a.startswith("-") for a in args):
+    flags = {a for a in args if a.startswith("-")}
+    # Hydra's other flags (--cfg, --help, ...) run no job: those go to Hydra unchecked.
+    if flags <= {"-m", "--multirun"}:
         try:
-            precheck(args)
+            precheck([a for a in args if a not in flags], multirun=bool(flags))
         except ConfigError as err:
             print(f"fashion-exp-train: invalid config: {err}", file=sys.stderr)
             sys.exit(2)

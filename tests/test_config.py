@@ -92,3 +92,14 @@ def test_presets_override_the_root_config() -> None:
         cfg = compose("config", overrides=["debug=fast", "experiment=cnn"])
     assert (cfg.task_name, cfg.trainer.epochs, cfg.data.limit) == ("debug", 1, 2000)
     assert (cfg.model.name, cfg.optimizer.name, cfg.trainer.early_stopping) == ("cnn", "adam", True)
+
+
+def test_multirun_overrides_are_checked_before_the_sweep() -> None:
+    precheck(["model=mlp,cnn", "optimizer.lr=0.1,0.2", "model.hidden=[64],[128,64]",
+              "optimizer.lr=interval(0.001,0.1)", "hparams_search=mlp_optuna"], multirun=True)
+    with pytest.raises(ConfigError, match="Key 'optimzer' not in 'Config'"):
+        precheck(["optimzer.lr=0.1,0.2"], multirun=True)
+    with pytest.raises(ConfigError, match=r"optimizer.lr=-1.0: must be > 0"):
+        precheck(["optimizer.lr=-1,0.1"], multirun=True)
+    with pytest.raises(ConfigError, match=r"optimized_metric='acc'"):
+        precheck(["trainer.seed=0,1", "optimized_metric=acc"], multirun=True)
