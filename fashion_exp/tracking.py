@@ -5,9 +5,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import signal
 import subprocess
-import threading
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +19,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
 
+from fashion_exp import interrupts
 from fashion_exp.config import project_root
 
 log = logging.getLogger(__name__)
@@ -206,15 +205,10 @@ def _record_error(err: BaseException) -> None:
         log.warning("could not record the error on the run: %s", inner)
 
 
-def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
 @contextmanager
 def tracked_run(run_name: str, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that ends FINISHED, FAILED (error recorded) or KILLED (Ctrl-C, SIGTERM)."""
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main else None
+    interrupts.install()
     run = mlflow.start_run(run_name=run_name, tags=tags)
     try:
         yield run
@@ -228,6 +222,3 @@ def tracked_run(run_name: str, tags: dict[str, str]) -> Iterator[mlflow.ActiveRu
         raise
     else:
         mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)

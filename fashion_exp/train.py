@@ -10,7 +10,6 @@ second, not a run.
 from __future__ import annotations
 
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fashion_exp import sweeps
+from fashion_exp import interrupts, sweeps
 from fashion_exp.config import CONF_DIR, ConfigError, precheck, register_configs, validate
 
 log = logging.getLogger("fashion_exp")
@@ -38,6 +37,7 @@ def run_name_and_tags(cfg: DictConfig) -> tuple[str, dict[str, str], Path | None
 def train(cfg: DictConfig) -> float:
     """Train and evaluate one model as `cfg` says, logged as one MLflow run; returns
     cfg.optimized_metric."""
+    interrupts.check()  # a sweep stopped during the previous job starts no new one
     # Heavy imports only once the config is known to be good.
     from fashion_exp import data, models, optim, plots, tracking, training
 
@@ -113,10 +113,6 @@ def _hydra_main(cfg: DictConfig) -> float:
     return train(cfg)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
 def main() -> None:
     """Console-script entry point: check a single run's overrides, then hand over to Hydra."""
     args = sys.argv[1:]
@@ -129,7 +125,7 @@ def main() -> None:
             print(f"fashion-exp-train: invalid config: {err}", file=sys.stderr)
             sys.exit(2)
     # SIGTERM stops like Ctrl-C, also between the jobs of a sweep, so every run gets an end.
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupts.install()
     try:
         _hydra_main()
     except KeyboardInterrupt:

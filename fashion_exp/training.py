@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from fashion_exp import tracking
+from fashion_exp import interrupts, tracking
 from fashion_exp.data import CLASSES, Splits
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,11 @@ class EpochLogger(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._start = time.perf_counter()
 
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        interrupts.check()  # a Ctrl-C that TensorFlow swallowed still stops training
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        interrupts.check()
         metrics = {key: float(value) for key, value in (logs or {}).items()}
         lr = self.model.optimizer.learning_rate
         metrics["learning_rate"] = float(keras.ops.convert_to_numpy(lr))

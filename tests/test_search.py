@@ -119,7 +119,7 @@ def test_optuna_search_killed_after_one_trial_resumes_to_three(tmp_path, trackin
         first.kill()
     assert _completed(storage, "resume_test") == 1
 
-    second = run_cli(*args[1:-1], "-m", tmp_path=tmp_path)  # the same command again
+    second = run_cli(*args[:-1], tmp_path=tmp_path)  # the same command again
     assert second.returncode == 0, second.stderr[-3000:]
     study = optuna.load_study(study_name="resume_test", storage=storage)
     states = [t.state for t in study.trials]

@@ -69,13 +69,15 @@ def test_failed_records_the_error(store) -> None:
     assert "1 / 0" in text
 
 
-def test_sigterm_ends_killed(store) -> None:
+def test_sigterm_ends_killed(store, monkeypatch) -> None:
+    from fashion_exp import interrupts
+
+    monkeypatch.setattr(interrupts, "_requested", None)
     with pytest.raises(KeyboardInterrupt):
         with tracking.tracked_run("term", {}):
             os.kill(os.getpid(), signal.SIGTERM)
             signal.sigtimedwait([], 0)  # let the handler run
     assert _only_run(store).info.status == "KILLED"
-    assert signal.getsignal(signal.SIGTERM) is not tracking._terminate
 
 
 def test_parallel_first_use_of_a_fresh_store_does_not_corrupt_it(tmp_path) -> None:
