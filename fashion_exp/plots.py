@@ -78,8 +78,8 @@ def predictions(images: np.ndarray, labels: np.ndarray, probs: np.ndarray,
                 f"{CLASSES[pred[i]]} {probs[i, pred[i]]:.0%}\n(true: {CLASSES[labels[i]]})",
                 ha="center", va="top", fontsize=6.5, color=RIGHT if ok else WRONG)
     ax.axis("off")
-    fig.suptitle(f"Predictions: first {min(n, len(images))} test images, then "
-                 f"{len(wrong)} misclassified (red)", y=0.99)
+    title = f"Predictions: first {min(n, len(images))} test images, then " if n else ""
+    fig.suptitle(f"{title}{len(wrong)} misclassified test images (red)", y=0.99)
     return fig
 
 

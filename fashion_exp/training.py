@@ -106,16 +106,23 @@ def fit(model: keras.Model, splits: Splits, cfg: DictConfig) -> dict[str, list[f
 
 def evaluate(model: keras.Model, splits: Splits, batch_size: int = 1024) -> Evaluation:
     """Predict the test set once and derive every test metric from those probabilities."""
-    probs = model.predict(splits.x_test, batch_size=batch_size, verbose=0)
-    labels = splits.y_test.astype(np.int64)
-    loss = keras.losses.sparse_categorical_crossentropy(labels, probs)
+    return score(model.predict(splits.x_test, batch_size=batch_size, verbose=0), splits.y_test)
+
+
+def score(probs: np.ndarray, labels: np.ndarray) -> Evaluation:
+    """Loss, accuracy, per-class accuracy, confusion matrix and report of predictions."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = labels.astype(np.int64)
+    # Cross-entropy as Keras computes it for probabilities: normalized, clipped to [eps, 1-eps].
+    picked = probs[np.arange(len(labels)), labels] / probs.sum(axis=1)
+    loss = -np.log(np.clip(picked, 1e-7, 1 - 1e-7))
     pred = probs.argmax(axis=1)
     k = len(CLASSES)
     matrix = np.bincount(labels * k + pred, minlength=k * k).reshape(k, k)
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = matrix.diagonal() / matrix.sum(axis=1)
     return Evaluation(
-        loss=float(np.mean(keras.ops.convert_to_numpy(loss))),
+        loss=float(loss.mean()),
         accuracy=float(np.mean(pred == labels)),
         probs=probs,
         per_class_accuracy={name: float(r) for name, r in zip(CLASSES, recall, strict=True)
@@ -123,6 +130,15 @@ def evaluate(model: keras.Model, splits: Splits, batch_size: int = 1024) -> Eval
         confusion=matrix,
         report=classification_report(matrix),
     )
+
+
+def most_confused(matrix: np.ndarray, n: int = 5) -> list[tuple[str, str, int]]:
+    """The n largest off-diagonal cells: (true class, predicted class, count)."""
+    off = matrix.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(off, axis=None)[::-1][:n]
+    return [(CLASSES[i], CLASSES[j], int(off[i, j]))
+            for i, j in zip(*np.unravel_index(order, off.shape), strict=True) if off[i, j] > 0]
 
 
 def classification_report(matrix: np.ndarray) -> str:

@@ -59,3 +59,23 @@ def test_optimizer_builder(name, decay, cls) -> None:
     opt = build_optimizer(cfg_of(OptimizerConfig, name=name, lr=0.03, weight_decay=decay))
     assert type(opt) is cls
     assert float(keras.ops.convert_to_numpy(opt.learning_rate)) == pytest.approx(0.03)
+
+
+def test_score_matches_keras_and_counts_confusions() -> None:
+    from fashion_exp.training import most_confused, score
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(10), 200).astype(np.float32)
+    labels = rng.integers(0, 10, 200).astype(np.uint8)
+    result = score(probs, labels)
+    expected = keras.ops.convert_to_numpy(
+        keras.losses.sparse_categorical_crossentropy(labels.astype(np.int64), probs)).mean()
+    assert result.loss == pytest.approx(float(expected), rel=1e-5)
+    assert result.accuracy == pytest.approx(np.mean(probs.argmax(1) == labels))
+    assert result.confusion.sum() == 200
+    assert result.confusion.diagonal().sum() == round(result.accuracy * 200)
+    pairs = most_confused(result.confusion, n=3)
+    counts = [c for _, _, c in pairs]
+    assert counts == sorted(counts, reverse=True) and len(pairs) == 3
+    off = result.confusion - np.diag(result.confusion.diagonal())
+    assert counts[0] == off.max()

@@ -145,3 +145,50 @@ def test_ctrl_c_ends_the_run_killed(tmp_path, tracking_uri) -> None:
     assert len(runs) == 1, (tmp_path / "log.txt").read_text()[-3000:]
     assert runs[0].info.status == "KILLED"
     assert "loss" in runs[0].data.metrics
+
+
+def run_evaluate(*overrides: str, tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fashion_exp.evaluate", *overrides,
+                           f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_evaluate_logged_and_registered_model(logged, tmp_path) -> None:
+    uri, run, _ = logged
+    source = run.info.run_id
+    for model_uri in (f"runs:/{source}/model", "models:/fashion_e2e/1"):
+        result = run_evaluate(f"model_uri={model_uri}", f"tracking.uri={uri}",
+                              "tracking.experiment_name=e2e", "data.limit=1000",
+                              tmp_path=tmp_path)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert f"source_run_id={source}" in result.stdout and "most confused:" in result.stdout
+    evaluations = [r for r in runs_of(uri) if r.data.tags.get("evaluation") == "true"]
+    assert len(evaluations) == 2
+    client = mlflow.MlflowClient(uri)
+    for ev in evaluations:
+        assert ev.info.status == "FINISHED" and ev.data.tags["source_run_id"] == source
+        # Same model, same test images: the same accuracy as the training run measured.
+        assert ev.data.metrics["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+        assert ev.data.metrics["test_loss"] == pytest.approx(run.data.metrics["test_loss"],
+                                                             rel=1e-4)
+        assert len([k for k in ev.data.metrics if k.startswith("test_accuracy.")]) == 10
+        names = {a.path for a in client.list_artifacts(ev.info.run_id)}
+        assert {"confusion_matrix.png", "misclassified.png", "confused_pairs.txt"} <= names
+        pairs = mlflow.artifacts.load_text(f"{ev.info.artifact_uri}/confused_pairs.txt")
+        assert " predicted as " in pairs.splitlines()[0]
+
+
+@pytest.mark.parametrize(("model_uri", "message"), [
+    ("runs:/0123456789abcdef/model", "Run with id=0123456789abcdef not found"),
+    ("models:/no_such_model/3", "no_such_model"),
+    ("s3://bucket/model", "use runs:/<run_id>/model"),
+])
+def test_evaluate_unknown_model_is_one_clear_line(logged, tmp_path, model_uri, message) -> None:
+    uri, _, _ = logged
+    before = len(runs_of(uri))
+    result = run_evaluate(f"model_uri={model_uri}", f"tracking.uri={uri}",
+                          "tracking.experiment_name=e2e", tmp_path=tmp_path)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("fashion-exp-evaluate: model_uri=") and message in last
+    assert len(runs_of(uri)) == before
