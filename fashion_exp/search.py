@@ -3,7 +3,8 @@
 hydra-optuna-sweeper always runs `n_trials` new trials and leaves the trials of a killed
 process RUNNING forever. `resume` first marks those stale trials FAIL (they are not
 counted), then runs only the trials still missing, so a search that was stopped after k of n
-trials ends with n finished trials in the study.
+trials ends with n finished trials in the study. The sweeper class that calls `resume` is
+hydra_plugins/fashion_exp_search (Hydra loads plugins from that namespace only).
 """
 
 from __future__ import annotations

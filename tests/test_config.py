@@ -97,6 +97,8 @@ def test_presets_override_the_root_config() -> None:
 def test_multirun_overrides_are_checked_before_the_sweep() -> None:
     precheck(["model=mlp,cnn", "optimizer.lr=0.1,0.2", "model.hidden=[64],[128,64]",
               "optimizer.lr=interval(0.001,0.1)", "hparams_search=mlp_optuna"], multirun=True)
+    precheck(["hparams_search=cnn_optuna"], multirun=True)
+    precheck(["experiment=mlp_search_best"])
     with pytest.raises(ConfigError, match="Key 'optimzer' not in 'Config'"):
         precheck(["optimzer.lr=0.1,0.2"], multirun=True)
     with pytest.raises(ConfigError, match=r"optimizer.lr=-1.0: must be > 0"):
