@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import statistics
 import sys
@@ -143,18 +144,23 @@ def _cell(value: Any) -> str:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of dict rows (columns from the first row)."""
+    if not rows:
+        return "(no runs)\n"
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    """Rows as CSV with a header."""
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """Rows as CSV text with a header (empty for no rows)."""
+    if not rows:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def curves_figure(client: Any, runs: list, key: str = "val_accuracy") -> Any:
@@ -206,7 +212,7 @@ def compare(selection: Selection, client: Any, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     varied = varied_params(selection.runs)
     rows = rows_of(selection.runs, varied, selection.metric)
-    write_csv(rows, out / "leaderboard.csv")
+    (out / "leaderboard.csv").write_text(csv_text(rows))
     (out / "leaderboard.md").write_text(markdown(rows))
     curves_figure(client, selection.runs).savefig(out / "val_accuracy.png", dpi=100)
     params_figure(rows, varied, "optimized_metric").savefig(out / "metric_vs_params.png",
@@ -216,7 +222,7 @@ def compare(selection: Selection, client: Any, out: Path) -> str:
               f"varied params: {', '.join(varied) or 'none'}", markdown(shown)]
     groups = seed_groups(rows, varied)
     if groups:
-        write_csv(groups, out / "seeds.csv")
+        (out / "seeds.csv").write_text(csv_text(groups))
         (out / "seeds.md").write_text(markdown(groups))
         report += ["Runs that differ only by seed (mean ± std):", markdown(groups)]
     report.append(f"written to {out}")

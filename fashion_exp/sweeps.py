@@ -8,13 +8,9 @@ parent gets the best child, its metric and a leaderboard, and a final status.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +19,13 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from fashion_exp.locks import file_lock
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "mlflow_sweep.json"
 # Sweeps this process opened and has not finished yet (see finish_open_sweeps).
-_open_sweeps: dict[Path, DictConfig] = {}
+_open_sweeps: set[Path] = set()
 
 
 def job_sweep_dir() -> Path | None:
@@ -58,17 +56,6 @@ def job_threads(configured: int) -> int:
     return max(1, (os.cpu_count() or 1) // jobs)
 
 
-@contextmanager
-def _locked(sweep_dir: Path) -> Iterator[None]:
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    with open(sweep_dir / ".mlflow_sweep.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def swept_keys(config: DictConfig) -> list[str]:
     """Config keys a multirun varies: sweep overrides (a=1,2) and sweeper search spaces."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -94,7 +81,7 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
     from fashion_exp import tracking
 
     state = sweep_dir / STATE_FILE
-    with _locked(sweep_dir):
+    with file_lock(sweep_dir / ".mlflow_sweep.lock"):
         if state.is_file():
             info = _state(sweep_dir)
             if reopen:
@@ -134,52 +121,11 @@ def child_name_and_tags(cfg: DictConfig) -> tuple[str | None, dict[str, str]]:
     return " ".join(varied or overrides) or "defaults", tags
 
 
-def _better(metric: str) -> Any:
-    return min if "loss" in metric else max
-
-
-def leaderboard(children: list, metric: str) -> list[dict[str, Any]]:
-    """Rows of the sweep's children, best first; failed or metric-less runs last."""
-    rows = []
-    for run in children:
-        value = run.data.metrics.get("optimized_metric")
-        end = run.info.end_time or run.info.start_time
-        rows.append({
-            "run_name": run.info.run_name, "run_id": run.info.run_id,
-            "status": run.info.status, metric: value,
-            "test_accuracy": run.data.metrics.get("test_accuracy"),
-            "duration_s": round((end - run.info.start_time) / 1000, 1),
-        })
-    sign = 1 if _better(metric) is min else -1
-
-    def key(row: dict[str, Any]) -> tuple:
-        value = row[metric]
-        ok = row["status"] == "FINISHED" and value is not None and math.isfinite(value)
-        return (not ok, sign * value if ok else 0.0)
-
-    return sorted(rows, key=key)
-
-
-def markdown(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of leaderboard rows."""
-    if not rows:
-        return "(no runs)\n"
-    cols = list(rows[0])
-
-    def cell(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else ("" if v is None else str(v))
-
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r[c]) for c in cols) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
 def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
     """Record the best child and the leaderboard on the parent and end it; returns status."""
-    import csv
-    import io
-
     from mlflow import MlflowClient
+
+    from fashion_exp import compare
 
     state = sweep_dir / STATE_FILE
     if not state.is_file():
@@ -193,38 +139,33 @@ def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
     children = client.search_runs([info["experiment_id"]],
                                   filter_string=f"tags.sweep_id = '{info['run_id']}'"
                                   " and tags.sweep = 'child'", max_results=5000)
-    rows = leaderboard(children, metric)
-    finished = [r for r in rows if r["status"] == "FINISHED" and r[metric] is not None]
+    rows = compare.rows_of(children, compare.varied_params(children), metric)
+    finished = [r for r in rows if r["status"] == "FINISHED" and r["optimized_metric"] is not None]
     if finished:
         best = finished[0]
-        client.log_metric(info["run_id"], f"best_{metric}", best[metric])
+        client.log_metric(info["run_id"], f"best_{metric}", best["optimized_metric"])
         if best["test_accuracy"] is not None:
             client.log_metric(info["run_id"], "best_test_accuracy", best["test_accuracy"])
         client.set_tag(info["run_id"], "best_run_id", best["run_id"])
-        client.set_tag(info["run_id"], "best_run_name", best["run_name"])
+        client.set_tag(info["run_id"], "best_run_name", best["run"])
     client.log_metric(info["run_id"], "jobs_total", len(rows))
     client.log_metric(info["run_id"], "jobs_failed", sum(r["status"] != "FINISHED" for r in rows))
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    client.log_text(info["run_id"], buffer.getvalue(), "leaderboard.csv")
-    client.log_text(info["run_id"], markdown(rows), "leaderboard.md")
+    client.log_text(info["run_id"], compare.csv_text(rows), "leaderboard.csv")
+    client.log_text(info["run_id"], compare.markdown(rows), "leaderboard.md")
     status = "KILLED" if interrupted else ("FINISHED" if finished else "FAILED")
     client.set_terminated(info["run_id"], status)
     log.info("Sweep %s ended %s: %d jobs, best %s", info["run_id"], status, len(rows),
-             finished[0]["run_name"] if finished else "none")
+             finished[0]["run"] if finished else "none")
     return status
 
 
 def finish_open_sweeps(interrupted: bool = False) -> None:
     """End every sweep this process started whose end Hydra did not report (a job raised)."""
-    for sweep_dir in list(_open_sweeps):
+    for sweep_dir in sorted(_open_sweeps):
         try:
             finish_parent(sweep_dir, interrupted)
         finally:
-            _open_sweeps.pop(sweep_dir, None)
+            _open_sweeps.discard(sweep_dir)
 
 
 class SweepCallback(Callback):
@@ -232,7 +173,7 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
-        _open_sweeps[sweep_dir] = config
+        _open_sweeps.add(sweep_dir)
         ensure_parent(sweep_dir, config, swept_keys(config), reopen=True)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
@@ -240,4 +181,4 @@ class SweepCallback(Callback):
         try:
             finish_parent(sweep_dir)
         finally:
-            _open_sweeps.pop(sweep_dir, None)
+            _open_sweeps.discard(sweep_dir)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import subprocess
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fashion_exp import interrupts
 from fashion_exp.config import project_root
+from fashion_exp.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,8 @@ def store_lock(uri: str) -> Iterator[None]:
         yield
         return
     db = Path(uri.removeprefix("sqlite:///"))
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(db.with_name(db.name + ".lock")):
+        yield
 
 
 def setup(uri: str | None, experiment_name: str) -> tuple[str, str]:

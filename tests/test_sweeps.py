@@ -49,12 +49,15 @@ def test_grid_with_failing_jobs_is_one_group_with_a_leaderboard(tmp_path, tracki
     best = max(finished, key=lambda c: c.data.metrics["val_accuracy"])
     assert parent.data.tags["best_run_id"] == best.info.run_id
     assert parent.data.metrics["best_val_accuracy"] == best.data.metrics["optimized_metric"]
+    assert parent.data.tags["best_run_name"] == best.info.run_name
     assert parent.data.metrics["jobs_failed"] == 2
     board = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/leaderboard.csv")
     lines = board.strip().splitlines()
-    assert lines[0].startswith("run_name,run_id,status,val_accuracy")
+    # Only the varied params are columns; best first, failed jobs last.
+    assert lines[0].startswith("run,status,model.hidden,model.param_count,optimizer.lr,"
+                               "optimized_metric")
     assert best.info.run_id in lines[1]
-    assert lines[3].split(",")[2] == lines[4].split(",")[2] == "FAILED"
+    assert lines[3].split(",")[1] == lines[4].split(",")[1] == "FAILED"
 
 
 def test_sweep_whose_jobs_all_fail_ends_failed(tmp_path, tracking_uri) -> None:
