@@ -65,7 +65,7 @@ def train(cfg: DictConfig) -> float:
                  cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr)
         model = models.build_model(cfg.model)
         training.compile_model(model, optim.build_optimizer(cfg.optimizer), cfg.trainer,
-                               cfg.model.name)
+                               cfg.model)
         tracking.log_model_info(model)
 
         # --- Train --------------------------------------------------------------------------

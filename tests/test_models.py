@@ -79,3 +79,17 @@ def test_score_matches_keras_and_counts_confusions() -> None:
     assert counts == sorted(counts, reverse=True) and len(pairs) == 3
     off = result.confusion - np.diag(result.confusion.diagonal())
     assert counts[0] == off.max()
+
+
+@pytest.mark.parametrize(("model", "forced", "expected"), [
+    ({"name": "mlp", "dropout": 0.0}, None, True),
+    ({"name": "mlp", "dropout": 0.2}, None, False),
+    ({"name": "cnn", "dropout": 0.0}, None, False),
+    ({"name": "cnn", "dropout": 0.2}, True, True),
+    ({"name": "mlp", "dropout": 0.0}, False, False),
+])
+def test_xla_by_default_only_where_it_is_faster(model, forced, expected) -> None:
+    from fashion_exp.training import use_xla
+
+    trainer = OmegaConf.create({"jit_compile": forced})
+    assert use_xla(trainer, OmegaConf.create(model)) is expected
