@@ -246,10 +246,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow import MlflowClient
 
-    from fashion_exp.tracking import resolve_uri
+    from fashion_exp.tracking import resolve_uri, sqlite_path
 
     uri = resolve_uri(args.tracking_uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
         print(f"fashion-exp-compare: no tracking store at {uri}; train something first or "
               "pass --tracking-uri", file=sys.stderr)
         return 2

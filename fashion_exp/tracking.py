@@ -41,11 +41,15 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a resolved sqlite:/// URI; None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def artifact_root(uri: str) -> str | None:
     """Artifacts of a local SQLite store live beside the database; servers choose their own."""
-    if uri.startswith("sqlite:///"):
-        return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-    return None
+    db = sqlite_path(uri)
+    return (db.parent / "artifacts").as_uri() if db else None
 
 
 @contextmanager
@@ -56,10 +60,10 @@ def store_lock(uri: str) -> Iterator[None]:
     once leave it half-migrated ("duplicate column name") and every later run fails. Parallel
     jobs therefore take turns for this step; ordinary writes afterwards need no lock.
     """
-    if not uri.startswith("sqlite:///"):
+    db = sqlite_path(uri)
+    if db is None:
         yield
         return
-    db = Path(uri.removeprefix("sqlite:///"))
     with file_lock(db.with_name(db.name + ".lock")):
         yield
 

@@ -101,6 +101,12 @@ def train(cfg: DictConfig) -> float:
 register_configs()
 
 
+def _exit_invalid(err: ConfigError) -> None:
+    """The one-line error for a bad config, exit status 2."""
+    print(f"fashion-exp-train: invalid config: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
     try:
@@ -108,8 +114,7 @@ def _hydra_main(cfg: DictConfig) -> float:
     except ConfigError as err:
         if sweeps.job_sweep_dir() is not None:
             raise  # one failed job of a sweep; the others go on
-        print(f"fashion-exp-train: invalid config: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit_invalid(err)
     return train(cfg)
 
 
@@ -122,8 +127,7 @@ def main() -> None:
         try:
             precheck([a for a in args if a not in flags], multirun=bool(flags))
         except ConfigError as err:
-            print(f"fashion-exp-train: invalid config: {err}", file=sys.stderr)
-            sys.exit(2)
+            _exit_invalid(err)
     # SIGTERM stops like Ctrl-C, also between the jobs of a sweep, so every run gets an end.
     interrupts.install()
     try:
