@@ -3,13 +3,15 @@
 #
 #   ./dev.sh run [overrides]   set up, then train (default: the original experiment's set-up)
 #   ./dev.sh test [pytest args] set up, then ruff check and the whole test suite
+#   ./dev.sh serve [overrides] set up, then serve the best model (http://127.0.0.1:8000/)
 #   ./dev.sh ui                 set up, then open the MLflow UI on the local store
 #   ./dev.sh setup              only set up
 #
 # Set-up (skipped when already done): the real Fashion-MNIST files (Debian package
-# dataset-fashion-mnist), a virtual environment in .venv with the package installed editable
-# and its pinned dependencies. Re-running is fast: the venv is rebuilt only when
-# pyproject.toml changes.
+# dataset-fashion-mnist), Debian's chromium (the web page's browser test) and wrk (the serving
+# benchmark), a virtual environment in .venv with the package installed editable and its
+# pinned dependencies. Re-running is fast: the venv is rebuilt only when pyproject.toml
+# changes.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -30,19 +32,30 @@ have_data() {
   return 1
 }
 
-setup_data() {
-  have_data && return 0
-  echo "dev.sh: installing the Fashion-MNIST files (apt-get install dataset-fashion-mnist)" >&2
+apt_install() {
+  echo "dev.sh: apt-get install $*" >&2
   local sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
-  if ! command -v apt-get >/dev/null; then
-    echo "dev.sh: no apt-get here; put the four Fashion-MNIST .gz files in" \
-         "~/.keras/datasets/fashion-mnist/ (or set FASHION_MNIST_DIR and pass data.dir=...)" >&2
+  command -v apt-get >/dev/null || { echo "dev.sh: no apt-get here to install $*" >&2; return 1; }
+  $sudo apt-get install -y -q "$@" >/dev/null 2>&1 \
+    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q "$@" >/dev/null; }
+}
+
+setup_data() {
+  have_data && return 0
+  apt_install dataset-fashion-mnist || {
+    echo "dev.sh: put the four Fashion-MNIST .gz files in ~/.keras/datasets/fashion-mnist/" \
+         "(or set FASHION_MNIST_DIR and pass data.dir=...)" >&2
     return 1
-  fi
-  $sudo apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
-    || { $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+  }
   have_data
+}
+
+setup_tools() {
+  local missing=()
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v wrk >/dev/null || missing+=(wrk)
+  [ ${#missing[@]} = 0 ] || apt_install "${missing[@]}"
 }
 
 pick_python() {
@@ -75,7 +88,7 @@ print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["tool"]["fashion-exp"]
   echo "$want" > "$STAMP"
 }
 
-setup() { setup_data; setup_venv; }
+setup() { setup_data; setup_tools; setup_venv; }
 
 cmd="${1:-run}"
 [ $# -gt 0 ] && shift
@@ -84,6 +97,7 @@ case "$cmd" in
   setup) setup ;;
   run)   setup; exec fashion-exp-train "$@" ;;
   test)  setup; ruff check . && exec pytest "$@" ;;
+  serve) setup; exec fashion-exp-serve "$@" ;;
   ui)    setup; exec mlflow ui --backend-store-uri "sqlite:///$PWD/mlruns/mlflow.db" "$@" ;;
-  *)     echo "dev.sh: unknown command '$cmd'; use run, test, ui or setup" >&2; exit 2 ;;
+  *)     echo "dev.sh: unknown command '$cmd'; use run, test, serve, ui or setup" >&2; exit 2 ;;
 esac

@@ -193,6 +193,44 @@ class Config:
     task_name: str = "train"
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass
+class ServeConfig:
+    model_uri: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    top_k: int = 5
+    max_batch: int = 64
+    max_images: int = 16
+    max_upload_bytes: int = 10_000_000
+    max_request_bytes: int = 32_000_000
+    max_image_pixels: int = 40_000_000
+    object_size: int = 28
+    max_models: int = 4
+    samples: bool = True
+    threads: int = 0
+    log_level: str = "info"
+    data: DataConfig = MISSING
+    tracking: TrackingConfig = MISSING
+
+    def __post_init__(self) -> None:
+        if self.model_uri is not None:
+            _check(self.model_uri.startswith(("runs:/", "models:/")), "model_uri", self.model_uri,
+                   "use runs:/<run_id>/model, models:/<name>/<version> or "
+                   "models:/<name>@<alias>, or null for the best run")
+        _check(1 <= self.port <= 65535, "port", self.port, "must be in [1, 65535]")
+        _check(1 <= self.top_k <= 10, "top_k", self.top_k, "must be in [1, 10]")
+        _check(8 <= self.object_size <= 28, "object_size", self.object_size,
+               "must be in [8, 28] pixels")
+        for key in ("max_batch", "max_images", "max_upload_bytes", "max_request_bytes",
+                    "max_image_pixels", "max_models"):
+            _check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        _check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0: TensorFlow decides)")
+        _one_of("log_level", self.log_level, LOG_LEVELS)
+
+
 GROUP_SCHEMAS = {"data": DataConfig, "optimizer": OptimizerConfig,
                  "trainer": TrainerConfig, "tracking": TrackingConfig}
 MODEL_SCHEMAS = {"mlp": MLPConfig, "cnn": CNNConfig}
@@ -204,6 +242,7 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("project_root", lambda: str(project_root()), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+    cs.store(name="serve_schema", node=ServeConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema)
     for name, schema in MODEL_SCHEMAS.items():
@@ -276,3 +315,27 @@ def precheck(overrides: list[str], multirun: bool = False) -> None:
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
     validate(cfg)
+
+
+def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose conf/<config_name>.yaml with overrides and check every value of its schema.
+
+    For entry points that run no Hydra job (the service): raises ConfigError in one line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
+    for group, node in cfg.items():  # building the dataclasses runs their range checks
+        if isinstance(node, DictConfig):
+            try:
+                OmegaConf.to_object(node)
+            except ConfigError as err:
+                raise err.prefixed(str(group)) from None
+    OmegaConf.to_object(cfg)
+    return cfg

@@ -20,7 +20,6 @@ from fashion_exp import interrupts
 from fashion_exp.config import CONF_DIR, ConfigError, register_configs
 
 log = logging.getLogger("fashion_exp")
-SCHEMES = ("runs:/", "models:/")
 
 
 def check(cfg: DictConfig) -> None:
@@ -28,24 +27,12 @@ def check(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "model_uri"):
         raise ConfigError("model_uri", "???", "required: runs:/<run_id>/model or "
                                                "models:/<name>/<version>")
-    if not str(cfg.model_uri).startswith(SCHEMES):
+    if not str(cfg.model_uri).startswith(("runs:/", "models:/")):
         raise ConfigError("model_uri", cfg.model_uri, "use runs:/<run_id>/model or "
                                                       "models:/<name>/<version|@alias>")
     for key in ("batch_size", "gallery_size"):
         if int(cfg[key]) < 1:
             raise ConfigError(key, cfg[key], "must be >= 1")
-
-
-def source_run_id(client: object, uri: str) -> str:
-    """The run that logged the model behind a runs:/ or models:/ URI."""
-    if uri.startswith("runs:/"):
-        return uri.removeprefix("runs:/").split("/", 1)[0]
-    name_version = uri.removeprefix("models:/")
-    if "@" in name_version:
-        name, alias = name_version.split("@", 1)
-        return client.get_model_version_by_alias(name, alias).run_id
-    name, version = name_version.rsplit("/", 1)
-    return client.get_model_version(name, version).run_id
 
 
 def evaluate(cfg: DictConfig) -> float:
@@ -60,9 +47,9 @@ def evaluate(cfg: DictConfig) -> float:
     uri, exp_id = tracking.setup(cfg.tracking.uri, cfg.tracking.experiment_name)
     client = mlflow.MlflowClient(uri)
     try:  # resolve and load before any run exists: a bad URI leaves nothing behind
-        source = source_run_id(client, cfg.model_uri)
+        source = tracking.resolve_model(client, cfg.model_uri).run_id
         model = mlflow.tensorflow.load_model(cfg.model_uri)  # the Keras model itself
-    except mlflow.exceptions.MlflowException as err:
+    except (mlflow.exceptions.MlflowException, ValueError) as err:
         raise ConfigError("model_uri", cfg.model_uri,
                           f"{str(err).splitlines()[0]} (tracking store {uri})") from None
 

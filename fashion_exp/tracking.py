@@ -8,6 +8,7 @@ import subprocess
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,55 @@ def log_model(model: Any, registered_name: str | None) -> str:
         pip_requirements=requirements, registered_model_name=registered_name,
     )
     return info.model_uri
+
+
+# --- Finding logged models --------------------------------------------------------------------
+
+MODEL_SCHEMES = ("runs:/", "models:/")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model URI with the run that logged it and, for registry URIs, its name and version."""
+
+    uri: str
+    run_id: str
+    name: str | None = None
+    version: str | None = None
+
+
+def resolve_model(client: mlflow.MlflowClient, uri: str) -> ModelRef:
+    """The run behind runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>.
+
+    Raises MlflowException when the store has no such run or version, ValueError when the
+    URI is not of one of these forms."""
+    if uri.startswith("runs:/"):
+        run_id = uri.removeprefix("runs:/").split("/", 1)[0]
+        client.get_run(run_id)
+        return ModelRef(uri, run_id)
+    name_version = uri.removeprefix("models:/")
+    if not uri.startswith("models:/") or ("@" not in name_version and "/" not in name_version):
+        raise ValueError("use runs:/<run_id>/model, models:/<name>/<version> or "
+                         "models:/<name>@<alias>")
+    if "@" in name_version:
+        version = client.get_model_version_by_alias(*name_version.split("@", 1))
+    else:
+        version = client.get_model_version(*name_version.rsplit("/", 1))
+    return ModelRef(uri, version.run_id, version.name, str(version.version))
+
+
+def best_model_uri(client: mlflow.MlflowClient, experiment_name: str) -> str | None:
+    """runs:/<id>/model of the experiment's finished training run with the best test accuracy."""
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        return None
+    runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
+                              order_by=["metrics.test_accuracy DESC"], max_results=500)
+    for run in runs:
+        trained = run.data.tags.get("evaluation") != "true" and run.outputs is not None
+        if trained and run.outputs.model_outputs and "test_accuracy" in run.data.metrics:
+            return f"runs:/{run.info.run_id}/{MODEL_ARTIFACT}"
+    return None
 
 
 # --- How a run ends ----------------------------------------------------------------------------

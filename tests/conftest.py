@@ -75,3 +75,22 @@ def run_cli(*overrides: str, tmp_path: Path, script: str | None = None,
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
                           env=env)
+
+
+@pytest.fixture(scope="session")
+def served_store(tmp_path_factory) -> tuple[str, str]:
+    """A store with one small model trained on the real data and registered as fashion_serve
+    (version 1): (tracking URI, run id). Shared by the serving tests."""
+    if real_data_dir() is None and not os.environ.get("CI"):
+        pytest.skip("real Fashion-MNIST not installed (./dev.sh setup installs it)")
+    tmp = tmp_path_factory.mktemp("served")
+    uri = f"sqlite:///{tmp / 'store' / 'mlflow.db'}"
+    result = run_cli("debug=fast", "data.limit=3000", "trainer.epochs=2", "tracking.figures=false",
+                     "tracking.experiment_name=serve", f"tracking.uri={uri}",
+                     "tracking.registered_model_name=fashion_serve", tmp_path=tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import mlflow
+
+    (run,) = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.MlflowClient(uri).get_experiment_by_name("serve").experiment_id])
+    return uri, run.info.run_id

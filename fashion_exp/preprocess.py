@@ -1,0 +1,142 @@
+"""From a real photo to the 28x28 image a Fashion-MNIST model was trained on.
+
+Fashion-MNIST images are light garments on a black background, cropped to the garment, padded
+to a square around it and scaled so that the garment's longest side spans the whole 28 pixels
+(the median longest side in the test set is 28). Product photos are the opposite: a dark
+garment on a light background, anywhere in a large colour frame. `to_fashion_mnist` undoes
+that difference; `open_image` decodes an upload safely first. Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SIZE = 28  # side of a Fashion-MNIST image, pixels
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what uploads may be
+WORK_SIDE = 512  # large photos are shrunk to this before analysis; 18x the final side
+BORDER = 0.03  # fraction of each side read as background
+OBJECT_THRESHOLD = 0.15  # pixels this fraction of the peak above background belong to the garment
+
+
+class ImageRejected(ValueError):
+    """An upload that cannot be used, with the HTTP status that says why."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+# --- Decoding an upload ------------------------------------------------------------------------
+
+def open_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode PNG/JPEG/WebP/GIF bytes, refusing empty, oversized, bomb-like or corrupt ones."""
+    allowed = ", ".join(FORMATS)
+    if not data:
+        raise ImageRejected(400, f"empty upload: send a {allowed} image")
+    if len(data) > max_bytes:
+        raise ImageRejected(413, f"image of {len(data)} bytes is over the limit of "
+                                 f"{max_bytes} bytes")
+    with warnings.catch_warnings():  # we enforce our own, lower pixel limit below
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))  # reads the header only
+        except UnidentifiedImageError:
+            raise ImageRejected(415, f"not a readable image: send {allowed}") from None
+        except Image.DecompressionBombError as err:
+            raise ImageRejected(413, f"image too large: {err}") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as err:  # a header cut short
+            raise ImageRejected(400, f"corrupt or truncated image: {err}") from None
+    if image.format not in FORMATS:
+        raise ImageRejected(415, f"{image.format} images are not accepted: send {allowed}")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageRejected(413, f"image of {width}x{height} = {width * height} pixels is over "
+                                 f"the limit of {max_pixels} pixels")
+    if max(width, height) > 2 * WORK_SIDE:
+        image.draft("RGB", (WORK_SIDE, WORK_SIDE))  # JPEG only: decode at a reduced scale
+    try:
+        image.load()  # decodes the first frame; a truncated file fails here
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise ImageRejected(400, f"corrupt or truncated {image.format} image: {err}") from None
+    return image
+
+
+# --- Photo to Fashion-MNIST framing ------------------------------------------------------------
+
+def grayscale(image: Image.Image) -> np.ndarray:
+    """Luminance as float32 0-255; transparent areas become background opposite the garment."""
+    image = ImageOps.exif_transpose(image)
+    image.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    gray = np.asarray(image.convert("L"), dtype=np.float32)
+    if image.mode not in ("RGBA", "LA"):
+        return gray
+    alpha = np.asarray(image.getchannel("A"), dtype=np.float32) / 255.0
+    opaque = alpha > 0.5
+    garment_is_light = opaque.any() and gray[opaque].mean() > 127
+    fill = 0.0 if garment_is_light else 255.0
+    return gray * alpha + fill * (1.0 - alpha)
+
+
+def border_level(gray: np.ndarray) -> float:
+    """Median of the pixels in a thin frame around the image: the background's brightness."""
+    h, w = gray.shape
+    bh, bw = max(1, round(h * BORDER)), max(1, round(w * BORDER))
+    frame = np.concatenate([gray[:bh].ravel(), gray[-bh:].ravel(),
+                            gray[:, :bw].ravel(), gray[:, -bw:].ravel()])
+    return float(np.median(frame))
+
+
+def to_fashion_mnist(image: Image.Image, object_size: int = SIZE) -> np.ndarray:
+    """The (28, 28) uint8 image the model expects: light garment, black ground, centred."""
+    gray = grayscale(image)
+    if border_level(gray) > 127:  # light background: invert so the garment is light
+        gray = 255.0 - gray
+    ink = np.clip(gray - border_level(gray), 0.0, None)
+    peak = float(ink.max())
+    canvas = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    if peak < 1.0:  # a blank image: nothing to frame
+        return canvas
+    rows = np.flatnonzero((ink > OBJECT_THRESHOLD * peak).any(axis=1))
+    cols = np.flatnonzero((ink > OBJECT_THRESHOLD * peak).any(axis=0))
+    crop = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] * (255.0 / peak)
+    side = max(crop.shape)
+    square = np.zeros((side, side), dtype=np.float32)
+    top, left = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
+    square[top:top + crop.shape[0], left:left + crop.shape[1]] = crop
+    small = Image.fromarray(square.astype(np.uint8)).resize(
+        (object_size, object_size), Image.Resampling.LANCZOS)
+    offset = (SIZE - object_size) // 2
+    canvas[offset:offset + object_size, offset:offset + object_size] = np.asarray(small)
+    return canvas
+
+
+def prepare(data: bytes, max_bytes: int, max_pixels: int, object_size: int = SIZE) -> np.ndarray:
+    """Upload bytes to the model's (28, 28) uint8 input."""
+    return to_fashion_mnist(open_image(data, max_bytes, max_pixels), object_size)
+
+
+# --- The reverse, for measuring ----------------------------------------------------------------
+
+def render_product_photo(image: np.ndarray, rng: np.random.Generator, fmt: str = "JPEG") -> bytes:
+    """A Fashion-MNIST image as a product photo: enlarged, dark garment in colour on an
+    off-white background, placed off-centre in a larger frame, compressed."""
+    side = int(rng.integers(160, 420))
+    garment = Image.fromarray(image).resize((side, side), Image.Resampling.BICUBIC)
+    ink = np.asarray(garment, dtype=np.float32) / 255.0
+    frame_w, frame_h = side + int(rng.integers(40, 400)), side + int(rng.integers(40, 300))
+    left, top = int(rng.integers(0, frame_w - side)), int(rng.integers(0, frame_h - side))
+    background = rng.uniform(225, 255)
+    tint = rng.uniform(0.55, 1.0, size=3)  # how strongly each channel is darkened by the dye
+    photo = np.full((frame_h, frame_w, 3), background, dtype=np.float32)
+    region = photo[top:top + side, left:left + side]
+    photo[top:top + side, left:left + side] = region * (1.0 - ink[..., None] * tint)
+    out = io.BytesIO()
+    Image.fromarray(photo.round().astype(np.uint8), "RGB").save(
+        out, fmt, quality=int(rng.integers(70, 92)))
+    return out.getvalue()

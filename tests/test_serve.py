@@ -1,0 +1,333 @@
+"""The prediction service, in-process (FastAPI's TestClient) and as real servers."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import httpx
+import jsonschema
+import mlflow
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from fashion_exp import data, serve, servers
+from fashion_exp.config import compose_checked
+from fashion_exp.preprocess import render_product_photo
+from fashion_exp.service import Batcher
+
+from .conftest import real_data_dir
+from .test_preprocess import encode, framing_error, huge_png
+
+LIMITS = ["max_images=4", "max_upload_bytes=2000000", "max_request_bytes=3000000",
+          "max_image_pixels=4000000"]
+
+
+@pytest.fixture(scope="module")
+def test_set() -> tuple[np.ndarray, np.ndarray]:
+    folder = real_data_dir()
+    return (data.read_idx(folder / data.FILES["x_test"]),
+            data.read_idx(folder / data.FILES["y_test"]))
+
+
+@pytest.fixture(scope="module")
+def client(served_store):
+    uri, run_id = served_store
+    cfg = compose_checked("serve", [f"tracking.uri={uri}", "tracking.experiment_name=serve",
+                                    *LIMITS])
+    app, default_uri = serve.build(cfg)
+    assert default_uri == f"runs:/{run_id}/model"  # the experiment's best (only) run
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+def photo(image: np.ndarray, fmt: str = "JPEG", seed: int = 0) -> bytes:
+    return render_product_photo(image, np.random.default_rng(seed), fmt)
+
+
+def probabilities(prediction: dict) -> np.ndarray:
+    probs = np.zeros(10)
+    for c in prediction["top"]:
+        probs[c["index"]] = c["probability"]
+    return probs
+
+
+# --- What it answers ---------------------------------------------------------------------------
+
+def test_json_batch_gives_the_logged_models_probabilities(client, served_store, test_set) -> None:
+    uri, run_id = served_store
+    images = test_set[0][:3]
+    answer = client.post("/predict?top_k=10", json={"images": images.tolist()})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["model"]["run_id"] == run_id
+    assert [p["source"] for p in body["predictions"]] == ["images[0]", "images[1]", "images[2]"]
+    mlflow.set_tracking_uri(uri)
+    expected = mlflow.pyfunc.load_model(f"runs:/{run_id}/model").predict(images)
+    for p, want, image in zip(body["predictions"], expected, images, strict=True):
+        got = [c["probability"] for c in p["top"]]
+        assert got == sorted(got, reverse=True)
+        np.testing.assert_allclose(probabilities(p), want, atol=1e-5)
+        assert np.array_equal(np.array(p["image"]), image)  # arrays are used as they are
+
+
+def test_top_k_defaults_to_the_configured_number(client, test_set) -> None:
+    answer = client.post("/predict", json={"images": [test_set[0][0].tolist()]}).json()
+    assert len(answer["predictions"][0]["top"]) == 5
+    one = client.post("/predict?top_k=1", json={"images": [test_set[0][0].tolist()]}).json()
+    assert one["predictions"][0]["top"][0] == answer["predictions"][0]["top"][0]
+
+
+def test_uploads_of_every_format_in_one_request(client, test_set) -> None:
+    x = test_set[0]
+    rgba = Image.fromarray(255 - np.kron(x[1], np.ones((6, 6), np.uint8))).convert("RGBA")
+    gif = encode(Image.fromarray(255 - x[2]).convert("P", palette=Image.Palette.ADAPTIVE), "GIF")
+    files = [("files", ("a.jpg", photo(x[0]), "image/jpeg")),
+             ("files", ("b.webp", photo(x[1], "WEBP"), "image/webp")),
+             ("files", ("c.gif", gif, "image/gif")),
+             ("files", ("d.png", encode(rgba, "PNG"), "image/png"))]
+    answer = client.post("/predict", files=files)
+    assert answer.status_code == 200, answer.text
+    predictions = answer.json()["predictions"]
+    assert [p["source"] for p in predictions] == ["a.jpg", "b.webp", "c.gif", "d.png"]
+    errors = []
+    for p, original in zip(predictions, x[[0, 1, 2, 1]], strict=True):
+        seen = np.array(p["image"])
+        assert seen.shape == (28, 28) and 0 <= seen.min() and seen.max() <= 255
+        errors.append(framing_error(seen, original))
+    # Framed back like the dataset images (resampling alone leaves ~9 levels of mean error).
+    assert np.mean(errors) < 20 and max(errors) < 35, errors
+
+
+def test_photos_mostly_get_the_class_of_their_originals(client, test_set) -> None:
+    x = test_set[0][:40]
+    originals = client.post("/predict?top_k=1", json={"images": x.tolist()[:4]}).json()
+    agree = 0
+    for start in range(0, len(x), 4):
+        chunk = x[start:start + 4]
+        arrays = client.post("/predict?top_k=1", json={"images": chunk.tolist()}).json()
+        photos = client.post("/predict?top_k=1", files=[
+            ("files", (f"{start + i}.jpg", photo(img, seed=start + i), "image/jpeg"))
+            for i, img in enumerate(chunk)]).json()
+        agree += sum(a["top"][0]["index"] == b["top"][0]["index"]
+                     for a, b in zip(arrays["predictions"], photos["predictions"], strict=True))
+    assert originals["predictions"]
+    assert agree >= 32, f"only {agree}/40 photos got their original's class"
+
+
+def test_model_info_registered_versions_and_aliases(client, served_store, test_set) -> None:
+    uri, run_id = served_store
+    info = client.get("/model").json()
+    assert info["run_id"] == run_id and info["name"] is None
+    assert 0 < info["metrics"]["test_accuracy"] <= 1 and len(info["classes"]) == 10
+    mlflow.MlflowClient(uri).set_registered_model_alias("fashion_serve", "champion", "1")
+    for ref in ("models:/fashion_serve/1", "models:/fashion_serve@champion"):
+        registered = client.get("/model", params={"model": ref}).json()
+        assert (registered["name"], registered["version"], registered["run_id"]) == \
+            ("fashion_serve", "1", run_id)
+        answer = client.post("/predict", params={"model": ref},
+                             json={"images": [test_set[0][0].tolist()]}).json()
+        assert answer["model"]["uri"] == ref and answer["model"]["version"] == "1"
+    listed = client.get("/models").json()
+    uris = [m["uri"] for m in listed["models"]]
+    assert listed["default"] == f"runs:/{run_id}/model" == uris[0]
+    assert "models:/fashion_serve/1" in uris and len(uris) == len(set(uris))
+
+
+def test_random_samples_come_from_the_test_set(client, test_set) -> None:
+    sample = client.get("/samples/random").json()
+    assert sample["label"] == data.CLASSES[test_set[1][sample["index"]]]
+    assert np.array_equal(np.array(sample["image"]), test_set[0][sample["index"]])
+
+
+def test_page_is_served_without_outside_assets(client) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and "What the model saw" in page.text
+    assert "http://" not in page.text and "https://" not in page.text
+
+
+# --- Bad input: a 4xx with a reason, and the service goes on ----------------------------------
+
+GOOD = np.zeros((28, 28), int).tolist()
+BAD_REQUESTS = [
+    ("27 rows", {"json": {"images": [GOOD[:27]]}}, 422, "images.0: List should have at least 28"),
+    ("floats", {"json": {"images": [[[0.5] * 28] * 28]}}, 422, "valid integer"),
+    ("pixel 256", {"json": {"images": [[[256] * 28] * 28]}}, 422, "less than or equal to 255"),
+    ("negative", {"json": {"images": [[[-1] * 28] * 28]}}, 422, "greater than or equal to 0"),
+    ("strings", {"json": {"images": [[["1"] * 28] * 28]}}, 422, "valid integer"),
+    ("not JSON", {"content": b"{images: nope", "headers": {"Content-Type": "application/json"}},
+     422, "Invalid JSON"),
+    ("no images key", {"json": {"image": GOOD}}, 422, "images: Field required"),
+    ("empty list", {"json": {"images": []}}, 422, "at least 1 item"),
+    ("flat array", {"json": {"images": [0] * 784}}, 422, "images.0: Input should be a valid array"),
+    ("5 images", {"json": {"images": [GOOD] * 5}}, 413, "5 images in one request: the limit is 4"),
+    ("plain text", {"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415,
+     "send multipart/form-data"),
+    ("no files field", {"files": {"photo": ("a.png", b"x", "image/png")}}, 400, "no image found"),
+    ("not an image", {"files": {"files": ("notes.txt", b"hello world", "text/plain")}}, 415,
+     "notes.txt: not a readable image"),
+    ("empty file", {"files": {"files": ("empty.png", b"", "image/png")}}, 400,
+     "empty.png: empty upload"),
+    ("truncated", {"files": {"files": ("cut.jpg", encode(Image.new("RGB", (300, 300), "red"),
+                                                         "JPEG")[:700], "image/jpeg")}},
+     400, "cut.jpg: corrupt or truncated"),
+    ("bomb", {"files": {"files": ("bomb.png", huge_png(30000, 30000), "image/png")}}, 413,
+     "bomb.png: image too large"),
+    ("pixels", {"files": {"files": ("big.png", huge_png(3000, 3000), "image/png")}}, 413,
+     "9000000 pixels is over the limit of 4000000"),
+    ("bytes", {"files": {"files": ("big.bin", b"\xff" * 2_500_000, "image/jpeg")}}, 413,
+     "over the limit of 2000000 bytes"),
+    ("body", {"files": [("files", (f"{i}.bin", b"0" * 1_000_000, "image/png")) for i in range(4)]},
+     413, "over the limit of 3000000 bytes"),
+    ("unknown run", {"params": {"model": "runs:/0123456789abcdef/model"},
+                     "json": {"images": [GOOD]}},
+     404, "Run with id=0123456789abcdef not found"),
+    ("unknown version", {"params": {"model": "models:/fashion_serve/99"},
+                         "json": {"images": [GOOD]}}, 404, "models:/fashion_serve/99"),
+    ("not a model URI", {"params": {"model": "/etc/passwd"}, "json": {"images": [GOOD]}}, 404,
+     "use runs:/<run_id>/model"),
+    ("top_k 0", {"params": {"top_k": 0}, "json": {"images": [GOOD]}}, 422, "top_k"),
+    ("top_k 11", {"params": {"top_k": 11}, "json": {"images": [GOOD]}}, 422,
+     "less than or equal to 10"),
+]
+
+
+@pytest.mark.parametrize("what,request_args,status,message", BAD_REQUESTS,
+                         ids=[case[0] for case in BAD_REQUESTS])
+def test_bad_requests_get_a_clear_4xx(client, what, request_args, status, message) -> None:
+    answer = client.post("/predict", **request_args)
+    assert answer.status_code == status, answer.text
+    detail = answer.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and message in detail, detail
+    assert client.get("/health").json()["status"] == "ok"
+
+
+def test_unknown_model_info_is_404(client) -> None:
+    answer = client.get("/model", params={"model": "models:/no_such_model/1"})
+    assert answer.status_code == 404 and "no_such_model" in answer.json()["detail"]
+
+
+# --- The OpenAPI description is the truth ------------------------------------------------------
+
+def validate_against(spec: dict, schema: dict, instance: object) -> None:
+    jsonschema.validate(instance, {**schema, "components": spec["components"]})
+
+
+def test_openapi_describes_requests_and_answers(client, test_set) -> None:
+    spec = client.get("/openapi.json").json()
+    predict = spec["paths"]["/predict"]["post"]
+    body = predict["requestBody"]["content"]
+    assert body["multipart/form-data"]["schema"]["properties"]["files"]["type"] == "array"
+    request_schema = body["application/json"]["schema"]
+    good = {"images": [test_set[0][0].tolist()]}
+    validate_against(spec, request_schema, good)
+    with pytest.raises(jsonschema.ValidationError):
+        validate_against(spec, request_schema, {"images": [GOOD[:27]]})
+    with pytest.raises(jsonschema.ValidationError):
+        validate_against(spec, request_schema, {"images": [[[300] * 28] * 28]})
+    answers = {("/predict", "post"): client.post("/predict", json=good),
+               ("/model", "get"): client.get("/model"),
+               ("/models", "get"): client.get("/models"),
+               ("/health", "get"): client.get("/health"),
+               ("/samples/random", "get"): client.get("/samples/random")}
+    for (path, method), answer in answers.items():
+        assert answer.status_code == 200, (path, answer.text)
+        schema = spec["paths"][path][method]["responses"]["200"]["content"]["application/json"]
+        validate_against(spec, schema["schema"], answer.json())
+    assert {p["name"] for p in predict["parameters"]} == {"model", "top_k"}
+
+
+# --- Batching ----------------------------------------------------------------------------------
+
+def test_concurrent_requests_share_model_calls() -> None:
+    """Requests that arrive while the model is busy are answered by one call together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls: list[int] = []
+
+    def slow_predict(images: np.ndarray) -> np.ndarray:
+        calls.append(len(images))
+        time.sleep(0.05)
+        return images.reshape(len(images), -1)[:, :10].astype(np.float32)
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = Batcher(slow_predict, ThreadPoolExecutor(1), max_batch=64)
+        requests = [np.full((1 + i % 2, 28, 28), i, np.uint8) for i in range(8)]
+        return await asyncio.gather(*(batcher(r) for r in requests))
+
+    results = asyncio.run(scenario())
+    assert sum(calls) == 12 and len(calls) < 8, calls  # 8 requests, 12 images, fewer calls
+    for i, result in enumerate(results):  # each request gets its own rows back
+        assert result.shape == (1 + i % 2, 10) and np.all(result == i)
+
+
+def test_a_failing_model_call_fails_only_its_requests() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        if images.max() == 7:
+            raise ValueError("boom")
+        return np.zeros((len(images), 10), np.float32)
+
+    async def scenario() -> tuple[object, np.ndarray]:
+        batcher = Batcher(predict, ThreadPoolExecutor(1), max_batch=1)
+        bad = await asyncio.gather(batcher(np.full((1, 28, 28), 7, np.uint8)),
+                                   return_exceptions=True)
+        return bad[0], await batcher(np.zeros((1, 28, 28), np.uint8))
+
+    error, good = asyncio.run(scenario())
+    assert isinstance(error, ValueError) and good.shape == (1, 10)
+
+
+# --- The command line and real servers ---------------------------------------------------------
+
+def serve_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fashion_exp.serve", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["model_uri=runs:/0123456789abcdef/model"], "Run with id=0123456789abcdef not found"),
+    (["model_uri=models:/fashion_serve/42"], "cannot load it from"),
+    (["model_uri=s3://bucket/model"], "use runs:/<run_id>/model"),
+    (["port=70000"], "port=70000: must be in [1, 65535]"),
+    (["top_k=0"], "top_k=0: must be in [1, 10]"),
+    (["prot=8000"], "Key 'prot' not in 'ServeConfig'"),
+    (["log_level=loud"], "log_level='loud': use one of critical"),
+    (["tracking.experiment_name=nothing_here"], "no finished run with a logged model"),
+])
+def test_serve_refuses_bad_config_in_one_line(served_store, args, message) -> None:
+    uri, _ = served_store
+    result = serve_cli(f"tracking.uri={uri}", "tracking.experiment_name=serve", *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("fashion-exp-serve:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+
+
+def test_serve_without_a_store_says_so(tmp_path) -> None:
+    result = serve_cli(f"tracking.uri=sqlite:///{tmp_path / 'none' / 'mlflow.db'}")
+    assert result.returncode == 2 and "no tracking store there" in result.stderr
+    assert not (tmp_path / "none").exists()  # nothing created by a refusal
+
+
+@pytest.mark.slow
+def test_same_answer_as_mlflow_models_serve(served_store, test_set, tmp_path) -> None:
+    uri, run_id = served_store
+    model_uri = f"runs:/{run_id}/model"
+    ours, theirs = servers.free_port(), servers.free_port()
+    env = {"MLFLOW_TRACKING_URI": uri}
+    images = test_set[0][:5].tolist()
+    with servers.running(servers.serve_command(model_uri, ours, uri, "samples=false"),
+                         f"http://127.0.0.1:{ours}/health", tmp_path / "ours.log", env), \
+         servers.running(servers.mlflow_serve_command(model_uri, theirs),
+                         f"http://127.0.0.1:{theirs}/ping", tmp_path / "mlflow.log", env):
+        ours_answer = httpx.post(f"http://127.0.0.1:{ours}/predict?top_k=10",
+                                 json={"images": images}, timeout=30).json()
+        theirs_answer = httpx.post(f"http://127.0.0.1:{theirs}/invocations",
+                                   json={"inputs": images}, timeout=30).json()
+    ours_probs = np.array([probabilities(p) for p in ours_answer["predictions"]])
+    np.testing.assert_allclose(ours_probs, np.array(theirs_answer["predictions"]), atol=1e-5)
