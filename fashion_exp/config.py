@@ -22,6 +22,9 @@ MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 ACTIVATIONS = ("relu", "elu", "gelu", "selu", "silu", "tanh", "sigmoid")
 POOLINGS = ("max", "avg")
+SCHEDULES = ("constant", "cosine", "one_cycle", "plateau")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+STRATEGIES = ("default", "mirrored")
 # Metrics the runner can hand back to a sweeper.
 OPTIMIZABLE = ("val_accuracy", "val_loss", "accuracy", "loss", "test_accuracy", "test_loss")
 
@@ -142,6 +145,41 @@ class OptimizerConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    name: str = "constant"
+    warmup_epochs: float = 0.0
+    start_lr_ratio: float = 0.04
+    min_lr_ratio: float = 0.0
+    factor: float = 0.5
+    patience: int = 2
+    monitor: str = "val_loss"
+
+    def __post_init__(self) -> None:
+        _one_of("name", self.name, SCHEDULES)
+        _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be >= 0")
+        _check(0 < self.start_lr_ratio <= 1, "start_lr_ratio", self.start_lr_ratio,
+               "must be in (0, 1]")
+        _check(0 <= self.min_lr_ratio < 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1)")
+        _check(0 < self.factor < 1, "factor", self.factor, "must be in (0, 1)")
+        _check(self.patience >= 1, "patience", self.patience, "must be >= 1")
+        _one_of("monitor", self.monitor, ("val_loss", "val_accuracy"))
+
+
+@dataclass
+class AugmentConfig:
+    shift: float = 0.0
+    flip: bool = False
+    erasing: float = 0.0
+    erasing_max_area: float = 0.25
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.shift <= 0.5, "shift", self.shift, "must be in [0, 0.5]")
+        _check(0 <= self.erasing <= 1, "erasing", self.erasing, "must be in [0, 1]")
+        _check(0.02 < self.erasing_max_area <= 1, "erasing_max_area", self.erasing_max_area,
+               "must be in (0.02, 1]")
+
+
+@dataclass
 class TrainerConfig:
     epochs: int = 30
     batch_size: int = 32
@@ -154,6 +192,9 @@ class TrainerConfig:
     jit_compile: bool | None = None
     threads: int = 0
     verbose: int = 1
+    label_smoothing: float = 0.0
+    precision: str = "float32"
+    strategy: str = "default"
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
@@ -167,6 +208,10 @@ class TrainerConfig:
         )
         _check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0: TensorFlow decides)")
         _check(self.verbose in (0, 1, 2), "verbose", self.verbose, "use 0, 1 or 2")
+        _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
+               "must be in [0, 1)")
+        _one_of("precision", self.precision, PRECISIONS)
+        _one_of("strategy", self.strategy, STRATEGIES)
 
 
 @dataclass
@@ -187,6 +232,8 @@ class Config:
     data: DataConfig = MISSING
     model: Any = MISSING
     optimizer: OptimizerConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    augment: AugmentConfig = MISSING
     trainer: TrainerConfig = MISSING
     tracking: TrackingConfig = MISSING
     optimized_metric: str = "val_accuracy"
@@ -232,6 +279,7 @@ class ServeConfig:
 
 
 GROUP_SCHEMAS = {"data": DataConfig, "optimizer": OptimizerConfig,
+                 "schedule": ScheduleConfig, "augment": AugmentConfig,
                  "trainer": TrainerConfig, "tracking": TrackingConfig}
 MODEL_SCHEMAS = {"mlp": MLPConfig, "cnn": CNNConfig}
 
@@ -254,7 +302,7 @@ def validate(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(missing[0], "???", "a value is required; set it on the command line")
-    for group in ("data", "model", "optimizer", "trainer", "tracking"):
+    for group in ("data", "model", "optimizer", "schedule", "augment", "trainer", "tracking"):
         node = cfg[group]
         if group == "model":
             _one_of("model.name", node.get("name"), MODELS)

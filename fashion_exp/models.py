@@ -17,22 +17,50 @@ def _inputs() -> tuple[keras.KerasTensor, keras.KerasTensor]:
     return raw, layers.Rescaling(1.0 / 255, name="scale")(raw)
 
 
-def build_mlp(cfg: DictConfig) -> keras.Model:
+def _augment(x: keras.KerasTensor, cfg: DictConfig | None) -> keras.KerasTensor:
+    """Random shift, flip and erasing layers; Keras runs them in training only."""
+    x = layers.Reshape((*IMAGE_SHAPE, 1), name="channel")(x)
+    if cfg is None:
+        return x
+    if cfg.shift > 0:
+        x = layers.RandomTranslation(cfg.shift, cfg.shift, fill_mode="constant",
+                                     name="random_shift")(x)
+    if cfg.flip:
+        x = layers.RandomFlip("horizontal", name="random_flip")(x)
+    if cfg.erasing > 0:
+        x = layers.RandomErasing(factor=(cfg.erasing, cfg.erasing),
+                                 scale=(0.02, cfg.erasing_max_area), value_range=(0, 1),
+                                 name="random_erasing")(x)
+    return x
+
+
+def augments(cfg: DictConfig | None) -> bool:
+    """Whether the augment config turns anything on."""
+    return cfg is not None and (cfg.shift > 0 or cfg.flip or cfg.erasing > 0)
+
+
+def _output(x: keras.KerasTensor) -> keras.KerasTensor:
+    # float32 even under a mixed-precision policy: a float16 softmax loses small probabilities.
+    return layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probs")(x)
+
+
+def build_mlp(cfg: DictConfig, augment: DictConfig | None = None) -> keras.Model:
     """Flatten, one Dense layer per width in cfg.hidden (with optional dropout), softmax."""
     raw, x = _inputs()
+    if augments(augment):
+        x = _augment(x, augment)
     x = layers.Flatten(name="flatten")(x)
     for i, width in enumerate(cfg.hidden):
         x = layers.Dense(width, activation=cfg.activation, name=f"dense_{i}")(x)
         if cfg.dropout > 0:
             x = layers.Dropout(cfg.dropout, name=f"dropout_{i}")(x)
-    probs = layers.Dense(NUM_CLASSES, activation="softmax", name="probs")(x)
-    return keras.Model(raw, probs, name="mlp")
+    return keras.Model(raw, _output(x), name="mlp")
 
 
-def build_cnn(cfg: DictConfig) -> keras.Model:
+def build_cnn(cfg: DictConfig, augment: DictConfig | None = None) -> keras.Model:
     """Conv blocks (conv [+BN] x convs_per_block, pooling), then Dense layers and softmax."""
     raw, x = _inputs()
-    x = layers.Reshape((*IMAGE_SHAPE, 1), name="channel")(x)
+    x = _augment(x, augment)
     pool = layers.MaxPooling2D if cfg.pooling == "max" else layers.AveragePooling2D
     for b, filters in enumerate(cfg.filters):
         for c in range(cfg.convs_per_block):
@@ -53,13 +81,12 @@ def build_cnn(cfg: DictConfig) -> keras.Model:
         x = layers.Dense(width, activation=cfg.activation, name=f"dense_{i}")(x)
     if cfg.dropout > 0:
         x = layers.Dropout(cfg.dropout, name="dropout_out")(x)
-    probs = layers.Dense(NUM_CLASSES, activation="softmax", name="probs")(x)
-    return keras.Model(raw, probs, name="cnn")
+    return keras.Model(raw, _output(x), name="cnn")
 
 
 BUILDERS = {"mlp": build_mlp, "cnn": build_cnn}
 
 
-def build_model(cfg: DictConfig) -> keras.Model:
-    """The model that cfg.name names."""
-    return BUILDERS[cfg.name](cfg)
+def build_model(cfg: DictConfig, augment: DictConfig | None = None) -> keras.Model:
+    """The model that cfg.name names, with the augment config's layers after the input."""
+    return BUILDERS[cfg.name](cfg, augment)

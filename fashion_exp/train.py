@@ -10,6 +10,7 @@ second, not a run.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -63,15 +64,22 @@ def train(cfg: DictConfig) -> float:
         # --- Model and optimizer -------------------------------------------------------------
         log.info("Building model <model.name=%s>, optimizer <optimizer.name=%s lr=%g>",
                  cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr)
-        model = models.build_model(cfg.model)
-        training.compile_model(model, optim.build_optimizer(cfg.optimizer), cfg.trainer,
-                               cfg.model)
+        steps_per_epoch = math.ceil(len(splits.x_train) / cfg.trainer.batch_size)
+        with training.distribution(cfg.trainer).scope():
+            model = models.build_model(cfg.model, cfg.augment)
+            optimizer = optim.build_optimizer(cfg.optimizer, cfg.schedule, steps_per_epoch,
+                                              cfg.trainer.epochs)
+            training.compile_model(model, optimizer, cfg.trainer, cfg.model,
+                                   augmented=models.augments(cfg.augment))
         tracking.log_model_info(model)
 
         # --- Train --------------------------------------------------------------------------
-        log.info("Training <trainer.epochs=%d trainer.batch_size=%d>",
-                 cfg.trainer.epochs, cfg.trainer.batch_size)
-        history = training.fit(model, splits, cfg.trainer)
+        log.info("Training <trainer.epochs=%d trainer.batch_size=%d schedule.name=%s "
+                 "augment: shift=%g flip=%s erasing=%g>", cfg.trainer.epochs,
+                 cfg.trainer.batch_size, cfg.schedule.name, cfg.augment.shift,
+                 cfg.augment.flip, cfg.augment.erasing)
+        plateau = optim.plateau_callback(cfg.schedule, cfg.optimizer.lr)
+        history = training.fit(model, splits, cfg.trainer, [plateau] if plateau else None)
 
         # --- Evaluate -----------------------------------------------------------------------
         result = training.evaluate(model, splits)

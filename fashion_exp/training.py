@@ -47,25 +47,42 @@ def configure_runtime(cfg: DictConfig, threads: int) -> None:
     keras.utils.set_random_seed(cfg.seed)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
+    # Set for every run: the policy is global and would leak into the next job of a sweep.
+    keras.mixed_precision.set_global_policy(cfg.precision)
 
 
-def use_xla(cfg: DictConfig, model_cfg: DictConfig) -> bool:
-    """trainer.jit_compile, where null means: XLA only for MLPs without dropout.
+def distribution(cfg: DictConfig) -> tf.distribute.Strategy:
+    """trainer.strategy: TensorFlow's default (one device) or MirroredStrategy (every GPU;
+    on a machine without GPUs, the CPU)."""
+    if cfg.strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def use_xla(cfg: DictConfig, model_cfg: DictConfig, augmented: bool = False) -> bool:
+    """trainer.jit_compile, where null means: XLA only for MLPs without dropout or
+    augmentation.
 
     Measured on CPU: XLA speeds up a plain MLP ~1.5-2x, but dropout under XLA makes epochs
-    4-5x slower, and XLA convolutions are slower too.
+    4-5x slower, and XLA convolutions are slower too; random ops are what XLA does badly.
     """
     if cfg.jit_compile is not None:
         return bool(cfg.jit_compile)
-    return model_cfg.name == "mlp" and model_cfg.dropout == 0
+    return model_cfg.name == "mlp" and model_cfg.dropout == 0 and not augmented
 
 
 def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                  cfg: DictConfig, model_cfg: DictConfig) -> None:
-    """Sparse categorical cross-entropy on integer labels, accuracy metric."""
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"], steps_per_execution=cfg.steps_per_execution,
-                  jit_compile=use_xla(cfg, model_cfg))
+                  cfg: DictConfig, model_cfg: DictConfig, augmented: bool = False) -> None:
+    """Cross-entropy (on one-hot targets when label smoothing is on) and accuracy."""
+    if cfg.label_smoothing > 0:  # Keras smooths only one-hot targets; fit() converts them
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=cfg.label_smoothing)
+        accuracy = keras.metrics.CategoricalAccuracy(name="accuracy")
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy()
+        accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    model.compile(optimizer=optimizer, loss=loss, metrics=[accuracy],
+                  steps_per_execution=cfg.steps_per_execution,
+                  jit_compile=use_xla(cfg, model_cfg, augmented))
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -86,21 +103,31 @@ class EpochLogger(keras.callbacks.Callback):
         tracking.log_epoch(metrics, epoch)
 
 
-def callbacks(cfg: DictConfig) -> list[keras.callbacks.Callback]:
+def callbacks(cfg: DictConfig, extra: list[keras.callbacks.Callback] | None = None,
+              ) -> list[keras.callbacks.Callback]:
     """Log every epoch, stop on NaN; early stopping (restoring the best weights) if asked."""
-    found = [EpochLogger(), keras.callbacks.TerminateOnNaN()]
+    found = [EpochLogger(), keras.callbacks.TerminateOnNaN(), *(extra or [])]
     if cfg.early_stopping:
         found.append(keras.callbacks.EarlyStopping(
             monitor=cfg.monitor, patience=cfg.patience, restore_best_weights=True))
     return found
 
 
-def fit(model: keras.Model, splits: Splits, cfg: DictConfig) -> dict[str, list[float]]:
+def targets(labels: np.ndarray, cfg: DictConfig) -> np.ndarray:
+    """Integer labels, or one-hot rows when the loss smooths labels."""
+    if cfg.label_smoothing > 0:
+        return keras.utils.to_categorical(labels, len(CLASSES)).astype(np.float32)
+    return labels
+
+
+def fit(model: keras.Model, splits: Splits, cfg: DictConfig,
+        extra: list[keras.callbacks.Callback] | None = None) -> dict[str, list[float]]:
     """Train on in-memory arrays; returns the per-epoch history."""
     history = model.fit(
-        splits.x_train, splits.y_train, validation_data=(splits.x_val, splits.y_val),
+        splits.x_train, targets(splits.y_train, cfg),
+        validation_data=(splits.x_val, targets(splits.y_val, cfg)),
         epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
-        callbacks=callbacks(cfg), verbose=cfg.verbose,
+        callbacks=callbacks(cfg, extra), verbose=cfg.verbose,
     ).history
     if any(not math.isfinite(v) for v in history.get("loss", [])):
         raise TrainingDiverged(

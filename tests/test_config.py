@@ -13,7 +13,10 @@ from .conftest import run_cli
 @pytest.mark.parametrize("overrides", [
     [], ["experiment=original"], ["experiment=cnn"], ["debug=fast"], ["model=cnn"],
     ["optimizer=adam"], ["optimizer=rmsprop"], ["model=cnn", "model.batch_norm=true"],
-    ["model.hidden=[64]", "model.dropout=0.5"],
+    ["model.hidden=[64]", "model.dropout=0.5"], ["schedule=cosine"], ["schedule=one_cycle"],
+    ["schedule=plateau"], ["augment=standard"], ["augment=strong"],
+    ["experiment=cnn_fast"], ["experiment=cnn_best"],
+    ["trainer.precision=mixed_bfloat16", "trainer.strategy=mirrored"],
 ])
 def test_shipped_configs_are_valid(overrides: list[str]) -> None:
     precheck(overrides)
@@ -51,13 +54,21 @@ BAD = [
     ("optimizer=lion", "overrides=", "Available options for 'optimizer'; adam; rmsprop; sgd"),
     ("model=resnet", "overrides=", "Could not find 'model/resnet'"),
     ("trainer.epochs=ten", "overrides=", "could not be converted to Integer"),
+    ("schedule=linear", "overrides=", "Available options for 'schedule'"),
+    ("schedule.min_lr_ratio=1", "schedule.min_lr_ratio=1.0", "[0, 1)"),
+    ("schedule=plateau schedule.factor=2", "schedule.factor=2.0", "(0, 1)"),
+    ("augment.shift=0.9", "augment.shift=0.9", "[0, 0.5]"),
+    ("augment.erasing=1.5", "augment.erasing=1.5", "[0, 1]"),
+    ("trainer.label_smoothing=1", "trainer.label_smoothing=1.0", "[0, 1)"),
+    ("trainer.precision=half", "trainer.precision='half'", "float32, mixed_float16"),
+    ("trainer.strategy=tpu", "trainer.strategy='tpu'", "default, mirrored"),
 ]
 
 
 @pytest.mark.parametrize(("override", "key", "allowed"), BAD)
 def test_bad_values_name_key_value_and_what_is_allowed(override, key, allowed) -> None:
     with pytest.raises(ConfigError) as info:
-        precheck([override])
+        precheck(override.split())
     message = str(info.value)
     assert key in message and allowed in message
     assert "\n" not in message

@@ -7,9 +7,16 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from fashion_exp.config import CNNConfig, MLPConfig, OptimizerConfig
+from fashion_exp.config import (
+    AugmentConfig,
+    CNNConfig,
+    MLPConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    TrainerConfig,
+)
 from fashion_exp.models import build_model
-from fashion_exp.optim import build_optimizer
+from fashion_exp.optim import build_optimizer, learning_rate, plateau_callback
 
 
 def cfg_of(schema, **values):
@@ -93,3 +100,91 @@ def test_xla_by_default_only_where_it_is_faster(model, forced, expected) -> None
 
     trainer = OmegaConf.create({"jit_compile": forced})
     assert use_xla(trainer, OmegaConf.create(model)) is expected
+
+
+def lr_at(schedule, step: int) -> float:
+    return float(keras.ops.convert_to_numpy(schedule(step)))
+
+
+def test_cosine_and_one_cycle_schedules_follow_their_shape() -> None:
+    cosine = learning_rate(0.1, cfg_of(ScheduleConfig, name="cosine", min_lr_ratio=0.1), 10, 5)
+    assert lr_at(cosine, 0) == pytest.approx(0.1)
+    assert lr_at(cosine, 25) == pytest.approx(0.1 * (0.1 + 0.9 * 0.5), rel=1e-4)  # half-way
+    assert lr_at(cosine, 50) == pytest.approx(0.01, rel=1e-4)
+    warm = learning_rate(0.1, cfg_of(ScheduleConfig, name="cosine", warmup_epochs=1), 10, 5)
+    assert lr_at(warm, 0) == pytest.approx(0.0) and lr_at(warm, 10) == pytest.approx(0.1)
+    cycle = learning_rate(0.1, cfg_of(ScheduleConfig, name="one_cycle"), 10, 10)
+    peak = 30  # 30% of 100 steps
+    assert lr_at(cycle, 0) == pytest.approx(0.004)
+    assert lr_at(cycle, peak) == pytest.approx(0.1)
+    assert lr_at(cycle, peak // 2) < 0.1 and lr_at(cycle, 100) == pytest.approx(0.0, abs=1e-6)
+    steps = [lr_at(cycle, s) for s in range(peak, 101, 10)]
+    assert steps == sorted(steps, reverse=True)
+
+
+def test_constant_and_plateau_keep_the_rate_and_plateau_adds_its_callback() -> None:
+    assert learning_rate(0.1, cfg_of(ScheduleConfig), 10, 5) == 0.1
+    plateau = cfg_of(ScheduleConfig, name="plateau", factor=0.2, patience=3, min_lr_ratio=0.01)
+    assert learning_rate(0.1, plateau, 10, 5) == 0.1
+    callback = plateau_callback(plateau, 0.1)
+    assert isinstance(callback, keras.callbacks.ReduceLROnPlateau)
+    assert (callback.factor, callback.patience, callback.min_lr) == (0.2, 3, pytest.approx(1e-3))
+    assert plateau_callback(cfg_of(ScheduleConfig), 0.1) is None
+
+
+def test_augmentation_runs_in_training_only() -> None:
+    augment = cfg_of(AugmentConfig, shift=0.2, flip=True, erasing=1.0)
+    model = build_model(cfg_of(CNNConfig, filters=[4], dense=[], dropout=0.0), augment)
+    assert {"random_shift", "random_flip", "random_erasing"} <= {la.name for la in model.layers}
+    images = np.random.default_rng(0).integers(0, 256, (8, 28, 28)).astype(np.uint8)
+    keras.utils.set_random_seed(0)
+    inference = [keras.ops.convert_to_numpy(model(images, training=False)) for _ in range(2)]
+    training = [keras.ops.convert_to_numpy(model(images, training=True)) for _ in range(2)]
+    np.testing.assert_array_equal(inference[0], inference[1])
+    assert not np.allclose(training[0], inference[0]) and not np.allclose(training[0], training[1])
+
+
+def tiny_fit(trainer: dict, model_cfg=None) -> dict:
+    """Compile and fit a tiny model for one epoch the way the runner does."""
+    from fashion_exp import training
+    from fashion_exp.data import Splits
+
+    cfg = cfg_of(TrainerConfig, epochs=1, batch_size=16, verbose=0, **trainer)
+    training.configure_runtime(cfg, threads=0)
+    try:
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (64, 28, 28)).astype(np.uint8)
+        y = (np.arange(64) % 10).astype(np.uint8)
+        splits = Splits(x, y, x[:16], y[:16], x[:16], y[:16], source="synthetic")
+        model_cfg = model_cfg or cfg_of(CNNConfig, filters=[4], dense=[8])
+        with training.distribution(cfg).scope():
+            model = build_model(model_cfg)
+            training.compile_model(model, keras.optimizers.Adam(1e-3), cfg, model_cfg)
+        history = training.fit(model, splits, cfg)
+        probs = training.evaluate(model, splits).probs
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    return {"history": history, "probs": probs, "model": model}
+
+
+def test_label_smoothing_trains_on_one_hot_targets() -> None:
+    from fashion_exp.training import targets
+
+    cfg = cfg_of(TrainerConfig, label_smoothing=0.1)
+    assert targets(np.array([3, 0], np.uint8), cfg).tolist()[0][3] == 1.0
+    out = tiny_fit({"label_smoothing": 0.1})
+    assert set(out["history"]) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert isinstance(out["model"].loss, keras.losses.CategoricalCrossentropy)
+
+
+@pytest.mark.parametrize("trainer", [{"precision": "mixed_bfloat16"},
+                                     {"precision": "mixed_float16"},
+                                     {"strategy": "mirrored"}])
+def test_gpu_options_do_not_break_cpu_runs(trainer) -> None:
+    out = tiny_fit(trainer)
+    assert np.isfinite(out["history"]["loss"]).all()
+    assert out["probs"].shape == (16, 10)
+    np.testing.assert_allclose(out["probs"].sum(1), 1.0, rtol=1e-3)
+    if "precision" in trainer:
+        assert out["model"].get_layer("block0_conv0").compute_dtype == trainer["precision"][6:]
+        assert out["model"].get_layer("probs").compute_dtype == "float32"
