@@ -82,12 +82,14 @@ def train(cfg: DictConfig) -> float:
         history = training.fit(model, splits, cfg.trainer, [plateau] if plateau else None)
 
         # --- Evaluate -----------------------------------------------------------------------
+        log.info("Evaluating on %d test images", len(splits.x_test))
         result = training.evaluate(model, splits)
         test = {"test_loss": result.loss, "test_accuracy": result.accuracy}
         tracking.log_evaluation(result, epochs_trained=len(history["loss"]))
 
         # --- Figures and model --------------------------------------------------------------
         if cfg.tracking.figures:
+            log.info("Logging figures <tracking.figures=true>")
             tracking.log_figures({
                 "curves.png": plots.curves(history),
                 "confusion_matrix.png": plots.confusion(result.confusion),
@@ -95,6 +97,7 @@ def train(cfg: DictConfig) -> float:
                 "dataset_sample.png": plots.dataset_sample(splits.x_train, splits.y_train),
             })
         if cfg.tracking.log_model:
+            log.info("Logging the model <tracking.log_model=true>")
             tracking.log_model(model, cfg.tracking.registered_model_name)
 
         value = training.best_value(history, test, cfg.optimized_metric)

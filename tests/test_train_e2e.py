@@ -92,6 +92,29 @@ def test_logged_and_registered_model_predict_from_raw_images(logged) -> None:
     assert "uint8" in signature["inputs"] and "[-1, 28, 28]" in signature["inputs"]
 
 
+def test_cnn_with_schedule_augmentation_and_label_smoothing(tmp_path, tracking_uri) -> None:
+    """The building blocks wired through the runner: the learning rate follows the cosine
+    schedule per epoch, the augmentation layers are in the model but idle at inference."""
+    result = run_cli(*FAST, "model=cnn", "model.filters=[8]", "model.dense=[]",
+                     "optimizer=adam", "schedule=cosine", "augment=strong",
+                     "trainer.label_smoothing=0.1", "trainer.epochs=3", "tracking.figures=false",
+                     f"tracking.uri={tracking_uri}", tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = runs_of(tracking_uri)
+    params = run.data.params
+    assert (params["schedule.name"], params["augment.erasing"], params["trainer.label_smoothing"]) \
+        == ("cosine", "0.5", "0.1")
+    history = mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id,
+                                                                   "learning_rate")
+    rates = [m.value for m in sorted(history, key=lambda m: m.step)]
+    assert len(rates) == 3 and rates[0] > rates[1] > rates[2] > 0  # cosine, read at epoch ends
+    summary = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_summary.txt")
+    assert "random_shift" in summary and "random_erasing" in summary
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28)).astype(np.uint8)
+    np.testing.assert_array_equal(model.predict(images), model.predict(images))
+
+
 def test_same_seed_same_metrics_via_both_entry_points(tmp_path, tracking_uri) -> None:
     script = shutil.which("fashion-exp-train") or str(REPO / ".venv/bin/fashion-exp-train")
     common = [*FAST, f"tracking.uri={tracking_uri}", "tracking.log_model=false",
