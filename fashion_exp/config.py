@@ -244,10 +244,9 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
 @dataclass
-class ServeConfig:
-    model_uri: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
+class ServiceSettings:
+    """What the prediction service itself needs (fashion_exp/service.py)."""
+
     top_k: int = 5
     max_batch: int = 64
     max_images: int = 16
@@ -256,6 +255,21 @@ class ServeConfig:
     max_image_pixels: int = 40_000_000
     object_size: int = 28
     max_models: int = 4
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.top_k <= 10, "top_k", self.top_k, "must be in [1, 10]")
+        _check(8 <= self.object_size <= 28, "object_size", self.object_size,
+               "must be in [8, 28] pixels")
+        for key in ("max_batch", "max_images", "max_upload_bytes", "max_request_bytes",
+                    "max_image_pixels", "max_models"):
+            _check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+
+
+@dataclass
+class ServeConfig(ServiceSettings):
+    model_uri: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
     samples: bool = True
     threads: int = 0
     log_level: str = "info"
@@ -263,17 +277,12 @@ class ServeConfig:
     tracking: TrackingConfig = MISSING
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.model_uri is not None:
             _check(self.model_uri.startswith(("runs:/", "models:/")), "model_uri", self.model_uri,
                    "use runs:/<run_id>/model, models:/<name>/<version> or "
                    "models:/<name>@<alias>, or null for the best run")
         _check(1 <= self.port <= 65535, "port", self.port, "must be in [1, 65535]")
-        _check(1 <= self.top_k <= 10, "top_k", self.top_k, "must be in [1, 10]")
-        _check(8 <= self.object_size <= 28, "object_size", self.object_size,
-               "must be in [8, 28] pixels")
-        for key in ("max_batch", "max_images", "max_upload_bytes", "max_request_bytes",
-                    "max_image_pixels", "max_models"):
-            _check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         _check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0: TensorFlow decides)")
         _one_of("log_level", self.log_level, LOG_LEVELS)
 

@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fashion_exp import preprocess
+from fashion_exp.config import ServiceSettings as Settings
 from fashion_exp.data import CLASSES
 from fashion_exp.tracking import MODEL_SCHEMES, ModelRef
 
@@ -35,20 +36,6 @@ log = logging.getLogger(__name__)
 
 SIDE = preprocess.SIZE
 Predict = Callable[[np.ndarray], np.ndarray]  # (n, 28, 28) uint8 -> (n, 10) probabilities
-
-
-@dataclass
-class Settings:
-    """Limits and defaults of one service (conf/serve.yaml documents each)."""
-
-    top_k: int = 5
-    max_batch: int = 64
-    max_images: int = 16
-    max_upload_bytes: int = 10_000_000
-    max_request_bytes: int = 32_000_000
-    max_image_pixels: int = 40_000_000
-    object_size: int = SIDE
-    max_models: int = 4
 
 
 # --- Request and response shapes (they make the OpenAPI description) ---------------------------
