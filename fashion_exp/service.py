@@ -200,7 +200,8 @@ class Models:
         async with self.lock:  # one load at a time; a second request for it waits here
             if uri not in self.loaded:
                 self.loaded[uri] = self._attach(await asyncio.to_thread(self.loader, uri))
-                while len(self.loaded) > max(0, self.settings.max_models - 1):
+                # The default counts as one; the model just loaded always stays.
+                while len(self.loaded) > max(1, self.settings.max_models - 1):
                     self.loaded.popitem(last=False)
             self.loaded.move_to_end(uri)
             return self.loaded[uri]

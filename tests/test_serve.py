@@ -331,3 +331,37 @@ def test_same_answer_as_mlflow_models_serve(served_store, test_set, tmp_path) ->
                                    json={"inputs": images}, timeout=30).json()
     ours_probs = np.array([probabilities(p) for p in ours_answer["predictions"]])
     np.testing.assert_allclose(ours_probs, np.array(theirs_answer["predictions"]), atol=1e-5)
+
+
+def test_models_are_loaded_once_and_the_least_recent_dropped() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fashion_exp.service import ModelNotFound, Models, ServedModel, Settings
+    from fashion_exp.tracking import ModelRef
+
+    loads: list[str] = []
+
+    def served(uri: str) -> ServedModel:
+        return ServedModel(ModelRef(uri, uri[6:7]), uri, {}, lambda x: x)
+
+    def loader(uri: str) -> ServedModel:
+        if "missing" in uri:
+            raise ModelNotFound(f"model_uri={uri!r}: not found")
+        loads.append(uri)
+        return served(uri)
+
+    async def scenario(capacity: int) -> list[str]:
+        models = Models(served("runs:/d/model"), loader, Settings(max_models=capacity),
+                        ThreadPoolExecutor(1))
+        got = [(await models.get(u)).ref.uri for u in
+               (None, "runs:/a/model", "runs:/a/model", "runs:/b/model", "runs:/a/model")]
+        with pytest.raises(ModelNotFound):
+            await models.get("runs:/missing/model")
+        return got
+
+    for capacity, expected_loads in ((3, ["a", "b"]), (1, ["a", "b", "a"])):
+        loads.clear()
+        got = asyncio.run(scenario(capacity))
+        assert got == ["runs:/d/model", "runs:/a/model", "runs:/a/model", "runs:/b/model",
+                       "runs:/a/model"]
+        assert [u[6] for u in loads] == expected_loads, (capacity, loads)
