@@ -175,8 +175,8 @@ class ServedModel:
 
 
 class Models:
-    """The default model, plus others loaded on first request and kept (least recently used
-    ones dropped beyond `capacity`)."""
+    """The default model, plus others loaded on first request and kept: at most
+    settings.max_models in all, the least recently used dropped first."""
 
     def __init__(self, default: ServedModel, loader: Callable[[str], ServedModel],
                  settings: Settings, executor: ThreadPoolExecutor) -> None:
