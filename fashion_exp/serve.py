@@ -113,17 +113,20 @@ def test_images(cfg: DictConfig) -> tuple[Any, Any] | None:
 def build(cfg: DictConfig) -> tuple[Any, str]:
     """The app for this config and the URI of its default model; ConfigError if none loads."""
     import mlflow
+
+    from fashion_exp import tracking
+
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    store = tracking.sqlite_path(uri)
+    if store is not None and not store.is_file():  # checked before TensorFlow is imported
+        raise ConfigError("tracking.uri", uri, "no tracking store there: train a model first "
+                                               "or point tracking.uri at your store")
     import tensorflow as tf
 
-    from fashion_exp import service, tracking
+    from fashion_exp import service
 
     if cfg.threads:
         tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
-    uri = tracking.resolve_uri(cfg.tracking.uri)
-    store = tracking.sqlite_path(uri)
-    if store is not None and not store.is_file():
-        raise ConfigError("tracking.uri", uri, "no tracking store there: train a model first "
-                                               "or point tracking.uri at your store")
     client = mlflow.MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
     default_uri = cfg.model_uri or tracking.best_model_uri(client, cfg.tracking.experiment_name)
