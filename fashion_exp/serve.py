@@ -15,12 +15,15 @@ import logging
 import os
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
 from fashion_exp.config import CONF_DIR, ConfigError, compose_checked
-from fashion_exp.service import ModelNotFound, ServedModel, Settings
+from fashion_exp.config import ServiceSettings as Settings
+
+if TYPE_CHECKING:
+    from fashion_exp.service import ServedModel
 
 log = logging.getLogger("fashion_exp")
 LISTED_RUNS = 20  # best runs offered by the page's model picker
@@ -34,6 +37,7 @@ def load_served_model(client: Any, uri: str) -> ServedModel:
     from mlflow.exceptions import MlflowException
 
     from fashion_exp import tracking
+    from fashion_exp.service import ModelNotFound, ServedModel
 
     try:
         ref = tracking.resolve_model(client, uri)
@@ -67,19 +71,14 @@ def model_choices(client: Any, experiment_name: str, default_uri: str) -> list[d
     for version in client.search_model_versions(max_results=100):
         choices.append({"uri": f"models:/{version.name}/{version.version}",
                         "label": f"{version.name} v{version.version}"})
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is not None:
-        runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
-                                  order_by=["metrics.test_accuracy DESC"], max_results=200)
-        for run in runs:
-            has_model = run.outputs is not None and run.outputs.model_outputs
-            if not has_model or "test_accuracy" not in run.data.metrics:
-                continue
-            choices.append({"uri": f"runs:/{run.info.run_id}/model",
-                            "label": f"{run.info.run_name} "
-                                     f"(test {run.data.metrics['test_accuracy']:.4f})"})
-            if len(choices) > LISTED_RUNS + 1:
-                break
+    from itertools import islice
+
+    from fashion_exp import tracking
+
+    for run in islice(tracking.runs_with_models(client, experiment_name), LISTED_RUNS):
+        choices.append({"uri": f"runs:/{run.info.run_id}/{tracking.MODEL_ARTIFACT}",
+                        "label": f"{run.info.run_name} "
+                                 f"(test {run.data.metrics['test_accuracy']:.4f})"})
     seen: set[str] = set()  # a URI listed twice keeps its first label
     return [c for c in choices if not (c["uri"] in seen or seen.add(c["uri"]))]
 
@@ -124,6 +123,7 @@ def build(cfg: DictConfig) -> tuple[Any, str]:
     import tensorflow as tf
 
     from fashion_exp import service
+    from fashion_exp.service import ModelNotFound
 
     if cfg.threads:
         tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)

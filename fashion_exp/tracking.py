@@ -228,18 +228,23 @@ def resolve_model(client: mlflow.MlflowClient, uri: str) -> ModelRef:
     return ModelRef(uri, version.run_id, version.name, str(version.version))
 
 
-def best_model_uri(client: mlflow.MlflowClient, experiment_name: str) -> str | None:
-    """runs:/<id>/model of the experiment's finished training run with the best test accuracy."""
+def runs_with_models(client: mlflow.MlflowClient, experiment_name: str) -> Iterator[Any]:
+    """The experiment's finished training runs that logged a model, best test accuracy first."""
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        return None
+        return
     runs = client.search_runs([experiment.experiment_id], "attributes.status = 'FINISHED'",
                               order_by=["metrics.test_accuracy DESC"], max_results=500)
     for run in runs:
         trained = run.data.tags.get("evaluation") != "true" and run.outputs is not None
         if trained and run.outputs.model_outputs and "test_accuracy" in run.data.metrics:
-            return f"runs:/{run.info.run_id}/{MODEL_ARTIFACT}"
-    return None
+            yield run
+
+
+def best_model_uri(client: mlflow.MlflowClient, experiment_name: str) -> str | None:
+    """runs:/<id>/model of the experiment's finished training run with the best test accuracy."""
+    best = next(runs_with_models(client, experiment_name), None)
+    return None if best is None else f"runs:/{best.info.run_id}/{MODEL_ARTIFACT}"
 
 
 # --- How a run ends ----------------------------------------------------------------------------
