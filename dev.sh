@@ -8,10 +8,10 @@
 #   ./dev.sh setup              only set up
 #
 # Set-up (skipped when already done): the real Fashion-MNIST files (Debian package
-# dataset-fashion-mnist), Debian's chromium (the web page's browser test) and wrk (the serving
-# benchmark), a virtual environment in .venv with the package installed editable and its
-# pinned dependencies. Re-running is fast: the venv is rebuilt only when pyproject.toml
-# changes.
+# dataset-fashion-mnist), Debian's chromium (the web page's browser test), wrk (the serving
+# benchmark) and postgresql (the team stack), a virtual environment in .venv with the package
+# installed editable and its pinned dependencies. Re-running is fast: the venv is rebuilt
+# only when pyproject.toml changes.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -55,6 +55,8 @@ setup_tools() {
   local missing=()
   command -v chromium >/dev/null || missing+=(chromium)
   command -v wrk >/dev/null || missing+=(wrk)
+  # PostgreSQL server programs: the team stack (scripts/team_stack.py) and its tests.
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
   [ ${#missing[@]} = 0 ] || apt_install "${missing[@]}"
 }
 

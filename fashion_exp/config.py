@@ -7,6 +7,7 @@ Hydra checks key names and types while it composes the config; `validate` then c
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,9 @@ class TrainerConfig:
     label_smoothing: float = 0.0
     precision: str = "float32"
     strategy: str = "default"
+    checkpoint: bool = True
+    checkpoint_dir: str | None = None
+    resume: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
@@ -212,17 +216,34 @@ class TrainerConfig:
                "must be in [0, 1)")
         _one_of("precision", self.precision, PRECISIONS)
         _one_of("strategy", self.strategy, STRATEGIES)
+        _check(self.resume is None or bool(re.fullmatch(r"latest|[0-9a-f]{32}", self.resume)),
+               "resume", self.resume, "use a run id (32 hex digits) or latest")
 
 
 @dataclass
 class TrackingConfig:
+    mode: str = "local"
     uri: str | None = None
     experiment_name: str = "fashion_exp"
     log_model: bool = True
     registered_model_name: str | None = None
     figures: bool = True
+    request_timeout: float = 10.0
+    retries: int = 3
+    reconnect_seconds: float = 60.0
+    offline_dir: str | None = None
 
     def __post_init__(self) -> None:
+        _one_of("mode", self.mode, TRACKING_MODES)
+        scheme = (self.uri or "").split("://", 1)[0] if "://" in (self.uri or "") else ""
+        _check(not scheme or scheme.split("+")[0] in URI_SCHEMES, "uri", self.uri,
+               f"use a path or a URI of scheme {', '.join(URI_SCHEMES)}")
+        _check(self.mode != "server" or scheme in ("http", "https"), "uri", self.uri,
+               "tracking=server needs the server's http:// or https:// address")
+        _check(self.request_timeout > 0, "request_timeout", self.request_timeout, "must be > 0")
+        _check(self.retries >= 0, "retries", self.retries, "must be >= 0")
+        _check(self.reconnect_seconds >= 0, "reconnect_seconds", self.reconnect_seconds,
+               "must be >= 0")
         _check(bool(self.experiment_name.strip()), "experiment_name", self.experiment_name,
                "must not be empty")
 
@@ -239,6 +260,10 @@ class Config:
     optimized_metric: str = "val_accuracy"
     task_name: str = "train"
 
+
+TRACKING_MODES = ("local", "server")
+# Stores MLflow can log to: SQL databases, a legacy file store, a tracking server.
+URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 

@@ -19,6 +19,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from fashion_exp import procs
 from fashion_exp.locks import file_lock
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,8 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
         run = MlflowClient(uri).create_run(
             exp_id, run_name="sweep " + (" ".join(varied) or sweep_dir.name),
             tags={"sweep_dir": str(sweep_dir), "sweep": "parent",
-                  "optimized_metric": cfg.optimized_metric, "git_commit": tracking.git_commit()},
+                  "optimized_metric": cfg.optimized_metric, "git_commit": tracking.git_commit()}
+            | {f"process.{k}": v for k, v in procs.this_process().items()},
         )
         run_id = run.info.run_id
         MlflowClient(uri).set_tag(run_id, "sweep_id", run_id)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
+import time
 import traceback
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,13 +22,22 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_exp import interrupts
+from fashion_exp import interrupts, procs
 from fashion_exp.config import project_root
 from fashion_exp.locks import file_lock
+from fashion_exp.offline import Outbox
+
+# The outbox of the active run on a tracking server (None for local stores).
+_outbox: Outbox | None = None
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server does not answer; nothing was started."""
 
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
+OWNER_TAGS = ("host", "pid", "started")  # process.* tags of a run: see procs.alive
 
 
 # --- Where runs go -----------------------------------------------------------------------------
@@ -67,6 +79,64 @@ def store_lock(uri: str) -> Iterator[None]:
         return
     with file_lock(db.with_name(db.name + ".lock")):
         yield
+
+
+def is_server(uri: str) -> bool:
+    """Whether a resolved tracking URI is a tracking server."""
+    return uri.startswith(("http://", "https://"))
+
+
+def connect(cfg: DictConfig) -> str:
+    """The resolved tracking URI of cfg.tracking; for a server, MLflow's request timeout and
+    retries are set from the config and the server must answer (TrackingUnavailable)."""
+    from fashion_exp.team import server_up
+
+    uri = resolve_uri(cfg.uri)
+    if cfg.mode == "server" and not is_server(uri):
+        raise TrackingUnavailable(f"tracking=server needs an http(s):// URI, got {uri}")
+    if is_server(uri):
+        # MLflow retries a failed request 7 times with backoff 2 (minutes of stalled training);
+        # fewer, shorter retries here, and the outbox keeps the data of a longer outage.
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, cfg.request_timeout)))
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.retries)
+        os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+        if not server_up(uri, timeout=cfg.request_timeout):
+            raise TrackingUnavailable(
+                f"the tracking server {uri} does not answer (GET /health); start it (e.g. "
+                "python scripts/team_stack.py start) or set tracking.uri")
+    return uri
+
+
+def offline_root(cfg: DictConfig) -> Path:
+    """Where runs' data wait while the server is unreachable (tracking.offline_dir)."""
+    return Path(cfg.offline_dir) if cfg.offline_dir else project_root() / "mlruns" / "offline"
+
+
+def _send(live: Any, entry: Any) -> None:
+    """A logging call of the active run, through its outbox when it logs to a server."""
+    if _outbox is None:
+        live()
+    else:
+        _outbox.send(live, entry)
+
+
+def _file_entry(name: str, write: Any) -> Any:
+    """A journal entry for artifact `name` (a file, or a folder when it names one):
+    write(path) puts it in the offline folder."""
+    def entry(folder: Path) -> dict[str, Any]:
+        path = folder / "files" / uuid.uuid4().hex[:12] / Path(name).name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+        parent = str(Path(name).parent)
+        return {"kind": "artifact", "file": str(path.relative_to(folder)),
+                "artifact_path": None if parent == "." else parent}
+    return entry
+
+
+def _metrics_entry(metrics: dict[str, float], step: int) -> Any:
+    stamp = int(time.time() * 1000)
+    return lambda folder: {"kind": "metrics", "metrics": metrics, "step": step,
+                           "timestamp": stamp}
 
 
 def setup(uri: str | None, experiment_name: str) -> tuple[str, str]:
@@ -122,26 +192,43 @@ def git_commit() -> str:
         return "unknown"
 
 
+def log_params(params: dict[str, Any]) -> None:
+    """Params of the active run."""
+    params = {key: str(value) for key, value in params.items()}
+    _send(lambda: mlflow.log_params(params), lambda folder: {"kind": "params", "params": params})
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    """Tags of the active run."""
+    _send(lambda: mlflow.set_tags(tags), lambda folder: {"kind": "tags", "tags": tags})
+
+
+def log_text(text: str, name: str) -> None:
+    """A text artifact of the active run."""
+    _send(lambda: mlflow.log_text(text, name), _file_entry(name, lambda p: p.write_text(text)))
+
+
 def log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
     """Params (flattened config), the resolved YAML, and Hydra's .hydra/ files."""
-    mlflow.log_params(flatten(cfg))
-    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    log_params(flatten(cfg))
+    log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
     if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
-        mlflow.log_artifacts(str(hydra_dir / ".hydra"), "hydra")
+        source = str(hydra_dir / ".hydra")
+        _send(lambda: mlflow.log_artifacts(source, "hydra"),
+              _file_entry("hydra/files", lambda p: shutil.copytree(source, p)))
 
 
 def log_epoch(metrics: dict[str, float], epoch: int) -> None:
     """One epoch's metrics, step=epoch."""
-    mlflow.log_metrics(metrics, step=epoch)
+    _send(lambda: mlflow.log_metrics(metrics, step=epoch), _metrics_entry(metrics, epoch))
 
 
 def log_model_info(model: Any) -> None:
     """Parameter and layer counts as params, the Keras summary as a text artifact."""
     lines: list[str] = []
     model.summary(print_fn=lambda line, **_: lines.append(line))
-    mlflow.log_params({"model.param_count": model.count_params(),
-                       "model.num_layers": len(model.layers)})
-    mlflow.log_text("\n".join(lines), "model_summary.txt")
+    log_params({"model.param_count": model.count_params(), "model.num_layers": len(model.layers)})
+    log_text("\n".join(lines), "model_summary.txt")
 
 
 def metric_key(class_name: str) -> str:
@@ -153,20 +240,22 @@ def log_evaluation(result: Any, epochs_trained: int) -> None:
     """Test loss and accuracy, accuracy per class, and the classification report."""
     per_class = {f"test_accuracy.{metric_key(name)}": acc
                  for name, acc in result.per_class_accuracy.items()}
-    mlflow.log_metrics({"test_loss": result.loss, "test_accuracy": result.accuracy,
-                        "epochs_trained": epochs_trained} | per_class)
-    mlflow.log_text(result.report, "classification_report.txt")
+    metrics = {"test_loss": result.loss, "test_accuracy": result.accuracy,
+               "epochs_trained": epochs_trained} | per_class
+    _send(lambda: mlflow.log_metrics(metrics), _metrics_entry(metrics, 0))
+    log_text(result.report, "classification_report.txt")
 
 
 def log_figures(figures: dict[str, Any]) -> None:
     """Each matplotlib figure as a PNG artifact under its file name."""
     for name, fig in figures.items():
-        mlflow.log_figure(fig, name)
+        _send(lambda: mlflow.log_figure(fig, name),  # noqa: B023 - called before the next fig
+              _file_entry(name, lambda p: fig.savefig(p)))  # noqa: B023
 
 
 def log_metric(key: str, value: float) -> None:
     """One final metric of the active run."""
-    mlflow.log_metric(key, value)
+    _send(lambda: mlflow.log_metric(key, value), _metrics_entry({key: value}, 0))
 
 
 def model_signature() -> ModelSignature:
@@ -177,8 +266,31 @@ def model_signature() -> ModelSignature:
     )
 
 
-def log_model(model: Any, registered_name: str | None) -> str:
-    """Log the model at artifact path 'model' (and register it); returns its URI."""
+def log_model(model: Any, registered_name: str | None) -> None:
+    """Log the model at artifact path 'model' (and register it)."""
+    def entry(folder: Path) -> dict[str, Any]:
+        model.save(folder / "model.keras")
+        return {"kind": "model", "file": "model.keras", "registered_name": registered_name}
+
+    _send(lambda: _log_keras_model(model, registered_name), entry)
+
+
+def log_saved_model(path: Path, entry: dict[str, Any]) -> None:
+    """Log a Keras model saved by the outbox into its run (replaying an offline journal)."""
+    import keras
+
+    model = keras.models.load_model(path, compile=False)
+    mlflow.set_tracking_uri(entry["tracking_uri"])
+    active = mlflow.active_run()
+    if active is not None and active.info.run_id == entry["run_id"]:
+        _log_keras_model(model, entry["registered_name"])
+        return
+    with mlflow.start_run(run_id=entry["run_id"]):  # the journal's "end" entry sets the status
+        _log_keras_model(model, entry["registered_name"])
+
+
+def _log_keras_model(model: Any, registered_name: str | None) -> str:
+    """mlflow.tensorflow.log_model with our signature and explicit requirements."""
     import keras
     import mlflow.tensorflow
     import tensorflow as tf
@@ -247,32 +359,87 @@ def best_model_uri(client: mlflow.MlflowClient, experiment_name: str) -> str | N
     return None if best is None else f"runs:/{best.info.run_id}/{MODEL_ARTIFACT}"
 
 
+# --- Runs whose process ended without ending them ----------------------------------------------
+
+def owner(run: Any) -> dict[str, str]:
+    """The process that ran a run (host, pid, started), from its tags."""
+    return {key: run.data.tags.get(f"process.{key}", "") for key in OWNER_TAGS}
+
+
+def orphaned(run: Any) -> bool | None:
+    """For a RUNNING run: True if its process is gone (killed without ending the run), False
+    if it still runs, None if it ran on another host. False for ended runs."""
+    if run.info.status != "RUNNING":
+        return False
+    alive = procs.alive(owner(run))
+    return None if alive is None else not alive
+
+
+def resumable(run_id: str, uri: str) -> bool:
+    """Whether a run can be resumed: in the store, not finished, and not running elsewhere."""
+    try:
+        run = mlflow.MlflowClient(uri).get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return run.info.status in ("KILLED", "FAILED") or orphaned(run) is True
+
+
 # --- How a run ends ----------------------------------------------------------------------------
 
 def _record_error(err: BaseException) -> None:
     """Put the error on the run (tag and traceback artifact); never raises."""
     try:
-        mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
-        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
-        mlflow.log_text(text, "error.txt")
+        set_tags({"error": f"{type(err).__name__}: {err}"[:5000]})
+        log_text("".join(traceback.format_exception(type(err), err, err.__traceback__)),
+                 "error.txt")
     except Exception as inner:  # noqa: BLE001 - the original error matters more
         log.warning("could not record the error on the run: %s", inner)
 
 
+def _end(status: RunStatus) -> None:
+    """End the active run with a status (journaled if the server is unreachable)."""
+    name = RunStatus.to_string(status)
+    # end_run leaves the run first and then tells the store: a failure there is journaled.
+    _send(lambda: mlflow.end_run(name), lambda folder: {"kind": "end", "status": name})
+
+
 @contextmanager
-def tracked_run(run_name: str, tags: dict[str, str]) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run that ends FINISHED, FAILED (error recorded) or KILLED (Ctrl-C, SIGTERM)."""
+def tracked_run(run_name: str, tags: dict[str, str], cfg: DictConfig | None = None,
+                resume_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run that ends FINISHED, FAILED (error recorded) or KILLED (Ctrl-C, SIGTERM).
+
+    The run carries its process (host, pid, start time), so that a run whose process was
+    killed without a chance to end it can be found later (fashion-exp-runs interrupted).
+    `resume_run_id` continues an existing run instead of starting one. With cfg.tracking on
+    a server, logging goes through an outbox that survives outages."""
+    global _outbox
     interrupts.install()
-    run = mlflow.start_run(run_name=run_name, tags=tags)
+    owner = {f"process.{key}": value for key, value in procs.this_process().items()}
+    if resume_run_id:
+        stopped_by = mlflow.MlflowClient().get_run(resume_run_id).data.tags.get("error")
+        run = mlflow.start_run(run_id=resume_run_id)
+        mlflow.set_tags(owner | {k: v for k, v in tags.items() if k.startswith("resum")})
+        if stopped_by:  # the run goes on: its stop is history, not its error
+            mlflow.set_tag("stopped_by", stopped_by)
+            mlflow.MlflowClient().delete_tag(resume_run_id, "error")
+    else:
+        run = mlflow.start_run(run_name=run_name, tags=tags | owner)
+    uri = mlflow.get_tracking_uri()
+    if cfg is not None and is_server(uri):
+        _outbox = Outbox(uri, run.info.run_id, offline_root(cfg))
     try:
         yield run
     except KeyboardInterrupt as err:
         _record_error(err)
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        _end(RunStatus.KILLED)
         raise
     except BaseException as err:
         _record_error(err)
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        _end(RunStatus.FAILED)
         raise
     else:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+        _end(RunStatus.FINISHED)
+    finally:
+        if _outbox is not None:
+            outbox, _outbox = _outbox, None
+            outbox.finish(cfg.reconnect_seconds)

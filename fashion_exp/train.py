@@ -37,10 +37,19 @@ def run_name_and_tags(cfg: DictConfig) -> tuple[str, dict[str, str], Path | None
 
 def train(cfg: DictConfig) -> float:
     """Train and evaluate one model as `cfg` says, logged as one MLflow run; returns
-    cfg.optimized_metric."""
+    cfg.optimized_metric. With trainer.resume, continue a stopped run with its own config."""
     interrupts.check()  # a sweep stopped during the previous job starts no new one
     # Heavy imports only once the config is known to be good.
-    from fashion_exp import data, models, optim, plots, tracking, training
+    from fashion_exp import checkpoints, data, models, optim, plots, tracking, training
+
+    # --- Resume or start; the tracking server must answer before anything is trained ------
+    resumed: dict | None = None
+    if cfg.trainer.resume:
+        folder = checkpoints.find(cfg.trainer, cfg.trainer.resume, tracking.resumable)
+        cfg, resumed = checkpoints.saved_config(folder), checkpoints.load_state(folder)
+        log.info("Resuming run %s after epoch %d of %d <trainer.resume>", resumed["run_id"],
+                 resumed["epochs_done"], cfg.trainer.epochs)
+    uri = tracking.connect(cfg.tracking)
 
     # --- Set up: seeds, threads, data --------------------------------------------------------
     threads = sweeps.job_threads(cfg.trainer.threads)  # shares the cores among parallel jobs
@@ -51,59 +60,84 @@ def train(cfg: DictConfig) -> float:
     log.info("Data <data>: %d train, %d validation, %d test images from %s",
              len(splits.x_train), len(splits.x_val), len(splits.x_test), splits.source)
 
-    uri, exp_id = tracking.setup(cfg.tracking.uri, cfg.tracking.experiment_name)
+    uri, exp_id = tracking.setup(uri, cfg.tracking.experiment_name)
     run_name, tags, output_dir = run_name_and_tags(cfg)
     tags |= {"git_commit": tracking.git_commit(), "data_source": str(splits.source),
              "tf_threads": str(threads or "auto")}
     child_name, child_tags = sweeps.child_name_and_tags(cfg)  # set in a multirun only
     run_name, tags = child_name or run_name, tags | child_tags
+    if resumed:
+        tags["resumed_from_epoch"] = str(resumed["epochs_done"])
 
-    with tracking.tracked_run(run_name, tags) as run:
-        tracking.log_config(cfg, output_dir)
+    run_id = resumed["run_id"] if resumed else None
+    ckpt: Path | None = None
+    try:
+        with tracking.tracked_run(run_name, tags, cfg.tracking, run_id) as run:
+            run_id = run.info.run_id
+            if cfg.trainer.checkpoint or resumed:
+                ckpt = checkpoints.root(cfg.trainer) / run_id
+            if not resumed:  # a resumed run has its params already: MLflow keeps them once
+                tracking.log_config(cfg, output_dir)
+                if ckpt:
+                    checkpoints.start(ckpt, cfg, uri, run_id)
 
-        # --- Model and optimizer -------------------------------------------------------------
-        log.info("Building model <model.name=%s>, optimizer <optimizer.name=%s lr=%g>",
-                 cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr)
-        steps_per_epoch = math.ceil(len(splits.x_train) / cfg.trainer.batch_size)
-        with training.distribution(cfg.trainer).scope():
-            model = models.build_model(cfg.model, cfg.augment)
-            optimizer = optim.build_optimizer(cfg.optimizer, cfg.schedule, steps_per_epoch,
-                                              cfg.trainer.epochs)
-            training.compile_model(model, optimizer, cfg.trainer, cfg.model,
-                                   augmented=models.augments(cfg.augment))
-        tracking.log_model_info(model)
+            # --- Model and optimizer ---------------------------------------------------------
+            log.info("Building model <model.name=%s>, optimizer <optimizer.name=%s lr=%g>",
+                     cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr)
+            steps_per_epoch = math.ceil(len(splits.x_train) / cfg.trainer.batch_size)
+            with training.distribution(cfg.trainer).scope():
+                model = models.build_model(cfg.model, cfg.augment)
+                optimizer = optim.build_optimizer(cfg.optimizer, cfg.schedule, steps_per_epoch,
+                                                  cfg.trainer.epochs)
+                training.compile_model(model, optimizer, cfg.trainer, cfg.model,
+                                       augmented=models.augments(cfg.augment))
+                if resumed:
+                    checkpoints.restore(ckpt, model)
+            if not resumed:
+                tracking.log_model_info(model)
 
-        # --- Train --------------------------------------------------------------------------
-        log.info("Training <trainer.epochs=%d trainer.batch_size=%d schedule.name=%s "
-                 "augment: shift=%g flip=%s erasing=%g>", cfg.trainer.epochs,
-                 cfg.trainer.batch_size, cfg.schedule.name, cfg.augment.shift,
-                 cfg.augment.flip, cfg.augment.erasing)
-        plateau = optim.plateau_callback(cfg.schedule, cfg.optimizer.lr)
-        history = training.fit(model, splits, cfg.trainer, [plateau] if plateau else None)
+            # --- Train ------------------------------------------------------------------------
+            log.info("Training <trainer.epochs=%d trainer.batch_size=%d schedule.name=%s "
+                     "augment: shift=%g flip=%s erasing=%g>", cfg.trainer.epochs,
+                     cfg.trainer.batch_size, cfg.schedule.name, cfg.augment.shift,
+                     cfg.augment.flip, cfg.augment.erasing)
+            before = resumed["history"] if resumed else {}
+            extra = [optim.plateau_callback(cfg.schedule, cfg.optimizer.lr),
+                     training.CheckpointSaver(ckpt, before) if ckpt else None]
+            history = training.fit(model, splits, cfg.trainer, [c for c in extra if c], before)
 
-        # --- Evaluate -----------------------------------------------------------------------
-        log.info("Evaluating on %d test images", len(splits.x_test))
-        result = training.evaluate(model, splits)
-        test = {"test_loss": result.loss, "test_accuracy": result.accuracy}
-        tracking.log_evaluation(result, epochs_trained=len(history["loss"]))
+            # --- Evaluate ---------------------------------------------------------------------
+            log.info("Evaluating on %d test images", len(splits.x_test))
+            result = training.evaluate(model, splits)
+            test = {"test_loss": result.loss, "test_accuracy": result.accuracy}
+            tracking.log_evaluation(result, epochs_trained=len(history["loss"]))
 
-        # --- Figures and model --------------------------------------------------------------
-        if cfg.tracking.figures:
-            log.info("Logging figures <tracking.figures=true>")
-            tracking.log_figures({
-                "curves.png": plots.curves(history),
-                "confusion_matrix.png": plots.confusion(result.confusion),
-                "predictions.png": plots.predictions(splits.x_test, splits.y_test, result.probs),
-                "dataset_sample.png": plots.dataset_sample(splits.x_train, splits.y_train),
-            })
-        if cfg.tracking.log_model:
-            log.info("Logging the model <tracking.log_model=true>")
-            tracking.log_model(model, cfg.tracking.registered_model_name)
+            # --- Figures and model ------------------------------------------------------------
+            if cfg.tracking.figures:
+                log.info("Logging figures <tracking.figures=true>")
+                tracking.log_figures({
+                    "curves.png": plots.curves(history),
+                    "confusion_matrix.png": plots.confusion(result.confusion),
+                    "predictions.png": plots.predictions(splits.x_test, splits.y_test,
+                                                         result.probs),
+                    "dataset_sample.png": plots.dataset_sample(splits.x_train, splits.y_train),
+                })
+            if cfg.tracking.log_model:
+                log.info("Logging the model <tracking.log_model=true>")
+                tracking.log_model(model, cfg.tracking.registered_model_name)
 
-        value = training.best_value(history, test, cfg.optimized_metric)
-        tracking.log_metric("optimized_metric", value)
+            value = training.best_value(history, test, cfg.optimized_metric)
+            tracking.log_metric("optimized_metric", value)
+    except BaseException:
+        if ckpt is not None and (ckpt / checkpoints.WEIGHTS_FILE).is_file():
+            done = checkpoints.load_state(ckpt)["epochs_done"]
+            print(f"fashion-exp-train: run {run_id} stopped; its checkpoint after epoch {done} "
+                  f"is kept: resume with  fashion-exp-train trainer.resume={run_id}",
+                  file=sys.stderr, flush=True)
+        raise
+    if ckpt is not None:
+        checkpoints.remove(ckpt)  # finished: the model is logged
 
-    run_id = run.info.run_id
     print(f"test_accuracy={result.accuracy:.4f}  {cfg.optimized_metric}={value:.4f}  "
           f"run_id={run_id}  view: {tracking.ui_hint(uri, exp_id, run_id)}", flush=True)
     return value
@@ -126,7 +160,22 @@ def _hydra_main(cfg: DictConfig) -> float:
         if sweeps.job_sweep_dir() is not None:
             raise  # one failed job of a sweep; the others go on
         _exit_invalid(err)
-    return train(cfg)
+    try:
+        return train(cfg)
+    except Exception as err:
+        if sweeps.job_sweep_dir() is not None or not _user_error(err):
+            raise
+        print(f"fashion-exp-train: error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _user_error(err: Exception) -> bool:
+    """Errors the user can fix (data, tracking server, resume): one line, no traceback."""
+    from fashion_exp.checkpoints import ResumeError
+    from fashion_exp.data import DataError
+    from fashion_exp.tracking import TrackingUnavailable
+
+    return isinstance(err, DataError | TrackingUnavailable | ResumeError)
 
 
 def main() -> None:
@@ -143,9 +192,10 @@ def main() -> None:
     interrupts.install()
     try:
         _hydra_main()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         sweeps.finish_open_sweeps(interrupted=True)
-        raise
+        print(f"fashion-exp-train: stopped ({err or 'interrupted'})", file=sys.stderr)
+        sys.exit(130)
     finally:
         # A multirun whose job raised never reaches Hydra's on_multirun_end: end its parent.
         sweeps.finish_open_sweeps()

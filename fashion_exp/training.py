@@ -6,13 +6,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from fashion_exp import interrupts, tracking
+from fashion_exp import checkpoints, interrupts, tracking
 from fashion_exp.data import CLASSES, Splits
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,20 @@ class EpochLogger(keras.callbacks.Callback):
         tracking.log_epoch(metrics, epoch)
 
 
+class CheckpointSaver(keras.callbacks.Callback):
+    """Save the model, optimizer state and history after every epoch (checkpoints.save)."""
+
+    def __init__(self, folder: Path, history: dict[str, list[float]]) -> None:
+        super().__init__()
+        self.folder = folder
+        self.history = {key: list(values) for key, values in history.items()}
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        checkpoints.save(self.folder, self.model, epoch + 1, self.history)
+
+
 def callbacks(cfg: DictConfig, extra: list[keras.callbacks.Callback] | None = None,
               ) -> list[keras.callbacks.Callback]:
     """Log every epoch, stop on NaN; early stopping (restoring the best weights) if asked."""
@@ -121,14 +136,19 @@ def targets(labels: np.ndarray, cfg: DictConfig) -> np.ndarray:
 
 
 def fit(model: keras.Model, splits: Splits, cfg: DictConfig,
-        extra: list[keras.callbacks.Callback] | None = None) -> dict[str, list[float]]:
-    """Train on in-memory arrays; returns the per-epoch history."""
-    history = model.fit(
+        extra: list[keras.callbacks.Callback] | None = None,
+        history: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Train on in-memory arrays, after the epochs of `history` if resuming; returns the
+    per-epoch history of all epochs."""
+    done = len((history or {}).get("loss", []))
+    new = model.fit(
         splits.x_train, targets(splits.y_train, cfg),
         validation_data=(splits.x_val, targets(splits.y_val, cfg)),
-        epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
+        epochs=cfg.epochs, initial_epoch=done, batch_size=cfg.batch_size, shuffle=True,
         callbacks=callbacks(cfg, extra), verbose=cfg.verbose,
     ).history
+    history = {key: list((history or {}).get(key, [])) + [float(v) for v in values]
+               for key, values in new.items()} if new else dict(history or {})
     if any(not math.isfinite(v) for v in history.get("loss", [])):
         raise TrainingDiverged(
             f"the training loss became {history['loss'][-1]} at epoch {len(history['loss'])}; "

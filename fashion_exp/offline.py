@@ -1,0 +1,161 @@
+"""A run's data kept on local disk while the tracking server is unreachable, and sent when the
+server is back, so that a server outage neither crashes training nor loses a run.
+
+Each logging call of the runner goes through `Outbox.send`: it is made live when it can be;
+when it fails because the server does not answer, it is appended to a journal in
+`<offline_dir>/<run_id>/` (files it logs are copied there) and every later call joins the
+queue until the server answers again, then the journal is replayed in order. What is still
+queued when the run ends waits `tracking.reconnect_seconds`, then stays on disk for
+`fashion-exp-runs upload`. Replay records how far it got, so no entry is sent twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from fashion_exp.team import server_up
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "journal.jsonl"
+SENT = "sent.txt"  # number of journal entries already replayed
+RUN_FILE = "run.json"  # tracking URI and run id of the journal
+RECHECK_SECONDS = 10.0  # while offline, ask the server again at most this often
+
+
+def connection_failed(err: BaseException, uri: str) -> bool:
+    """Whether a logging error means the server cannot be reached (not a bad request)."""
+    return uri.startswith(("http://", "https://")) and not server_up(uri)
+
+
+def pending(folder: Path) -> list[dict[str, Any]]:
+    """The journal entries of an offline folder not replayed yet."""
+    journal = folder / JOURNAL
+    if not journal.is_file():
+        return []
+    entries = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
+    sent = int((folder / SENT).read_text()) if (folder / SENT).is_file() else 0
+    return entries[sent:]
+
+
+def replay(folder: Path, load_model: Callable[[Path, dict[str, Any]], None] | None = None,
+           ) -> int:
+    """Send an offline folder's remaining entries to its server, in order; returns how many.
+
+    The folder is removed once everything is sent. `load_model` logs a saved Keras model
+    (the runner passes its own model logging; it needs TensorFlow)."""
+    info = json.loads((folder / RUN_FILE).read_text())
+    client, run_id = MlflowClient(info["tracking_uri"]), info["run_id"]
+    entries = pending(folder)
+    sent = int((folder / SENT).read_text()) if (folder / SENT).is_file() else 0
+    for entry in entries:
+        kind = entry["kind"]
+        if kind == "metrics":
+            client.log_batch(run_id, metrics=[
+                Metric(key, value, entry["timestamp"], entry["step"])
+                for key, value in entry["metrics"].items()])
+        elif kind == "params":
+            client.log_batch(run_id, params=[Param(k, v) for k, v in entry["params"].items()])
+        elif kind == "tags":
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in entry["tags"].items()])
+        elif kind == "artifact":
+            path = folder / entry["file"]
+            if path.is_dir():  # a folder's files go under artifact_path itself
+                client.log_artifacts(run_id, str(path), entry["artifact_path"])
+            else:
+                client.log_artifact(run_id, str(path), entry["artifact_path"])
+        elif kind == "model":
+            if load_model is None:
+                from fashion_exp.tracking import log_saved_model as load_model
+            load_model(folder / entry["file"], {**entry, "run_id": run_id,
+                                                "tracking_uri": info["tracking_uri"]})
+        elif kind == "end":
+            client.set_terminated(run_id, entry["status"])
+        else:
+            raise ValueError(f"unknown journal entry {kind!r} in {folder / JOURNAL}")
+        sent += 1
+        (folder / SENT).write_text(str(sent))
+    shutil.rmtree(folder)
+    return len(entries)
+
+
+class Outbox:
+    """The logging path of one run on a tracking server: live calls, or a journal on disk."""
+
+    def __init__(self, uri: str, run_id: str, root: Path) -> None:
+        self.uri = uri
+        self.run_id = run_id
+        self.folder = root / run_id
+        self._last_check = 0.0
+
+    @property
+    def offline(self) -> bool:
+        """Whether entries are waiting in the journal."""
+        return bool(pending(self.folder)) if self.folder.is_dir() else False
+
+    def send(self, live: Callable[[], Any], entry: Callable[[Path], dict[str, Any]]) -> None:
+        """Make a logging call, or journal it (entry(folder) writes its files and returns the
+        journal line) when the server is unreachable or earlier entries still wait."""
+        if self.offline and not self.try_flush():
+            self._append(entry(self.folder))
+            return
+        try:
+            live()
+        except Exception as err:
+            if not connection_failed(err, self.uri):
+                raise
+            log.warning("tracking server %s unreachable (%s); run %s goes on, its data is kept "
+                        "in %s until the server is back", self.uri, type(err).__name__,
+                        self.run_id, self.folder)
+            self._append(entry(self.folder))
+
+    def try_flush(self, force: bool = False) -> bool:
+        """Replay the journal if the server answers (checked at most every 10 s unless
+        forced); True when nothing is left waiting."""
+        now = time.monotonic()
+        if not force and now - self._last_check < RECHECK_SECONDS:
+            return False
+        self._last_check = now
+        if not server_up(self.uri):
+            return False
+        try:
+            count = replay(self.folder)
+        except Exception as err:  # noqa: BLE001 - the server went away again mid-replay
+            log.warning("tracking server %s: sending the buffered data failed again (%s)",
+                        self.uri, err)
+            return False
+        log.warning("tracking server %s is back: %d buffered entries of run %s sent",
+                    self.uri, count, self.run_id)
+        return True
+
+    def finish(self, wait_seconds: float) -> bool:
+        """At the run's end: wait up to `wait_seconds` for the server to take what is queued.
+        True if everything was sent; otherwise the data stays on disk and the user is told."""
+        deadline = time.monotonic() + wait_seconds
+        while self.offline:
+            if self.try_flush(force=True):
+                return True
+            if time.monotonic() >= deadline:
+                print(f"fashion-exp-train: the tracking server {self.uri} did not come back; "
+                      f"run {self.run_id} is kept in {self.folder}; send it with: "
+                      f"fashion-exp-runs upload {self.folder}", flush=True)
+                return False
+            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        return True
+
+    def _append(self, line: dict[str, Any]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        run_file = self.folder / RUN_FILE
+        if not run_file.is_file():
+            run_file.write_text(json.dumps({"tracking_uri": self.uri, "run_id": self.run_id}))
+        with open(self.folder / JOURNAL, "a") as journal:
+            journal.write(json.dumps(line) + "\n")

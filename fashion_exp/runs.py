@@ -1,0 +1,162 @@
+"""fashion-exp-runs: find runs that did not end properly, and repair them.
+
+    fashion-exp-runs interrupted              runs left RUNNING by a killed process, and stopped
+                                              runs that can be resumed from a checkpoint
+    fashion-exp-runs mark-failed              end the orphaned RUNNING runs as FAILED
+    fashion-exp-runs resume <run_id|latest>   continue a stopped run (= fashion-exp-train
+                                              trainer.resume=...)
+    fashion-exp-runs upload [folder ...]      send runs kept on disk during a server outage
+
+A process killed with SIGKILL (or a machine that lost power) cannot end its run: the run stays
+RUNNING. Each run records its process (host, pid, start time), so a run whose process is gone
+is recognised on the host that ran it; runs of other hosts are listed as unknown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+STATUSES = ("RUNNING", "KILLED", "FAILED")
+
+
+def interrupted(client: Any, experiment: str, checkpoint_root: Path) -> list[dict[str, Any]]:
+    """Runs not ended properly or stopped with a checkpoint, newest first, each with its state:
+    orphaned (process gone), running, unknown (other host), or stopped (KILLED/FAILED)."""
+    from fashion_exp.tracking import orphaned, owner
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    found = []
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"],
+                              max_results=5000)  # MLflow filters have no OR: filtered here
+    for run in (r for r in runs if r.info.status in STATUSES):
+        state = "stopped"
+        if run.info.status == "RUNNING":
+            state = {False: "running", True: "orphaned", None: "unknown"}[orphaned(run)]
+        checkpoint = checkpoint_root / run.info.run_id
+        has_checkpoint = (checkpoint / "weights.npz").is_file()
+        if state == "stopped" and not has_checkpoint:
+            continue  # ended on purpose (KILLED/FAILED with nothing to resume): not listed
+        found.append({"run_id": run.info.run_id, "name": run.info.run_name or "",
+                      "status": run.info.status, "state": state,
+                      "host": owner(run)["host"] or "?",
+                      "epochs_done": _epochs_done(checkpoint) if has_checkpoint else None})
+    return found
+
+
+def _epochs_done(folder: Path) -> int:
+    from fashion_exp.checkpoints import load_state
+
+    return int(load_state(folder)["epochs_done"])
+
+
+def mark_failed(client: Any, rows: list[dict[str, Any]]) -> list[str]:
+    """End the orphaned runs FAILED with a tag saying why; returns their ids."""
+    marked = []
+    for row in rows:
+        if row["state"] != "orphaned":
+            continue
+        client.set_tag(row["run_id"], "error", "the process running it ended without ending "
+                       "the run (killed with SIGKILL, or the machine stopped)")
+        client.set_terminated(row["run_id"], "FAILED")
+        marked.append(row["run_id"])
+    return marked
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The listing as aligned text, with what can be done with each run."""
+    if not rows:
+        return "no interrupted runs"
+    lines = [f"{'run_id':32}  {'status':8}  {'state':8}  {'host':12}  {'epochs':>6}  name"]
+    for r in rows:
+        epochs = "-" if r["epochs_done"] is None else str(r["epochs_done"])
+        lines.append(f"{r['run_id']:32}  {r['status']:8}  {r['state']:8}  {r['host'][:12]:12}"
+                     f"  {epochs:>6}  {r['name'][:60]}")
+    lines.append("orphaned: its process is gone (fashion-exp-runs mark-failed ends them FAILED); "
+                 "with epochs: resume with  fashion-exp-runs resume <run_id>")
+    return "\n".join(lines)
+
+
+def upload(folders: list[Path]) -> list[tuple[Path, str]]:
+    """Replay offline folders into their tracking servers; (folder, outcome) for each."""
+    from fashion_exp.offline import replay
+
+    outcomes = []
+    for folder in folders:
+        try:
+            count = replay(folder)
+            outcomes.append((folder, f"sent {count} entries"))
+        except Exception as err:  # noqa: BLE001 - report each folder, go on with the next
+            outcomes.append((folder, f"failed: {type(err).__name__}: {str(err)[:300]}"))
+    return outcomes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: fashion-exp-runs."""
+    parser = argparse.ArgumentParser(prog="fashion-exp-runs",
+                                     description="Find and repair runs that did not end.")
+    parser.add_argument("--experiment", default="fashion_exp", help="MLflow experiment name")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="tracking URI (default: $MLFLOW_TRACKING_URI or the repo's store)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="checkpoints folder (default: <repo>/mlruns/checkpoints)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("interrupted", help="list runs that did not end or can be resumed")
+    commands.add_parser("mark-failed", help="end orphaned RUNNING runs as FAILED")
+    resume = commands.add_parser("resume", help="continue a stopped run from its checkpoint")
+    resume.add_argument("run", help="run id, or latest")
+    send = commands.add_parser("upload", help="send runs kept on disk during a server outage")
+    send.add_argument("folders", nargs="*", type=Path,
+                      help="offline run folders (default: all in <repo>/mlruns/offline)")
+    args = parser.parse_args(argv)
+
+    from fashion_exp.config import project_root
+
+    ckpt_root = args.checkpoint_dir or project_root() / "mlruns" / "checkpoints"
+    if args.command == "resume":
+        command = ["fashion-exp-train", f"trainer.resume={args.run}",
+                   f"trainer.checkpoint_dir={ckpt_root}"]
+        os.execvp(sys.executable, [sys.executable, "-m", "fashion_exp.train", *command[1:]])
+    if args.command == "upload":
+        folders = args.folders or sorted(p for p in (project_root() / "mlruns" / "offline")
+                                         .glob("*") if p.is_dir())
+        missing = [f for f in folders if not (f / "run.json").is_file()]
+        if missing:
+            print(f"fashion-exp-runs: {missing[0]} is not an offline run folder (no run.json)",
+                  file=sys.stderr)
+            return 2
+        outcomes = upload(folders)
+        for folder, outcome in outcomes:
+            print(f"{folder}: {outcome}")
+        if not outcomes:
+            print("nothing to upload")
+        return 1 if any(o.startswith("failed") for _, o in outcomes) else 0
+
+    from mlflow import MlflowClient
+
+    from fashion_exp.tracking import resolve_uri, sqlite_path
+
+    uri = resolve_uri(args.tracking_uri)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        print(f"fashion-exp-runs: no tracking store at {uri}; pass --tracking-uri",
+              file=sys.stderr)
+        return 2
+    client = MlflowClient(uri)
+    rows = interrupted(client, args.experiment, ckpt_root)
+    if args.command == "mark-failed":
+        marked = mark_failed(client, rows)
+        print(f"marked {len(marked)} orphaned run(s) FAILED" +
+              "".join(f"\n  {run_id}" for run_id in marked))
+        return 0
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
