@@ -32,10 +32,13 @@ class ResumeError(RuntimeError):
     """The run cannot be resumed; the message says why and what can be."""
 
 
-def root(cfg: DictConfig) -> Path:
-    """Folder of all runs' checkpoints (trainer.checkpoint_dir)."""
+def root(cfg: DictConfig, tracking_uri: str) -> Path:
+    """Folder of all runs' checkpoints: trainer.checkpoint_dir, else beside a local SQLite
+    store (<store folder>/checkpoints), else <repo>/mlruns/checkpoints."""
     if cfg.checkpoint_dir:
         return Path(cfg.checkpoint_dir)
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri.removeprefix("sqlite:///")).parent / "checkpoints"
     return project_root() / "mlruns" / "checkpoints"
 
 
@@ -93,27 +96,27 @@ def restore(folder: Path, model: keras.Model) -> None:
         variable.assign(value)
 
 
-def candidates(cfg: DictConfig) -> list[Path]:
-    """Checkpoint folders of runs, newest first."""
-    folders = [p for p in root(cfg).glob("*") if (p / STATE_FILE).is_file()]
+def candidates(folder: Path) -> list[Path]:
+    """Checkpoint folders of runs under a root, newest first."""
+    folders = [p for p in folder.glob("*") if (p / STATE_FILE).is_file()]
     return sorted(folders, key=lambda p: (p / STATE_FILE).stat().st_mtime, reverse=True)
 
 
-def find(cfg: DictConfig, wanted: str, resumable: Any) -> Path:
-    """The checkpoint folder to resume: run id `wanted`, or the newest that
+def find(ckpt_root: Path, wanted: str, resumable: Any) -> Path:
+    """The checkpoint folder to resume under ckpt_root: run id `wanted`, or the newest that
     resumable(run_id, tracking_uri) accepts for `latest`. ResumeError otherwise."""
-    found = candidates(cfg)
+    found = candidates(ckpt_root)
     if wanted == "latest":
         for folder in found:
             state = load_state(folder)
             if resumable(state["run_id"], state["tracking_uri"]):
                 return folder
-        raise ResumeError(f"no stopped run with a checkpoint in {root(cfg)}; "
+        raise ResumeError(f"no stopped run with a checkpoint in {ckpt_root}; "
                           "list runs with: fashion-exp-runs interrupted")
-    folder = root(cfg) / wanted
+    folder = ckpt_root / wanted
     if not (folder / STATE_FILE).is_file():
         have = ", ".join(p.name for p in found[:5]) or "none"
-        raise ResumeError(f"trainer.resume={wanted}: no checkpoint of that run in {root(cfg)} "
+        raise ResumeError(f"trainer.resume={wanted}: no checkpoint of that run in {ckpt_root} "
                           f"(runs with checkpoints: {have})")
     return folder
 

@@ -96,6 +96,15 @@ def upload(folders: list[Path]) -> list[tuple[Path, str]]:
     return outcomes
 
 
+def checkpoint_root(uri: str) -> Path:
+    """The runner's default checkpoint folder for a tracking URI."""
+    from omegaconf import OmegaConf
+
+    from fashion_exp.checkpoints import root
+
+    return root(OmegaConf.create({"checkpoint_dir": None}), uri)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: fashion-exp-runs."""
     parser = argparse.ArgumentParser(prog="fashion-exp-runs",
@@ -104,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tracking-uri", default=None,
                         help="tracking URI (default: $MLFLOW_TRACKING_URI or the repo's store)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
-                        help="checkpoints folder (default: <repo>/mlruns/checkpoints)")
+                        help="checkpoints folder (default: beside a SQLite store, else "
+                             "<repo>/mlruns/checkpoints)")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("interrupted", help="list runs that did not end or can be resumed")
     commands.add_parser("mark-failed", help="end orphaned RUNNING runs as FAILED")
@@ -116,12 +126,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from fashion_exp.config import project_root
+    from fashion_exp.tracking import resolve_uri
 
-    ckpt_root = args.checkpoint_dir or project_root() / "mlruns" / "checkpoints"
+    uri = resolve_uri(args.tracking_uri)
+    ckpt_root = args.checkpoint_dir or checkpoint_root(uri)
     if args.command == "resume":
-        command = ["fashion-exp-train", f"trainer.resume={args.run}",
-                   f"trainer.checkpoint_dir={ckpt_root}"]
-        os.execvp(sys.executable, [sys.executable, "-m", "fashion_exp.train", *command[1:]])
+        os.execvp(sys.executable, [sys.executable, "-m", "fashion_exp.train",
+                                   f"trainer.resume={args.run}", f"tracking.uri={uri}",
+                                   f"trainer.checkpoint_dir={ckpt_root}"])
     if args.command == "upload":
         folders = args.folders or sorted(p for p in (project_root() / "mlruns" / "offline")
                                          .glob("*") if p.is_dir())
@@ -139,9 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow import MlflowClient
 
-    from fashion_exp.tracking import resolve_uri, sqlite_path
+    from fashion_exp.tracking import sqlite_path
 
-    uri = resolve_uri(args.tracking_uri)
     db = sqlite_path(uri)
     if db is not None and not db.is_file():
         print(f"fashion-exp-runs: no tracking store at {uri}; pass --tracking-uri",

@@ -10,23 +10,39 @@ hydra_plugins/fashion_exp_search (Hydra loads plugins from that namespace only).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+
+from fashion_exp import procs
 
 log = logging.getLogger(__name__)
 
 INTERRUPTED = "interrupted"  # user attribute of trials whose process died
 
 
+WORKER = "worker_"  # prefix of the user attributes naming a trial's process
+
+
+def stale(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a RUNNING trial's process is gone (a trial of another host is never stale;
+    one without a recorded process is, as before workers were recorded)."""
+    owner = {key.removeprefix(WORKER): str(value) for key, value in trial.user_attrs.items()
+             if key.startswith(WORKER)}
+    return not owner or procs.alive(owner) is False
+
+
 def close_stale_trials(study: optuna.Study) -> int:
     """Mark trials left RUNNING by a stopped process as FAIL; returns how many."""
-    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for trial in stale:
+    stale_trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                    if stale(t)]
+    for trial in stale_trials:
         study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
         study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-    return len(stale)
+    return len(stale_trials)
 
 
 def finished_trials(study: optuna.Study) -> int:
@@ -47,8 +63,30 @@ def resume(impl: Any) -> None:
         study = optuna.load_study(study_name=impl.study_name, storage=impl.storage)
     except KeyError:  # a new study
         return
-    stale = close_stale_trials(study)
+    closed = close_stale_trials(study)
     done = finished_trials(study)
     impl.n_trials = max(0, impl.n_trials - done)
     log.info("Resuming study %s: %d trials done, %d interrupted, %d to go",
-             impl.study_name, done, stale, impl.n_trials)
+             impl.study_name, done, closed, impl.n_trials)
+
+
+@contextmanager
+def trials_record_their_process() -> Iterator[None]:
+    """While a sweep runs, every trial it asks for records this process (host, pid, start).
+
+    hydra-optuna-sweeper creates the study and asks for trials inside its own sweep loop, with
+    no hook to tag them, so Study.ask is wrapped for the duration of the sweep."""
+    original = optuna.Study.ask
+    process = procs.this_process()
+
+    def ask(study: optuna.Study, *args: Any, **kwargs: Any) -> optuna.Trial:
+        trial = original(study, *args, **kwargs)
+        for key, value in process.items():
+            trial.set_user_attr(WORKER + key, value)
+        return trial
+
+    optuna.Study.ask = ask
+    try:
+        yield
+    finally:
+        optuna.Study.ask = original

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +72,31 @@ def _state(sweep_dir: Path) -> dict[str, Any]:
     return json.loads((sweep_dir / STATE_FILE).read_text())
 
 
+def group_key(sweeper: Any) -> str | None:
+    """What identifies one sweep across machines: the Optuna study (name and storage, without
+    its password) when the sweeper stores one in a database; None otherwise."""
+    storage, study = sweeper.get("storage"), sweeper.get("study_name")
+    if not storage or not study or str(storage).startswith("sqlite"):
+        return None  # a SQLite study lives on one machine: the sweep folder identifies it
+    without_password = re.sub(r"//([^:/@]+):[^@]*@", r"//\1@", str(storage))
+    return f"{study} @ {without_password}"
+
+
+def _shared_parent(client: Any, exp_id: str, key: str) -> Any | None:
+    """The parent run of a sweep shared by several workers: the earliest with this key."""
+    runs = client.search_runs([exp_id], f"tags.sweep_key = '{key}' and tags.sweep = 'parent'",
+                              max_results=100)
+    return min(runs, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
+
+
 def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = None,
-                  reopen: bool = False) -> str:
+                  reopen: bool = False, sweeper: Any = None) -> str:
     """The parent run id of this sweep, creating the run (left RUNNING) if it does not exist.
 
     With `reopen` (a resumed search reusing its sweep folder) an ended parent runs again, so
-    that its leaderboard is rebuilt over old and new jobs when the sweep ends."""
+    that its leaderboard is rebuilt over old and new jobs when the sweep ends. Workers of one
+    Optuna study on several machines (group_key) share one parent: the earliest created wins,
+    and a worker that created another one in the meantime deletes it."""
     from mlflow import MlflowClient
 
     from fashion_exp import tracking
@@ -92,18 +112,33 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
                     log.info("Reopened sweep parent run %s", info["run_id"])
             return info["run_id"]
         uri, exp_id = tracking.setup(cfg.tracking.uri, cfg.tracking.experiment_name)
-        # Called from a job (no hydra node, keys unknown) the name falls back to the folder.
-        varied = [o for o in cfg.hydra.overrides.task if o.split("=", 1)[0] in keys] if keys else []
-        run = MlflowClient(uri).create_run(
-            exp_id, run_name="sweep " + (" ".join(varied) or sweep_dir.name),
-            tags={"sweep_dir": str(sweep_dir), "sweep": "parent",
-                  "optimized_metric": cfg.optimized_metric, "git_commit": tracking.git_commit()}
-            | {f"process.{k}": v for k, v in procs.this_process().items()},
-        )
-        run_id = run.info.run_id
-        MlflowClient(uri).set_tag(run_id, "sweep_id", run_id)
+        client = MlflowClient(uri)
+        key = group_key(sweeper if sweeper is not None else HydraConfig.get().sweeper)
+        shared = _shared_parent(client, exp_id, key) if key else None
+        if shared is None:
+            # Called from a job (no hydra node, keys unknown) the name falls back to the folder.
+            varied = ([o for o in cfg.hydra.overrides.task if o.split("=", 1)[0] in keys]
+                      if keys else [])
+            name = "sweep " + (" ".join(varied) or sweep_dir.name)
+            run = client.create_run(
+                exp_id, run_name=tracking.fit_run_name(name),
+                tags={"sweep_dir": str(sweep_dir), "sweep": "parent",
+                      "optimized_metric": cfg.optimized_metric,
+                      "git_commit": tracking.git_commit()}
+                | ({"sweep_key": key} if key else {})
+                | {f"process.{k}": v for k, v in procs.this_process().items()},
+            )
+            shared = _shared_parent(client, exp_id, key) if key else run
+            if shared.info.run_id != run.info.run_id:  # another worker was first
+                client.delete_run(run.info.run_id)
+            else:
+                client.set_tag(run.info.run_id, "sweep_id", run.info.run_id)
+        elif reopen and shared.info.status != "RUNNING":
+            client.update_run(shared.info.run_id, status="RUNNING")
+        run_id = shared.info.run_id
         state.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri,
-                                     "experiment_id": exp_id, "swept_keys": keys or []}))
+                                     "experiment_id": exp_id, "swept_keys": keys or [],
+                                     "shared": bool(key)}))
         log.info("Sweep parent run %s for <%s>", run_id, sweep_dir)
         return run_id
 
@@ -135,7 +170,9 @@ def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
     info = _state(sweep_dir)
     client = MlflowClient(info["tracking_uri"])
     parent = client.get_run(info["run_id"])
-    if parent.info.status != "RUNNING":
+    # A sweep shared by several workers is summed up by each worker that ends (the last one
+    # leaves the complete leaderboard); a sweep of one process only once.
+    if parent.info.status != "RUNNING" and not info.get("shared"):
         return parent.info.status
     metric = parent.data.tags.get("optimized_metric", "val_accuracy")
     children = client.search_runs([info["experiment_id"]],
@@ -176,7 +213,8 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()
         _open_sweeps.add(sweep_dir)
-        ensure_parent(sweep_dir, config, swept_keys(config), reopen=True)
+        ensure_parent(sweep_dir, config, swept_keys(config), reopen=True,
+                      sweeper=config.hydra.sweeper)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir).resolve()

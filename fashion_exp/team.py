@@ -148,6 +148,8 @@ def start(stack_dir: Path, pg_port: int | None = None, mlflow_port: int | None =
     if running is not None:
         return running
     stack_dir.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:  # PostgreSQL runs as `postgres`: it must be able to enter the folder
+        stack_dir.chmod(stack_dir.stat().st_mode | 0o711)
     pg_port = pg_port or free_port()
     start_postgres(stack_dir / "pgdata", pg_port)
     stack = Stack(str(stack_dir), pg_port, mlflow_port or free_port(), 0)

@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
 OWNER_TAGS = ("host", "pid", "started")  # process.* tags of a run: see procs.alive
+MAX_RUN_NAME = 250  # MLflow's column size: a database server (PostgreSQL) rejects longer names
 
 
 # --- Where runs go -----------------------------------------------------------------------------
@@ -151,6 +152,11 @@ def setup(uri: str | None, experiment_name: str) -> tuple[str, str]:
             exp_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=exp_id)
     return uri, exp_id
+
+
+def fit_run_name(text: str) -> str:
+    """A run name that fits any store (the full overrides are kept in the `overrides` tag)."""
+    return text if len(text) <= MAX_RUN_NAME else text[:MAX_RUN_NAME - 3] + "..."
 
 
 def ui_hint(uri: str, exp_id: str, run_id: str) -> str:
@@ -399,8 +405,16 @@ def _record_error(err: BaseException) -> None:
 def _end(status: RunStatus) -> None:
     """End the active run with a status (journaled if the server is unreachable)."""
     name = RunStatus.to_string(status)
-    # end_run leaves the run first and then tells the store: a failure there is journaled.
-    _send(lambda: mlflow.end_run(name), lambda folder: {"kind": "end", "status": name})
+
+    def offline(folder: Path) -> dict[str, Any]:
+        # MLflow has no public way to leave a run without telling the store; its fluent API
+        # keeps active runs on this stack (end_run pops it before calling the store).
+        stack = mlflow.tracking.fluent._active_run_stack.get()
+        if stack and _outbox is not None and stack[-1].info.run_id == _outbox.run_id:
+            stack.pop()
+        return {"kind": "end", "status": name}
+
+    _send(lambda: mlflow.end_run(name), offline)
 
 
 @contextmanager
@@ -423,7 +437,7 @@ def tracked_run(run_name: str, tags: dict[str, str], cfg: DictConfig | None = No
             mlflow.set_tag("stopped_by", stopped_by)
             mlflow.MlflowClient().delete_tag(resume_run_id, "error")
     else:
-        run = mlflow.start_run(run_name=run_name, tags=tags | owner)
+        run = mlflow.start_run(run_name=fit_run_name(run_name), tags=tags | owner)
     uri = mlflow.get_tracking_uri()
     if cfg is not None and is_server(uri):
         _outbox = Outbox(uri, run.info.run_id, offline_root(cfg))

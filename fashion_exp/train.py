@@ -39,17 +39,19 @@ def train(cfg: DictConfig) -> float:
     """Train and evaluate one model as `cfg` says, logged as one MLflow run; returns
     cfg.optimized_metric. With trainer.resume, continue a stopped run with its own config."""
     interrupts.check()  # a sweep stopped during the previous job starts no new one
-    # Heavy imports only once the config is known to be good.
-    from fashion_exp import checkpoints, data, models, optim, plots, tracking, training
+    from fashion_exp import checkpoints, tracking  # MLflow, not TensorFlow yet
 
     # --- Resume or start; the tracking server must answer before anything is trained ------
     resumed: dict | None = None
     if cfg.trainer.resume:
-        folder = checkpoints.find(cfg.trainer, cfg.trainer.resume, tracking.resumable)
+        ckpt_root = checkpoints.root(cfg.trainer, tracking.resolve_uri(cfg.tracking.uri))
+        folder = checkpoints.find(ckpt_root, cfg.trainer.resume, tracking.resumable)
         cfg, resumed = checkpoints.saved_config(folder), checkpoints.load_state(folder)
         log.info("Resuming run %s after epoch %d of %d <trainer.resume>", resumed["run_id"],
                  resumed["epochs_done"], cfg.trainer.epochs)
     uri = tracking.connect(cfg.tracking)
+    # Heavy imports only once the config is known to be good and the store answers.
+    from fashion_exp import data, models, optim, plots, training
 
     # --- Set up: seeds, threads, data --------------------------------------------------------
     threads = sweeps.job_threads(cfg.trainer.threads)  # shares the cores among parallel jobs
@@ -75,7 +77,7 @@ def train(cfg: DictConfig) -> float:
         with tracking.tracked_run(run_name, tags, cfg.tracking, run_id) as run:
             run_id = run.info.run_id
             if cfg.trainer.checkpoint or resumed:
-                ckpt = checkpoints.root(cfg.trainer) / run_id
+                ckpt = checkpoints.root(cfg.trainer, uri) / run_id
             if not resumed:  # a resumed run has its params already: MLflow keeps them once
                 tracking.log_config(cfg, output_dir)
                 if ckpt:

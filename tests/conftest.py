@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +77,20 @@ def run_cli(*overrides: str, tmp_path: Path, script: str | None = None,
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
                           env=env)
+
+
+@pytest.fixture(scope="session")
+def team_stack():
+    """A real team stack (PostgreSQL + mlflow server) for the session, stopped at the end.
+    Its folder is under /tmp: when the tests run as root, PostgreSQL runs as `postgres`,
+    which cannot enter pytest's private temporary folders."""
+    from fashion_exp import team
+
+    folder = Path(tempfile.mkdtemp(prefix="fashion-exp-team-"))
+    stack = team.start(folder)
+    yield stack
+    team.stop(folder)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

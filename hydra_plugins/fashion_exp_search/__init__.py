@@ -6,12 +6,14 @@ from typing import Any
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
-from fashion_exp.search import resume
+from fashion_exp.search import resume, trials_record_their_process
 
 
 class ResumableOptunaSweeper(OptunaSweeper):
-    """Hydra's Optuna sweeper that resumes a stored study instead of starting over."""
+    """Hydra's Optuna sweeper that resumes a stored study instead of starting over, and
+    records each trial's process so that several workers can share one study."""
 
     def sweep(self, arguments: list[str]) -> Any:
         resume(self.sweeper)
-        return self.sweeper.sweep(arguments)
+        with trials_record_their_process():
+            return self.sweeper.sweep(arguments)
