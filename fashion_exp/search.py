@@ -10,6 +10,7 @@ hydra_plugins/fashion_exp_search (Hydra loads plugins from that namespace only).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -54,15 +55,43 @@ def finished_trials(study: optuna.Study) -> int:
     )
 
 
+def create_tables(storage: str, attempts: int = 5) -> None:
+    """Create Optuna's tables in a new database, tolerating workers that do it at once.
+
+    Two processes creating the schema together collide (PostgreSQL: duplicate type or table);
+    the loser retries and finds the tables made by the winner."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            optuna.storages.RDBStorage(storage)
+            return
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1 + attempt)
+
+
 def resume(impl: Any) -> None:
     """Before a sweep: close stale trials of the stored study and lower n_trials by the
-    trials already finished (impl: the plugin's OptunaSweeperImpl)."""
+    trials already finished (impl: the plugin's OptunaSweeperImpl).
+
+    The sampler's seed makes a new single-machine search repeatable. It is re-drawn when the
+    study is shared by workers (a database server: with one seed every worker would propose
+    the same trials) and when a stopped study resumes (it would propose its first trials
+    again)."""
     if not (impl.storage and impl.study_name):
         return
+    shared = not str(impl.storage).startswith("sqlite")
+    if shared:
+        impl.sampler.reseed_rng()
+        create_tables(str(impl.storage))
     try:
         study = optuna.load_study(study_name=impl.study_name, storage=impl.storage)
     except KeyError:  # a new study
         return
+    if study.trials and not shared:
+        impl.sampler.reseed_rng()
     closed = close_stale_trials(study)
     done = finished_trials(study)
     impl.n_trials = max(0, impl.n_trials - done)
