@@ -7,6 +7,7 @@ Hydra checks key names and types while it composes the config; `validate` then c
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,13 +332,26 @@ def register_configs() -> None:
         cs.store(group="model", name=f"{name}_schema", node=schema)
 
 
+def _known_keys(node: DictConfig, prefix: str, known: set[str]) -> None:
+    """Hydra lets `+key=value` add any key: refuse keys the schema does not have."""
+    for key in node:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}", node[key],
+                              f"no such key; {prefix.rstrip('.') or 'the config'} has "
+                              f"{', '.join(sorted(known - {'hydra'}))}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first missing or out-of-range key of a composed config."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(missing[0], "???", "a value is required; set it on the command line")
+    _known_keys(cfg, "", {f.name for f in dataclasses.fields(Config)} | {"hydra"})
     for group in ("data", "model", "optimizer", "schedule", "augment", "trainer", "tracking"):
         node = cfg[group]
+        schema = OmegaConf.get_type(node)
+        if dataclasses.is_dataclass(schema):
+            _known_keys(node, f"{group}.", {f.name for f in dataclasses.fields(schema)})
         if group == "model":
             _one_of("model.name", node.get("name"), MODELS)
         try:
@@ -361,15 +375,16 @@ def one_line(err: BaseException) -> str:
     return "; ".join(parts).replace("options in", "options for")
 
 
-def first_value(override: Any) -> str | None:
-    """An override as its first swept value (`a=1,2` -> `a=1`); None for an interval."""
+def swept_values(override: Any) -> list[str] | None:
+    """The values of a sweep override as `key=value` lines (`a=1,2` -> [`a=1`, `a=2`]); the
+    override itself if it sweeps nothing; None for an interval (no values to list)."""
     if not override.is_sweep_override():
-        return override.input_line
+        return [override.input_line]
     try:
-        first = next(iter(override.sweep_string_iterator()))
+        values = list(override.sweep_string_iterator())
     except Exception:  # noqa: BLE001 - interval sweeps have no values to list
         return None
-    return f"{override.get_key_element()}={first}"
+    return [f"{override.get_key_element()}={value}" for value in values]
 
 
 def precheck(overrides: list[str], multirun: bool = False) -> None:
@@ -377,8 +392,8 @@ def precheck(overrides: list[str], multirun: bool = False) -> None:
 
     Raises ConfigError (one line) for an unknown key or group option, a wrong type or an
     out-of-range value, so that the runner can stop before Hydra starts a job. For a multirun
-    the fixed overrides and the first value of each swept one are checked (each job checks
-    its own values).
+    every listed value of each swept key is checked (the other keys at their first value);
+    values a sweeper draws from an interval are checked by each job.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -388,15 +403,19 @@ def precheck(overrides: list[str], multirun: bool = False) -> None:
     register_configs()
     job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
+        variants = [job_overrides]
         if multirun:
-            parsed = OverridesParser.create().parse_overrides(job_overrides)
-            job_overrides = [first_value(o) for o in parsed]
-            job_overrides = [o for o in job_overrides if o is not None]
+            listed = [swept_values(o) for o in
+                      OverridesParser.create().parse_overrides(job_overrides)]
+            listed = [values for values in listed if values]
+            first = [values[0] for values in listed]
+            variants = [first] + [first[:i] + [value] + first[i + 1:]
+                                  for i, values in enumerate(listed) for value in values[1:]]
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=job_overrides)
+            for variant in variants:
+                validate(compose("config", overrides=variant))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
-    validate(cfg)
 
 
 def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:

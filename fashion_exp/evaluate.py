@@ -38,20 +38,35 @@ def check(cfg: DictConfig) -> None:
 def evaluate(cfg: DictConfig) -> float:
     """Load the model, score the test set, log the evaluation run; returns test accuracy."""
     import mlflow
-    import mlflow.tensorflow
 
-    from fashion_exp import data, plots, tracking, training
+    from fashion_exp import tracking
 
-    splits = data.load(cfg.data.dir, cfg.data.val_split, 0, cfg.data.limit,
-                       cfg.data.verify_checksums, cfg.data.download)
-    uri, exp_id = tracking.setup(cfg.tracking.uri, cfg.tracking.experiment_name)
+    # Resolve the model before TensorFlow loads and before anything is written: a bad URI or
+    # a missing store leaves the store as it was.
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    db = tracking.sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise ConfigError("tracking.uri", uri, "no tracking store there; pass the store that "
+                                               "holds the model")
     client = mlflow.MlflowClient(uri)
-    try:  # resolve and load before any run exists: a bad URI leaves nothing behind
+    try:
         source = tracking.resolve_model(client, cfg.model_uri).run_id
-        model = mlflow.tensorflow.load_model(cfg.model_uri)  # the Keras model itself
     except (mlflow.exceptions.MlflowException, ValueError) as err:
         raise ConfigError("model_uri", cfg.model_uri,
                           f"{str(err).splitlines()[0]} (tracking store {uri})") from None
+
+    import mlflow.tensorflow
+
+    from fashion_exp import data, plots, training
+
+    splits = data.load(cfg.data.dir, cfg.data.val_split, 0, cfg.data.limit,
+                       cfg.data.verify_checksums, cfg.data.download)
+    try:
+        model = mlflow.tensorflow.load_model(cfg.model_uri)  # the Keras model itself
+    except (mlflow.exceptions.MlflowException, OSError, ValueError) as err:
+        raise ConfigError("model_uri", cfg.model_uri,
+                          f"{str(err).splitlines()[0]} (tracking store {uri})") from None
+    uri, exp_id = tracking.setup(uri, cfg.tracking.experiment_name)
 
     tags = {"model_uri": cfg.model_uri, "source_run_id": source, "evaluation": "true"}
     with tracking.tracked_run(f"evaluate {cfg.model_uri}", tags) as run:

@@ -50,17 +50,21 @@ def train(cfg: DictConfig) -> float:
         log.info("Resuming run %s after epoch %d of %d <trainer.resume>", resumed["run_id"],
                  resumed["epochs_done"], cfg.trainer.epochs)
     uri = tracking.connect(cfg.tracking)
-    # Heavy imports only once the config is known to be good and the store answers.
-    from fashion_exp import data, models, optim, plots, training
 
-    # --- Set up: seeds, threads, data --------------------------------------------------------
-    threads = sweeps.job_threads(cfg.trainer.threads)  # shares the cores among parallel jobs
-    training.configure_runtime(cfg.trainer, threads)
+    # --- Data (NumPy only: bad files are reported before TensorFlow starts) -----------------
+    from fashion_exp import data
+
     seed = cfg.trainer.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed
     splits = data.load(cfg.data.dir, cfg.data.val_split, seed, cfg.data.limit,
                        cfg.data.verify_checksums, cfg.data.download)
     log.info("Data <data>: %d train, %d validation, %d test images from %s",
              len(splits.x_train), len(splits.x_val), len(splits.x_test), splits.source)
+
+    # --- Set up TensorFlow: seeds, threads ---------------------------------------------------
+    from fashion_exp import models, optim, plots, training
+
+    threads = sweeps.job_threads(cfg.trainer.threads)  # shares the cores among parallel jobs
+    training.configure_runtime(cfg.trainer, threads)
 
     uri, exp_id = tracking.setup(uri, cfg.tracking.experiment_name)
     run_name, tags, output_dir = run_name_and_tags(cfg)

@@ -106,8 +106,13 @@ def test_presets_override_the_root_config() -> None:
 
 
 def test_multirun_overrides_are_checked_before_the_sweep() -> None:
-    precheck(["model=mlp,cnn", "optimizer.lr=0.1,0.2", "model.hidden=[64],[128,64]",
-              "optimizer.lr=interval(0.001,0.1)", "hparams_search=mlp_optuna"], multirun=True)
+    precheck(["model=mlp,cnn", "optimizer.lr=0.1,0.2"], multirun=True)
+    precheck(["model.hidden=[64],[128,64]", "optimizer.lr=interval(0.001,0.1)",
+              "hparams_search=mlp_optuna"], multirun=True)
+    with pytest.raises(ConfigError, match=r"trainer.epochs=0: must be >= 1"):
+        precheck(["trainer.epochs=2,0"], multirun=True)  # every listed value, not the first
+    with pytest.raises(ConfigError, match=r"Key 'hidden' not in 'CNN"):
+        precheck(["model=mlp,cnn", "model.hidden=[64]"], multirun=True)  # the cnn jobs
     precheck(["hparams_search=cnn_optuna"], multirun=True)
     precheck(["experiment=mlp_search_best"])
     with pytest.raises(ConfigError, match="Key 'optimzer' not in 'Config'"):

@@ -1,0 +1,264 @@
+"""Bad input across the project, in one table: each case gets a one-line message naming the bad
+value and what is allowed, a non-zero exit (or a 4xx answer), no run left RUNNING, and the
+store exactly as it was.
+
+The store holds one finished run before every case; its runs, params, metrics, tags and
+artifact files are compared before and after.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from .conftest import real_data_dir, requires_real_data, write_dataset, write_idx
+from .test_serve import BAD_REQUESTS, LIMITS
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+ENV.pop("MLFLOW_TRACKING_URI", None)
+UNKNOWN_RUN = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """A SQLite store with one finished run (param, metrics, tag, artifact)."""
+    folder = tmp_path_factory.mktemp("bad_inputs") / "store"
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("fashion_exp", (folder / "artifacts").as_uri())
+    run = client.create_run(exp, run_name="kept", tags={"kept": "yes"})
+    client.log_param(run.info.run_id, "optimizer.lr", "0.02")
+    for step, value in enumerate([0.5, 0.7, 0.8]):
+        client.log_metric(run.info.run_id, "val_accuracy", value, step=step)
+    client.log_text(run.info.run_id, "hello", "note.txt")
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return folder
+
+
+def snapshot(folder: Path) -> tuple:
+    """Every run of the store with its data, and every artifact file with its hash."""
+    client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exps = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in exps]) if exps else []
+    rows = sorted(
+        (r.info.run_id, r.info.status, r.info.end_time, tuple(sorted(r.data.params.items())),
+         tuple(sorted(r.data.metrics.items())),
+         tuple(sorted((k, v) for k, v in r.data.tags.items())))
+        for r in runs)
+    files = sorted((str(p.relative_to(folder)), hashlib.md5(p.read_bytes()).hexdigest())
+                   for p in folder.rglob("*") if p.is_file() and p.suffix not in (".db", ".lock"))
+    return tuple(e.name for e in exps), tuple(rows), tuple(files)
+
+
+def broken_data(tmp: Path, how: str) -> Path:
+    """A data folder with the four file names, broken in one way."""
+    folder = write_dataset(tmp / how, n_train=100, n_test=20)
+    images = folder / "train-images-idx3-ubyte.gz"
+    if how == "missing":
+        images.unlink()
+    elif how == "truncated":
+        images.write_bytes(images.read_bytes()[:200])
+    elif how == "not_gzip":
+        images.write_bytes(b"these are not images at all")
+    elif how == "magic":
+        write_idx(images, np.zeros((100, 28, 28)), magic=0x0000_0999)
+    elif how == "counts":
+        write_idx(folder / "train-labels-idx1-ubyte.gz", np.zeros(90))
+    elif how == "shape":
+        write_idx(images, np.zeros((100, 27, 28)))
+    elif how == "labels":
+        write_idx(folder / "train-labels-idx1-ubyte.gz", np.full(100, 12))
+    elif how == "short_body":
+        with gzip.open(images, "wb") as f:
+            f.write(bytes.fromhex("00000803") + (100).to_bytes(4, "big") + bytes(8) + bytes(50))
+    return folder
+
+
+def md5_mismatch(tmp: Path) -> Path:
+    """The real files, but one of them replaced by other data of the right form."""
+    real = real_data_dir()
+    folder = tmp / "md5"
+    folder.mkdir()
+    for name in os.listdir(real):
+        shutil.copy(real / name, folder / name)
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.zeros(10000))
+    return folder
+
+
+# (case id, command-line arguments, text the last line of stderr must contain)
+TRAIN_CASES = [
+    ("key_typo", ["optimzer.lr=0.1"], "optimzer"),
+    ("wrong_type", ["optimizer.lr=fast"], "optimizer.lr"),
+    ("epochs_zero", ["trainer.epochs=0"], "trainer.epochs=0: must be >= 1"),
+    ("batch_negative", ["trainer.batch_size=-5"], "trainer.batch_size=-5: must be >= 1"),
+    ("val_split_range", ["data.val_split=1.5"], "data.val_split=1.5"),
+    ("unknown_model", ["model=transformer"], "transformer"),
+    ("unknown_optimizer", ["optimizer=adamx"], "adamx"),
+    ("unknown_experiment", ["experiment=nope"], "nope"),
+    ("added_key", ["+scheduler=cosine"], "scheduler='cosine': no such key"),
+    ("added_nested_key", ["+optimizer.momentun=0.9"], "optimizer.momentun=0.9: no such key"),
+    ("unknown_group_option", ["schedule=linear"], "linear"),
+    ("bad_precision", ["trainer.precision=float8"], "trainer.precision='float8'"),
+    ("dropout_range", ["model.dropout=1.0"], "model.dropout=1.0"),
+    ("bad_metric", ["optimized_metric=f1"], "optimized_metric='f1'"),
+    ("resume_not_an_id", ["trainer.resume=yesterday"], "trainer.resume='yesterday'"),
+    ("tracking_scheme", ["tracking.uri=ftp://example.org/store"], "tracking.uri='ftp://"),
+    ("server_not_http", ["tracking=server", "tracking.uri=sqlite:///x.db"],
+     "tracking=server needs the server's http"),
+    ("bad_sweep_value", ["-m", "trainer.epochs=2,0"], "trainer.epochs=0"),
+]
+
+
+@pytest.mark.parametrize("case,args,message", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+def test_bad_training_config(case, args, message, store, tmp_path) -> None:
+    before = snapshot(store)
+    result = subprocess.run(
+        # The store and a short run first (were a case accepted), then the bad override.
+        [sys.executable, "-m", "fashion_exp.train", "debug=fast",
+         f"tracking.uri=sqlite:///{store / 'mlflow.db'}", *args,
+         f"hydra.run.dir={tmp_path / 'h'}", f"hydra.sweep.dir={tmp_path / 's'}"],
+        cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("fashion-exp-train: invalid config: ")
+    assert message in lines[0]
+    assert snapshot(store) == before
+    assert not (tmp_path / "h").exists() and not (tmp_path / "s").exists()  # no output folder
+
+
+DATA_CASES = [
+    ("missing_file", "missing", "lacks train-images-idx3-ubyte.gz"),
+    ("truncated_gzip", "truncated", "not a readable gzip file"),
+    ("not_gzip", "not_gzip", "not a readable gzip file"),
+    ("wrong_magic", "magic", "wrong IDX magic number 0x00000999"),
+    ("image_label_counts", "counts", "100 train images but 90 labels"),
+    ("image_shape", "shape", "images of shape (27, 28), expected (28, 28)"),
+    ("label_range", "labels", "label 12 outside 0..9"),
+    ("short_body", "short_body", "the file is truncated or corrupt"),
+    ("md5_mismatch", "md5", "MD5 of the contents is"),
+]
+
+
+@requires_real_data
+@pytest.mark.parametrize("case,how,message", DATA_CASES, ids=[c[0] for c in DATA_CASES])
+def test_bad_data_files(case, how, message, store, tmp_path) -> None:
+    folder = md5_mismatch(tmp_path) if how == "md5" else broken_data(tmp_path, how)
+    checks = [] if how == "md5" else ["data.verify_checksums=false"]
+    before = snapshot(store)
+    result = subprocess.run(
+        [sys.executable, "-m", "fashion_exp.train", f"data.dir={folder}", *checks,
+         "data.download=false", f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
+         f"hydra.run.dir={tmp_path / 'h'}"],
+        cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert last.startswith("fashion-exp-train: error: ") and message in last
+    assert snapshot(store) == before
+
+
+MODEL_URI_CASES = [
+    ("unknown_run", f"runs:/{UNKNOWN_RUN}/model", UNKNOWN_RUN),
+    ("unknown_registered_model", "models:/no_such_model/1", "no_such_model"),
+    ("unknown_alias", "models:/no_such_model@champion", "no_such_model"),
+    ("model_uri_scheme", "s3://bucket/model", "use runs:/<run_id>/model"),
+    ("model_uri_no_version", "models:/onlyname", "models:/<name>/<version>"),
+]
+
+
+@pytest.mark.parametrize("case,uri,message", MODEL_URI_CASES,
+                         ids=[c[0] for c in MODEL_URI_CASES])
+def test_bad_model_uri(case, uri, message, store, tmp_path) -> None:
+    before = snapshot(store)
+    result = subprocess.run(
+        [sys.executable, "-m", "fashion_exp.evaluate", f"model_uri={uri}",
+         f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'h'}"],
+        cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert last.startswith("fashion-exp-evaluate: model_uri=") and message in last
+    assert snapshot(store) == before
+
+
+def test_unreachable_tracking_server(store, tmp_path) -> None:
+    from fashion_exp.servers import free_port
+
+    port = free_port()
+    before = snapshot(store)
+    result = subprocess.run(
+        [sys.executable, "-m", "fashion_exp.train", "tracking=server",
+         f"tracking.uri=http://127.0.0.1:{port}", f"hydra.run.dir={tmp_path / 'h'}"],
+        cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 1
+    assert f"the tracking server http://127.0.0.1:{port} does not answer" in (
+        result.stderr.strip().splitlines()[-1])
+    assert snapshot(store) == before
+
+
+@pytest.mark.parametrize("tool", ["fashion_exp.runs", "fashion_exp.compare"])
+def test_missing_tracking_store(tool, tmp_path) -> None:
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    args = ["interrupted"] if tool == "fashion_exp.runs" else []
+    result = subprocess.run([sys.executable, "-m", tool, "--tracking-uri",
+                             f"sqlite:///{missing}", *args], cwd=tmp_path, capture_output=True,
+                            text=True, env=ENV, timeout=300)
+    assert result.returncode == 2
+    assert f"no tracking store at sqlite:///{missing}" in result.stderr.strip()
+    assert not missing.parent.exists()  # not created by asking
+
+
+def test_resume_of_an_unknown_run(store, tmp_path) -> None:
+    before = snapshot(store)
+    result = subprocess.run(
+        [sys.executable, "-m", "fashion_exp.train", f"trainer.resume={UNKNOWN_RUN}",
+         f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'h'}"],
+        cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1
+    assert f"trainer.resume={UNKNOWN_RUN}: no checkpoint of that run" in last
+    assert snapshot(store) == before
+
+
+# The service's table of bad requests (tests/test_serve.py), here with the store checked too.
+@requires_real_data
+@pytest.mark.parametrize("case,request_args,status,detail", BAD_REQUESTS,
+                         ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_service_request(case, request_args, status, detail, served_client) -> None:
+    client, folder = served_client
+    before = snapshot(folder)
+    answer = client.post("/predict", **request_args)
+    assert answer.status_code == status, answer.text
+    message = answer.json()["detail"]
+    assert isinstance(message, str) and "\n" not in message and detail in message
+    assert client.get("/health").status_code == 200
+    assert snapshot(folder) == before
+
+
+def test_the_table_covers_at_least_thirty_inputs() -> None:
+    cases = (len(TRAIN_CASES) + len(DATA_CASES) + len(MODEL_URI_CASES) + 1 + 2 + 1
+             + len(BAD_REQUESTS))
+    assert cases >= 30, cases
+
+
+@pytest.fixture(scope="module")
+def served_client(served_store):
+    """The service on the shared test model (in-process), and its store's folder."""
+    from fastapi.testclient import TestClient
+
+    from fashion_exp import serve
+    from fashion_exp.config import compose_checked
+
+    uri, _ = served_store
+    cfg = compose_checked("serve", [f"tracking.uri={uri}", "tracking.experiment_name=serve",
+                                    *LIMITS])
+    app, _ = serve.build(cfg)
+    with TestClient(app) as client:
+        yield client, Path(uri.removeprefix("sqlite:///")).parent
