@@ -32,8 +32,9 @@ RUN_FILE = "run.json"  # tracking URI and run id of the journal
 RECHECK_SECONDS = 10.0  # while offline, ask the server again at most this often
 
 
-def connection_failed(err: BaseException, uri: str) -> bool:
-    """Whether a logging error means the server cannot be reached (not a bad request)."""
+def server_gone(uri: str) -> bool:
+    """After a logging call failed: whether the server is unreachable (the call is then kept
+    for later) rather than refusing the request (the error is then the caller's to see)."""
     return uri.startswith(("http://", "https://")) and not server_up(uri)
 
 
@@ -111,7 +112,7 @@ class Outbox:
         try:
             live()
         except Exception as err:
-            if not connection_failed(err, self.uri):
+            if not server_gone(self.uri):
                 raise
             log.warning("tracking server %s unreachable (%s); run %s goes on, its data is kept "
                         "in %s until the server is back", self.uri, type(err).__name__,

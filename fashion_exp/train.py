@@ -43,10 +43,11 @@ def train(cfg: DictConfig) -> float:
 
     # --- Resume or start; the tracking server must answer before anything is trained ------
     resumed: dict | None = None
+    ckpt: Path | None = None  # this run's checkpoint folder
     if cfg.trainer.resume:
         ckpt_root = checkpoints.root(cfg.trainer, tracking.resolve_uri(cfg.tracking.uri))
-        folder = checkpoints.find(ckpt_root, cfg.trainer.resume, tracking.resumable)
-        cfg, resumed = checkpoints.saved_config(folder), checkpoints.load_state(folder)
+        ckpt = checkpoints.find(ckpt_root, cfg.trainer.resume, tracking.resumable)
+        cfg, resumed = checkpoints.saved_config(ckpt), checkpoints.load_state(ckpt)
         log.info("Resuming run %s after epoch %d of %d <trainer.resume>", resumed["run_id"],
                  resumed["epochs_done"], cfg.trainer.epochs)
     uri = tracking.connect(cfg.tracking)
@@ -76,11 +77,10 @@ def train(cfg: DictConfig) -> float:
         tags["resumed_from_epoch"] = str(resumed["epochs_done"])
 
     run_id = resumed["run_id"] if resumed else None
-    ckpt: Path | None = None
     try:
         with tracking.tracked_run(run_name, tags, cfg.tracking, run_id) as run:
             run_id = run.info.run_id
-            if cfg.trainer.checkpoint or resumed:
+            if cfg.trainer.checkpoint and not resumed:
                 ckpt = checkpoints.root(cfg.trainer, uri) / run_id
             if not resumed:  # a resumed run has its params already: MLflow keeps them once
                 tracking.log_config(cfg, output_dir)
@@ -97,7 +97,7 @@ def train(cfg: DictConfig) -> float:
                                                   cfg.trainer.epochs)
                 training.compile_model(model, optimizer, cfg.trainer, cfg.model,
                                        augmented=models.augments(cfg.augment))
-                if resumed:
+                if resumed and resumed["epochs_done"]:  # none if stopped in its first epoch
                     checkpoints.restore(ckpt, model)
             if not resumed:
                 tracking.log_model_info(model)
