@@ -201,9 +201,11 @@ def _kill_group(pid: int, timeout: float = 20.0) -> None:
 
 
 def stop_mlflow(stack: Stack) -> None:
-    """Stop the tracking server (its workers are in its process group)."""
-    if stack.mlflow_pid:
-        _kill_group(stack.mlflow_pid)
+    """Stop the tracking server (its workers are in its process group). The process is the
+    one recorded in the stack's folder: a restart may have replaced the one in `stack`."""
+    current = load(Path(stack.dir)) or stack
+    if current.mlflow_pid:
+        _kill_group(current.mlflow_pid)
 
 
 def restart_mlflow(stack: Stack) -> Stack:

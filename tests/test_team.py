@@ -22,6 +22,8 @@ from .conftest import REPO, requires_real_data, run_cli
 
 pytestmark = [pytest.mark.slow, requires_real_data]
 FAST = ["debug=fast", "data.limit=600", "tracking.figures=false", "model.activation=elu"]
+# Outage tests: ~30 epochs of 0.5-1 s, so the server is gone while the run still trains.
+SLOWER = ["data.limit=4000", "trainer.batch_size=32"]
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 ENV.pop("MLFLOW_TRACKING_URI", None)
 
@@ -105,7 +107,7 @@ def test_server_outage_mid_run_is_buffered_and_sent(team_stack, tmp_path) -> Non
     client = client_of(team_stack)
     offline = tmp_path / "offline"
     proc, log = start_training(
-        tmp_path, *FAST, "trainer.epochs=12", "trainer.steps_per_execution=1",
+        tmp_path, *FAST, *SLOWER, "trainer.epochs=30", "trainer.steps_per_execution=1",
         "trainer.verbose=2", "tracking=server", f"tracking.uri={team_stack.tracking_uri}",
         "tracking.experiment_name=outage", f"tracking.offline_dir={offline}",
         "tracking.retries=0", "tracking.reconnect_seconds=120")
@@ -129,7 +131,7 @@ def test_server_outage_mid_run_is_buffered_and_sent(team_stack, tmp_path) -> Non
     (run,) = runs_in(stack.tracking_uri, "outage")
     assert run.info.status == "FINISHED", log.read_text()[-3000:]
     for key in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds"):
-        assert metric_steps(client, run.info.run_id, key) == list(range(12)), key
+        assert metric_steps(client, run.info.run_id, key) == list(range(30)), key
     assert "test_accuracy" in run.data.metrics and "optimized_metric" in run.data.metrics
     assert {"classification_report.txt", "config.yaml"} <= {
         a.path for a in client.list_artifacts(run.info.run_id)}
@@ -142,7 +144,7 @@ def test_server_that_never_returns_leaves_the_run_on_disk_for_upload(team_stack,
     client = client_of(team_stack)
     offline = tmp_path / "offline"
     proc, log = start_training(
-        tmp_path, *FAST, "trainer.epochs=6", "trainer.steps_per_execution=1",
+        tmp_path, *FAST, *SLOWER, "trainer.epochs=30", "trainer.steps_per_execution=1",
         "trainer.verbose=2", "tracking=server", f"tracking.uri={team_stack.tracking_uri}",
         "tracking.experiment_name=never", f"tracking.offline_dir={offline}",
         "tracking.retries=0", "tracking.reconnect_seconds=2")
@@ -167,9 +169,9 @@ def test_server_that_never_returns_leaves_the_run_on_disk_for_upload(team_stack,
     assert upload.returncode == 0, upload.stderr[-3000:]
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
-    assert metric_steps(client, run.info.run_id, "val_accuracy") == list(range(6))
+    assert metric_steps(client, run.info.run_id, "val_accuracy") == list(range(30))
     assert "test_accuracy" in run.data.metrics and run.outputs.model_outputs
-    assert run.data.params["trainer.epochs"] == "6"
+    assert run.data.params["trainer.epochs"] == "30"
     assert not folder.exists()
 
 
