@@ -61,6 +61,7 @@ def evaluate(cfg: DictConfig) -> float:
 
     splits = data.load(cfg.data.dir, cfg.data.val_split, 0, cfg.data.limit,
                        cfg.data.verify_checksums, cfg.data.download)
+    mlflow.set_tracking_uri(uri)  # where runs:/ and models:/ URIs are looked up
     try:
         model = mlflow.tensorflow.load_model(cfg.model_uri)  # the Keras model itself
     except (mlflow.exceptions.MlflowException, OSError, ValueError) as err:

@@ -44,6 +44,12 @@ def store(tmp_path_factory) -> Path:
     return folder
 
 
+def cli(module: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run one of the project's entry points (python -m <module>) in tmp_path."""
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path,
+                          capture_output=True, text=True, env=ENV, timeout=300)
+
+
 def snapshot(folder: Path) -> tuple:
     """Every run of the store with its data, and every artifact file with its hash."""
     client = mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
@@ -121,12 +127,10 @@ TRAIN_CASES = [
 @pytest.mark.parametrize("case,args,message", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
 def test_bad_training_config(case, args, message, store, tmp_path) -> None:
     before = snapshot(store)
-    result = subprocess.run(
-        # The store and a short run first (were a case accepted), then the bad override.
-        [sys.executable, "-m", "fashion_exp.train", "debug=fast",
-         f"tracking.uri=sqlite:///{store / 'mlflow.db'}", *args,
-         f"hydra.run.dir={tmp_path / 'h'}", f"hydra.sweep.dir={tmp_path / 's'}"],
-        cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
+    # The store and a short run first (were a case accepted), then the bad override.
+    result = cli("fashion_exp.train", "debug=fast", f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
+                 *args, f"hydra.run.dir={tmp_path / 'h'}", f"hydra.sweep.dir={tmp_path / 's'}",
+                 tmp_path=tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and lines[0].startswith("fashion-exp-train: invalid config: ")
@@ -154,11 +158,9 @@ def test_bad_data_files(case, how, message, store, tmp_path) -> None:
     folder = md5_mismatch(tmp_path) if how == "md5" else broken_data(tmp_path, how)
     checks = [] if how == "md5" else ["data.verify_checksums=false"]
     before = snapshot(store)
-    result = subprocess.run(
-        [sys.executable, "-m", "fashion_exp.train", f"data.dir={folder}", *checks,
-         "data.download=false", f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
-         f"hydra.run.dir={tmp_path / 'h'}"],
-        cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
+    result = cli("fashion_exp.train", f"data.dir={folder}", *checks, "data.download=false",
+                 f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'h'}",
+                 tmp_path=tmp_path)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1, result.stderr[-2000:]
     assert last.startswith("fashion-exp-train: error: ") and message in last
@@ -178,10 +180,9 @@ MODEL_URI_CASES = [
                          ids=[c[0] for c in MODEL_URI_CASES])
 def test_bad_model_uri(case, uri, message, store, tmp_path) -> None:
     before = snapshot(store)
-    result = subprocess.run(
-        [sys.executable, "-m", "fashion_exp.evaluate", f"model_uri={uri}",
-         f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'h'}"],
-        cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
+    result = cli("fashion_exp.evaluate", f"model_uri={uri}",
+                 f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'h'}",
+                 tmp_path=tmp_path)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2, result.stderr[-2000:]
     assert last.startswith("fashion-exp-evaluate: model_uri=") and message in last
@@ -193,10 +194,8 @@ def test_unreachable_tracking_server(store, tmp_path) -> None:
 
     port = free_port()
     before = snapshot(store)
-    result = subprocess.run(
-        [sys.executable, "-m", "fashion_exp.train", "tracking=server",
-         f"tracking.uri=http://127.0.0.1:{port}", f"hydra.run.dir={tmp_path / 'h'}"],
-        cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
+    result = cli("fashion_exp.train", "tracking=server", f"tracking.uri=http://127.0.0.1:{port}",
+                 f"hydra.run.dir={tmp_path / 'h'}", tmp_path=tmp_path)
     assert result.returncode == 1
     assert f"the tracking server http://127.0.0.1:{port} does not answer" in (
         result.stderr.strip().splitlines()[-1])
@@ -207,9 +206,7 @@ def test_unreachable_tracking_server(store, tmp_path) -> None:
 def test_missing_tracking_store(tool, tmp_path) -> None:
     missing = tmp_path / "nowhere" / "mlflow.db"
     args = ["interrupted"] if tool == "fashion_exp.runs" else []
-    result = subprocess.run([sys.executable, "-m", tool, "--tracking-uri",
-                             f"sqlite:///{missing}", *args], cwd=tmp_path, capture_output=True,
-                            text=True, env=ENV, timeout=300)
+    result = cli(tool, "--tracking-uri", f"sqlite:///{missing}", *args, tmp_path=tmp_path)
     assert result.returncode == 2
     assert f"no tracking store at sqlite:///{missing}" in result.stderr.strip()
     assert not missing.parent.exists()  # not created by asking
@@ -217,10 +214,9 @@ def test_missing_tracking_store(tool, tmp_path) -> None:
 
 def test_resume_of_an_unknown_run(store, tmp_path) -> None:
     before = snapshot(store)
-    result = subprocess.run(
-        [sys.executable, "-m", "fashion_exp.train", f"trainer.resume={UNKNOWN_RUN}",
-         f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'h'}"],
-        cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=300)
+    result = cli("fashion_exp.train", f"trainer.resume={UNKNOWN_RUN}",
+                 f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'h'}",
+                 tmp_path=tmp_path)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1
     assert f"trainer.resume={UNKNOWN_RUN}: no checkpoint of that run" in last

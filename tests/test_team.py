@@ -103,14 +103,20 @@ def test_unreachable_server_is_an_error_before_training(tmp_path) -> None:
     assert "Training <" not in result.stdout + result.stderr
 
 
+def start_server_run(tmp_path: Path, stack: team.Stack, experiment: str,
+                     reconnect_seconds: int) -> tuple[subprocess.Popen, Path]:
+    """A 30-epoch run on the server in the background, its outbox in tmp_path/offline."""
+    return start_training(
+        tmp_path, *FAST, *SLOWER, "trainer.epochs=30", "trainer.steps_per_execution=1",
+        "trainer.verbose=2", "tracking=server", f"tracking.uri={stack.tracking_uri}",
+        f"tracking.experiment_name={experiment}", f"tracking.offline_dir={tmp_path / 'offline'}",
+        "tracking.retries=0", f"tracking.reconnect_seconds={reconnect_seconds}")
+
+
 def test_server_outage_mid_run_is_buffered_and_sent(team_stack, tmp_path) -> None:
     client = client_of(team_stack)
     offline = tmp_path / "offline"
-    proc, log = start_training(
-        tmp_path, *FAST, *SLOWER, "trainer.epochs=30", "trainer.steps_per_execution=1",
-        "trainer.verbose=2", "tracking=server", f"tracking.uri={team_stack.tracking_uri}",
-        "tracking.experiment_name=outage", f"tracking.offline_dir={offline}",
-        "tracking.retries=0", "tracking.reconnect_seconds=120")
+    proc, log = start_server_run(tmp_path, team_stack, "outage", reconnect_seconds=120)
     stack = team_stack
     try:
         def first_epochs_logged() -> bool:
@@ -143,11 +149,7 @@ def test_server_outage_mid_run_is_buffered_and_sent(team_stack, tmp_path) -> Non
 def test_server_that_never_returns_leaves_the_run_on_disk_for_upload(team_stack, tmp_path):
     client = client_of(team_stack)
     offline = tmp_path / "offline"
-    proc, log = start_training(
-        tmp_path, *FAST, *SLOWER, "trainer.epochs=30", "trainer.steps_per_execution=1",
-        "trainer.verbose=2", "tracking=server", f"tracking.uri={team_stack.tracking_uri}",
-        "tracking.experiment_name=never", f"tracking.offline_dir={offline}",
-        "tracking.retries=0", "tracking.reconnect_seconds=2")
+    proc, log = start_server_run(tmp_path, team_stack, "never", reconnect_seconds=2)
     stack = team_stack
     try:
         # Gone as soon as the run exists: its config, epochs and model all go to the disk.
