@@ -44,20 +44,21 @@ def pending(folder: Path) -> list[dict[str, Any]]:
     if not journal.is_file():
         return []
     entries = [json.loads(line) for line in journal.read_text().splitlines() if line.strip()]
-    sent = int((folder / SENT).read_text()) if (folder / SENT).is_file() else 0
-    return entries[sent:]
+    return entries[_sent(folder):]
 
 
-def replay(folder: Path, load_model: Callable[[Path, dict[str, Any]], None] | None = None,
-           ) -> int:
+def _sent(folder: Path) -> int:
+    """How many journal entries of an offline folder were replayed already."""
+    return int((folder / SENT).read_text()) if (folder / SENT).is_file() else 0
+
+
+def replay(folder: Path) -> int:
     """Send an offline folder's remaining entries to its server, in order; returns how many.
-
-    The folder is removed once everything is sent. `load_model` logs a saved Keras model
-    (the runner passes its own model logging; it needs TensorFlow)."""
+    The folder is removed once everything is sent."""
     info = json.loads((folder / RUN_FILE).read_text())
     client, run_id = MlflowClient(info["tracking_uri"]), info["run_id"]
     entries = pending(folder)
-    sent = int((folder / SENT).read_text()) if (folder / SENT).is_file() else 0
+    sent = _sent(folder)
     for entry in entries:
         kind = entry["kind"]
         if kind == "metrics":
@@ -74,11 +75,11 @@ def replay(folder: Path, load_model: Callable[[Path, dict[str, Any]], None] | No
                 client.log_artifacts(run_id, str(path), entry["artifact_path"])
             else:
                 client.log_artifact(run_id, str(path), entry["artifact_path"])
-        elif kind == "model":
-            if load_model is None:
-                from fashion_exp.tracking import log_saved_model as load_model
-            load_model(folder / entry["file"], {**entry, "run_id": run_id,
-                                                "tracking_uri": info["tracking_uri"]})
+        elif kind == "model":  # needs TensorFlow: imported only when a model was kept
+            from fashion_exp.tracking import log_saved_model
+
+            log_saved_model(folder / entry["file"], {**entry, "run_id": run_id,
+                                                     "tracking_uri": info["tracking_uri"]})
         elif kind == "end":
             client.set_terminated(run_id, entry["status"])
         else:

@@ -424,8 +424,9 @@ def tracked_run(run_name: str, tags: dict[str, str], cfg: DictConfig | None = No
 
     The run carries its process (host, pid, start time), so that a run whose process was
     killed without a chance to end it can be found later (fashion-exp-runs interrupted).
-    `resume_run_id` continues an existing run instead of starting one. With cfg.tracking on
-    a server, logging goes through an outbox that survives outages."""
+    `resume_run_id` continues an existing run instead of starting one. When `cfg` (the
+    tracking config) is given and the store is a server, logging goes through an outbox that
+    survives outages."""
     global _outbox
     interrupts.install()
     owner = {f"process.{key}": value for key, value in procs.this_process().items()}

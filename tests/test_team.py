@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -263,3 +264,4 @@ def test_team_stack_script_starts_and_stops() -> None:
     status = subprocess.run([*script, "status", "--dir", str(folder)], capture_output=True,
                             text=True)
     assert status.returncode == 1 and "no team stack running" in status.stderr
+    shutil.rmtree(folder)
