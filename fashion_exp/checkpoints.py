@@ -32,11 +32,11 @@ class ResumeError(RuntimeError):
     """The run cannot be resumed; the message says why and what can be."""
 
 
-def root(cfg: DictConfig, tracking_uri: str) -> Path:
-    """Folder of all runs' checkpoints: trainer.checkpoint_dir, else beside a local SQLite
-    store (<store folder>/checkpoints), else <repo>/mlruns/checkpoints."""
-    if cfg.checkpoint_dir:
-        return Path(cfg.checkpoint_dir)
+def root(checkpoint_dir: str | None, tracking_uri: str) -> Path:
+    """Folder of all runs' checkpoints: trainer.checkpoint_dir if set, else beside a local
+    SQLite store (<store folder>/checkpoints), else <repo>/mlruns/checkpoints."""
+    if checkpoint_dir:
+        return Path(checkpoint_dir)
     if tracking_uri.startswith("sqlite:///"):
         return Path(tracking_uri.removeprefix("sqlite:///")).parent / "checkpoints"
     return project_root() / "mlruns" / "checkpoints"

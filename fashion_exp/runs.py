@@ -26,6 +26,7 @@ STATUSES = ("RUNNING", "KILLED", "FAILED")
 def interrupted(client: Any, experiment: str, checkpoint_root: Path) -> list[dict[str, Any]]:
     """Runs not ended properly or stopped with a checkpoint, newest first, each with its state:
     orphaned (process gone), running, unknown (other host), or stopped (KILLED/FAILED)."""
+    from fashion_exp.checkpoints import WEIGHTS_FILE, load_state
     from fashion_exp.tracking import orphaned, owner
 
     exp = client.get_experiment_by_name(experiment)
@@ -39,20 +40,15 @@ def interrupted(client: Any, experiment: str, checkpoint_root: Path) -> list[dic
         if run.info.status == "RUNNING":
             state = {False: "running", True: "orphaned", None: "unknown"}[orphaned(run)]
         checkpoint = checkpoint_root / run.info.run_id
-        has_checkpoint = (checkpoint / "weights.npz").is_file()
+        has_checkpoint = (checkpoint / WEIGHTS_FILE).is_file()
         if state == "stopped" and not has_checkpoint:
             continue  # ended on purpose (KILLED/FAILED with nothing to resume): not listed
         found.append({"run_id": run.info.run_id, "name": run.info.run_name or "",
                       "status": run.info.status, "state": state,
                       "host": owner(run)["host"] or "?",
-                      "epochs_done": _epochs_done(checkpoint) if has_checkpoint else None})
+                      "epochs_done": (load_state(checkpoint)["epochs_done"] if has_checkpoint
+                                      else None)})
     return found
-
-
-def _epochs_done(folder: Path) -> int:
-    from fashion_exp.checkpoints import load_state
-
-    return int(load_state(folder)["epochs_done"])
 
 
 def mark_failed(client: Any, rows: list[dict[str, Any]]) -> list[str]:
@@ -96,15 +92,6 @@ def upload(folders: list[Path]) -> list[tuple[Path, str]]:
     return outcomes
 
 
-def checkpoint_root(uri: str) -> Path:
-    """The runner's default checkpoint folder for a tracking URI."""
-    from omegaconf import OmegaConf
-
-    from fashion_exp.checkpoints import root
-
-    return root(OmegaConf.create({"checkpoint_dir": None}), uri)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: fashion-exp-runs."""
     parser = argparse.ArgumentParser(prog="fashion-exp-runs",
@@ -125,11 +112,12 @@ def main(argv: list[str] | None = None) -> int:
                       help="offline run folders (default: all in <repo>/mlruns/offline)")
     args = parser.parse_args(argv)
 
+    from fashion_exp import checkpoints
     from fashion_exp.config import project_root
     from fashion_exp.tracking import resolve_uri
 
     uri = resolve_uri(args.tracking_uri)
-    ckpt_root = args.checkpoint_dir or checkpoint_root(uri)
+    ckpt_root = checkpoints.root(args.checkpoint_dir, uri)
     if args.command == "resume":
         os.execvp(sys.executable, [sys.executable, "-m", "fashion_exp.train",
                                    f"trainer.resume={args.run}", f"tracking.uri={uri}",

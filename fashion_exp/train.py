@@ -45,7 +45,8 @@ def train(cfg: DictConfig) -> float:
     resumed: dict | None = None
     ckpt: Path | None = None  # this run's checkpoint folder
     if cfg.trainer.resume:
-        ckpt_root = checkpoints.root(cfg.trainer, tracking.resolve_uri(cfg.tracking.uri))
+        ckpt_root = checkpoints.root(cfg.trainer.checkpoint_dir,
+                                     tracking.resolve_uri(cfg.tracking.uri))
         ckpt = checkpoints.find(ckpt_root, cfg.trainer.resume, tracking.resumable)
         cfg, resumed = checkpoints.saved_config(ckpt), checkpoints.load_state(ckpt)
         log.info("Resuming run %s after epoch %d of %d <trainer.resume>", resumed["run_id"],
@@ -81,7 +82,7 @@ def train(cfg: DictConfig) -> float:
         with tracking.tracked_run(run_name, tags, cfg.tracking, run_id) as run:
             run_id = run.info.run_id
             if cfg.trainer.checkpoint and not resumed:
-                ckpt = checkpoints.root(cfg.trainer, uri) / run_id
+                ckpt = checkpoints.root(cfg.trainer.checkpoint_dir, uri) / run_id
             if not resumed:  # a resumed run has its params already: MLflow keeps them once
                 tracking.log_config(cfg, output_dir)
                 if ckpt:
