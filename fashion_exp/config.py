@@ -192,6 +192,7 @@ class TrainerConfig:
     monitor: str = "val_loss"
     steps_per_execution: int = 32
     jit_compile: bool | None = None
+    onednn: bool | None = True
     threads: int = 0
     verbose: int = 1
     label_smoothing: float = 0.0

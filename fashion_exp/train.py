@@ -62,7 +62,10 @@ def train(cfg: DictConfig) -> float:
     log.info("Data <data>: %d train, %d validation, %d test images from %s",
              len(splits.x_train), len(splits.x_val), len(splits.x_test), splits.source)
 
-    # --- Set up TensorFlow: seeds, threads ---------------------------------------------------
+    # --- Set up TensorFlow: CPU kernels, seeds, threads -----------------------------------
+    from fashion_exp import runtime
+
+    runtime.use_onednn(cfg.trainer.onednn)  # read by TensorFlow when it loads, just below
     from fashion_exp import models, optim, plots, training
 
     threads = sweeps.job_threads(cfg.trainer.threads)  # shares the cores among parallel jobs
@@ -71,7 +74,7 @@ def train(cfg: DictConfig) -> float:
     uri, exp_id = tracking.setup(uri, cfg.tracking.experiment_name)
     run_name, tags, output_dir = run_name_and_tags(cfg)
     tags |= {"git_commit": tracking.git_commit(), "data_source": str(splits.source),
-             "tf_threads": str(threads or "auto")}
+             "tf_threads": str(threads or "auto"), "tf_onednn": runtime.onednn_state()}
     child_name, child_tags = sweeps.child_name_and_tags(cfg)  # set in a multirun only
     run_name, tags = child_name or run_name, tags | child_tags
     if resumed:

@@ -111,14 +111,19 @@ def preset_config(preset: str, epochs: int | None) -> dict:
     return OmegaConf.to_container(cfg, resolve=False)
 
 
-def run_bare(folder: Path, cfg: dict, seed: int, out: Path) -> dict:
-    """Run the bare script in a fresh process; returns wall time, fit time, test accuracy."""
+def run_bare(folder: Path, cfg: dict, seed: int, out: Path, onednn: bool = False) -> dict:
+    """Run the bare script in a fresh process with TensorFlow's default CPU kernels (or
+    oneDNN forced on); returns wall time, fit time, test accuracy."""
     script = out / "bare.py"
     script.write_text(BARE_SCRIPT)
     settings = {k: cfg[k] for k in ("model", "optimizer", "schedule", "trainer")}
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if onednn:
+        env["TF_ENABLE_ONEDNN_OPTS"] = "1"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(script), str(folder), str(seed), str(out),
-                           json.dumps(settings)], capture_output=True, text=True, check=True)
+                           json.dumps(settings)], capture_output=True, text=True, check=True,
+                          env=env)
     wall = time.perf_counter() - start
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return {"wall_s": wall, "fit_s": result["fit_s"], "test_accuracy": result["test_accuracy"]}
@@ -165,6 +170,9 @@ def main() -> None:
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store for the framework runs (default: a temporary one)")
     parser.add_argument("--skip-bare", action="store_true", help="time the framework only")
+    parser.add_argument("--bare-onednn", action="store_true",
+                        help="run the bare script with TF_ENABLE_ONEDNN_OPTS=1 (default: "
+                             "TensorFlow's own choice, as a plain script gets)")
     parser.add_argument("overrides", nargs="*", help="extra overrides for the framework side")
     args = parser.parse_args()
 
@@ -178,7 +186,7 @@ def main() -> None:
         rows = []
         for seed in args.seeds:
             fw = run_framework(args.preset, epochs, seed, uri, out, args.overrides)
-            bare = None if args.skip_bare else run_bare(folder, cfg, seed, out)
+            bare = None if args.skip_bare else run_bare(folder, cfg, seed, out, args.bare_onednn)
             rows.append((seed, fw, bare))
             line = (f"seed {seed}: framework wall {fw['wall_s']:.1f} s (fit {fw['fit_s']:.1f} s,"
                     f" {images_per_s(epochs, fw['fit_s']):.0f} images/s) test_accuracy "

@@ -17,6 +17,9 @@ import pytest
 from fashion_exp.data import DEBIAN_DIR, FILES, KERAS_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
+# TensorFlow loads in this process before any in-process run could choose its CPU kernels:
+# load it with the runner's default (trainer.onednn: true), as a user's run does.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 def write_idx(path: Path, array: np.ndarray, magic: int | None = None) -> Path:
