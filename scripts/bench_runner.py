@@ -5,9 +5,11 @@
     python scripts/bench_runner.py --preset cnn_fast --seeds 0 1 2
     python scripts/bench_runner.py --epochs 5 --tracking-uri sqlite:////tmp/bench/mlflow.db
 
-Both sides train the preset's model with its optimizer, schedule, batch size and epochs (the
-original: MLP 256-128-32 relu, SGD lr 0.02, batch 32; cnn_fast: its convnet, one-cycle Adam)
-with 20% validation on the same real Fashion-MNIST files, each in a fresh Python process.
+Both sides train the preset's model with its optimizer (SGD, Adam or AdamW), schedule,
+batch size, epochs, label smoothing, shift/flip augmentation and validation split (the
+original: MLP 256-128-32 relu, SGD lr 0.02, batch 32, 20% validation) on the same real
+Fashion-MNIST files, each in a fresh Python process; the bare script runs with TensorFlow's
+default CPU kernels, as a plain script gets them (--bare-onednn: with oneDNN forced on).
 Wall times include interpreter start-up and imports; the framework's also includes writing
 its MLflow run (params, per-epoch metrics, figures, model). Training throughput is training
 images per second of fit time. Prints both, their ratios and the test accuracies.
@@ -38,7 +40,8 @@ BARE_SCRIPT = textwrap.dedent("""
     import keras
 
     folder, seed, out, cfg = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
-    m, opt, tr = cfg["model"], cfg["optimizer"], cfg["trainer"]
+    m, opt, tr, val = cfg["model"], cfg["optimizer"], cfg["trainer"], cfg["data"]["val_split"]
+    aug = cfg["augment"]
 
     def idx(name, header):
         with gzip.open(f"{folder}/{name}", "rb") as f:
@@ -55,6 +58,11 @@ BARE_SCRIPT = textwrap.dedent("""
         layers += [keras.layers.Dense(w, activation="relu") for w in m["hidden"]]
     else:
         layers = [keras.Input((28, 28, 1))]
+        if aug["shift"]:
+            layers += [keras.layers.RandomTranslation(aug["shift"], aug["shift"],
+                                                      fill_mode="constant")]
+        if aug["flip"]:
+            layers += [keras.layers.RandomFlip("horizontal")]
         for filters in m["filters"]:
             for _ in range(m["convs_per_block"]):
                 layers += [keras.layers.Conv2D(filters, 3, padding="same",
@@ -71,30 +79,38 @@ BARE_SCRIPT = textwrap.dedent("""
 
     lr = opt["lr"]
     if cfg["schedule"]["name"] == "one_cycle":
-        total = math.ceil(len(x_train) * 0.8 / tr["batch_size"]) * tr["epochs"]
+        total = math.ceil(round(len(x_train) * (1 - val)) / tr["batch_size"]) * tr["epochs"]
         warmup = round(0.3 * total)
         lr = keras.optimizers.schedules.CosineDecay(
             lr * cfg["schedule"]["start_lr_ratio"], total - warmup, warmup_target=lr,
             warmup_steps=warmup)
-    optimizer = (keras.optimizers.SGD(lr) if opt["name"] == "sgd"
-                 else keras.optimizers.Adam(lr))
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
+    if opt["name"] == "sgd":
+        optimizer = keras.optimizers.SGD(lr)
+    elif opt["weight_decay"]:
+        optimizer = keras.optimizers.AdamW(lr, weight_decay=opt["weight_decay"])
+    else:
+        optimizer = keras.optimizers.Adam(lr)
+    loss = "sparse_categorical_crossentropy"
+    if tr["label_smoothing"]:
+        loss = keras.losses.CategoricalCrossentropy(label_smoothing=tr["label_smoothing"])
+        y_train, y_test = np.eye(10)[y_train], np.eye(10)[y_test]
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
     start = time.perf_counter()
     model.fit(x_train, y_train, epochs=tr["epochs"], batch_size=tr["batch_size"],
-              validation_split=0.2, verbose=2)
+              validation_split=val, verbose=2)
     fit_s = time.perf_counter() - start
     loss, acc = model.evaluate(x_test, y_test, verbose=0)
     model.save(f"{out}/model.keras")
     print(json.dumps({"test_accuracy": acc, "fit_s": fit_s}))
 """)
-TRAIN_IMAGES = 48_000  # 60,000 minus the 20% validation split, on both sides
+TRAIN_SET = 60_000  # both sides train on this minus the preset's data.val_split
 
 SUMMARY = re.compile(r"test_accuracy=(?P<acc>[0-9.]+) .*run_id=(?P<run>[0-9a-f]+)")
 
 
-def preset_config(preset: str, epochs: int | None) -> dict:
-    """The composed config of an experiment preset, as plain data for the bare script."""
+def preset_config(preset: str, epochs: int | None, overrides: list[str] = ()) -> dict:
+    """The composed config of an experiment preset and overrides, as plain data for the bare
+    script."""
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -102,12 +118,12 @@ def preset_config(preset: str, epochs: int | None) -> dict:
 
     register_configs()
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        overrides = [f"experiment={preset}"] + ([f"trainer.epochs={epochs}"] if epochs else [])
-        cfg = compose("config", overrides=overrides)
-    if cfg.augment.shift or cfg.augment.flip or cfg.augment.erasing or \
-            cfg.trainer.label_smoothing or cfg.schedule.name not in ("constant", "one_cycle"):
+        given = [f"experiment={preset}", *overrides]
+        cfg = compose("config", overrides=given + ([f"trainer.epochs={epochs}"] if epochs else []))
+    if cfg.augment.erasing or cfg.schedule.name not in ("constant", "one_cycle") or \
+            cfg.optimizer.name not in ("sgd", "adam") or cfg.model.global_pooling:
         sys.exit(f"bench_runner: the bare script does not reproduce preset {preset!r} "
-                 "(augmentation, label smoothing or this schedule)")
+                 "(random erasing, global pooling, or its schedule or optimizer)")
     return OmegaConf.to_container(cfg, resolve=False)
 
 
@@ -116,7 +132,8 @@ def run_bare(folder: Path, cfg: dict, seed: int, out: Path, onednn: bool = False
     oneDNN forced on); returns wall time, fit time, test accuracy."""
     script = out / "bare.py"
     script.write_text(BARE_SCRIPT)
-    settings = {k: cfg[k] for k in ("model", "optimizer", "schedule", "trainer")}
+    settings = {k: cfg[k] for k in ("model", "optimizer", "schedule", "trainer", "data",
+                                    "augment")}
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     if onednn:
         env["TF_ENABLE_ONEDNN_OPTS"] = "1"
@@ -155,9 +172,9 @@ def mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.4f} +- {std:.4f}"
 
 
-def images_per_s(epochs: int, fit_s: float) -> float:
+def images_per_s(images: int, epochs: int, fit_s: float) -> float:
     """Training images per second of fit time (validation passes included, as on both sides)."""
-    return TRAIN_IMAGES * epochs / fit_s
+    return images * epochs / fit_s
 
 
 def main() -> None:
@@ -173,13 +190,15 @@ def main() -> None:
     parser.add_argument("--bare-onednn", action="store_true",
                         help="run the bare script with TF_ENABLE_ONEDNN_OPTS=1 (default: "
                              "TensorFlow's own choice, as a plain script gets)")
-    parser.add_argument("overrides", nargs="*", help="extra overrides for the framework side")
+    parser.add_argument("overrides", nargs="*",
+                        help="extra overrides of the preset, for both sides")
     args = parser.parse_args()
 
     folder = locate(None, download=False)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    cfg = preset_config(args.preset, args.epochs)
+    cfg = preset_config(args.preset, args.epochs, args.overrides)
     epochs = cfg["trainer"]["epochs"]
+    images = round(TRAIN_SET * (1 - cfg["data"]["val_split"]))  # training images per epoch
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         uri = args.tracking_uri or f"sqlite:///{out / 'mlruns' / 'mlflow.db'}"
@@ -189,12 +208,12 @@ def main() -> None:
             bare = None if args.skip_bare else run_bare(folder, cfg, seed, out, args.bare_onednn)
             rows.append((seed, fw, bare))
             line = (f"seed {seed}: framework wall {fw['wall_s']:.1f} s (fit {fw['fit_s']:.1f} s,"
-                    f" {images_per_s(epochs, fw['fit_s']):.0f} images/s) test_accuracy "
+                    f" {images_per_s(images, epochs, fw['fit_s']):.0f} images/s) test_accuracy "
                     f"{fw['test_accuracy']:.4f} run {fw['run_id']}")
             if bare:
                 line += (f" | bare wall {bare['wall_s']:.1f} s (fit {bare['fit_s']:.1f} s, "
-                         f"{images_per_s(epochs, bare['fit_s']):.0f} images/s) test_accuracy "
-                         f"{bare['test_accuracy']:.4f}")
+                         f"{images_per_s(images, epochs, bare['fit_s']):.0f} images/s) "
+                         f"test_accuracy {bare['test_accuracy']:.4f}")
             print(line, flush=True)
 
     fw_acc = [r[1]["test_accuracy"] for r in rows]
@@ -202,14 +221,15 @@ def main() -> None:
     fw_fit = [r[1]["fit_s"] for r in rows]
     print(f"\n{args.preset}, {epochs} epochs, seeds {args.seeds}")
     print(f"framework:          wall {statistics.mean(fw_wall):.1f} s, training "
-          f"{images_per_s(epochs, statistics.mean(fw_fit)):.0f} images/s, test_accuracy "
+          f"{images_per_s(images, epochs, statistics.mean(fw_fit)):.0f} images/s, test_accuracy "
           f"{mean_std(fw_acc)}")
     if not args.skip_bare:
         bare_acc = [r[2]["test_accuracy"] for r in rows]
         bare_wall = [r[2]["wall_s"] for r in rows]
         bare_fit = [r[2]["fit_s"] for r in rows]
         print(f"bare Keras script:  wall {statistics.mean(bare_wall):.1f} s, training "
-              f"{images_per_s(epochs, statistics.mean(bare_fit)):.0f} images/s, test_accuracy "
+              f"{images_per_s(images, epochs, statistics.mean(bare_fit)):.0f} images/s, "
+              "test_accuracy "
               f"{mean_std(bare_acc)}")
         print(f"training throughput framework/bare: {sum(bare_fit) / sum(fw_fit):.2f}x; "
               f"wall time framework/bare: {sum(fw_wall) / sum(bare_wall):.2f} "
