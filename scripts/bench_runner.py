@@ -121,7 +121,7 @@ def preset_config(preset: str, epochs: int | None, overrides: list[str] = ()) ->
         given = [f"experiment={preset}", *overrides]
         cfg = compose("config", overrides=given + ([f"trainer.epochs={epochs}"] if epochs else []))
     if cfg.augment.erasing or cfg.schedule.name not in ("constant", "one_cycle") or \
-            cfg.optimizer.name not in ("sgd", "adam") or cfg.model.global_pooling:
+            cfg.optimizer.name not in ("sgd", "adam") or cfg.model.get("global_pooling"):
         sys.exit(f"bench_runner: the bare script does not reproduce preset {preset!r} "
                  "(random erasing, global pooling, or its schedule or optimizer)")
     return OmegaConf.to_container(cfg, resolve=False)

@@ -35,6 +35,12 @@ def test_bare_script_trains_the_preset_with_the_overrides(tmp_path) -> None:
     assert model.loss.get_config()["label_smoothing"] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("preset", ["original", "cnn", "cnn_fast", "cnn_best"])
+def test_shipped_presets_can_be_benchmarked(preset) -> None:
+    cfg = bench_runner().preset_config(preset, 2)
+    assert cfg["trainer"]["epochs"] == 2 and cfg["model"]["name"] in ("mlp", "cnn")
+
+
 def test_presets_the_bare_script_cannot_reproduce_are_refused() -> None:
     bench = bench_runner()
     with pytest.raises(SystemExit, match="random erasing"):
