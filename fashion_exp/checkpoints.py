@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_exp.config import project_root
+from fashion_exp.config import GROUP_SCHEMAS, project_root
 
 if TYPE_CHECKING:  # keras is not imported here: listing runs must not start TensorFlow
     import keras
@@ -122,8 +122,13 @@ def find(ckpt_root: Path, wanted: str, resumable: Any) -> Path:
 
 
 def saved_config(folder: Path) -> DictConfig:
-    """The config a run started with."""
-    return OmegaConf.load(folder / CONFIG_FILE)
+    """The config a run started with; keys added to a group's schema since it was written
+    take their defaults."""
+    saved = OmegaConf.load(folder / CONFIG_FILE)
+    for group, schema in GROUP_SCHEMAS.items():
+        if group in saved:
+            saved[group] = OmegaConf.merge(OmegaConf.structured(schema), saved[group])
+    return saved
 
 
 def remove(folder: Path) -> None:

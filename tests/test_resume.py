@@ -14,7 +14,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from fashion_exp.checkpoints import STATE_FILE, WEIGHTS_FILE
+from fashion_exp import checkpoints
+from fashion_exp.checkpoints import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
 
 from .conftest import requires_real_data
 
@@ -152,3 +153,11 @@ def test_a_running_run_is_not_marked_or_resumed(tmp_path, tracking_uri) -> None:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=300)
     assert mlflow.MlflowClient(tracking_uri).get_run(folder.name).info.status == "KILLED"
+
+
+def test_a_checkpoint_from_before_a_new_key_resumes_with_its_default(tmp_path) -> None:
+    (tmp_path / CONFIG_FILE).write_text(
+        "trainer:\n  epochs: 6\n  batch_size: 64\ndata:\n  val_split: 0.1\n")
+    cfg = checkpoints.saved_config(tmp_path)  # written before trainer.onednn existed
+    assert cfg.trainer.onednn is True and cfg.trainer.steps_per_execution == 32
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.data.val_split) == (6, 64, 0.1)
