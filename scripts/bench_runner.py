@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from fashion_exp.data import locate
+from fashion_exp.runtime import ONEDNN_VAR
 
 # The experiment as a user would write it by hand in one Keras file: float inputs scaled in
 # NumPy, validation_split, default fit settings. The model and optimizer follow the preset's
@@ -134,9 +135,9 @@ def run_bare(folder: Path, cfg: dict, seed: int, out: Path, onednn: bool = False
     script.write_text(BARE_SCRIPT)
     settings = {k: cfg[k] for k in ("model", "optimizer", "schedule", "trainer", "data",
                                     "augment")}
-    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env = {k: v for k, v in os.environ.items() if k != ONEDNN_VAR}
     if onednn:
-        env["TF_ENABLE_ONEDNN_OPTS"] = "1"
+        env[ONEDNN_VAR] = "1"
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, str(script), str(folder), str(seed), str(out),
                            json.dumps(settings)], capture_output=True, text=True, check=True,
