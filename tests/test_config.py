@@ -25,8 +25,9 @@ def test_shipped_configs_are_valid(overrides: list[str]) -> None:
 def test_original_experiment_is_the_original_setup() -> None:
     from hydra import compose, initialize_config_dir
 
-    from fashion_exp.config import CONF_DIR
+    from fashion_exp.config import CONF_DIR, register_configs
 
+    register_configs()  # the schemas the YAML files extend, whatever ran before this test
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=original"])
     assert OmegaConf.to_container(cfg.model) == {
@@ -97,8 +98,9 @@ def test_validation_does_not_import_tensorflow() -> None:
 def test_presets_override_the_root_config() -> None:
     from hydra import compose, initialize_config_dir
 
-    from fashion_exp.config import CONF_DIR
+    from fashion_exp.config import CONF_DIR, register_configs
 
+    register_configs()  # the schemas the YAML files extend, whatever ran before this test
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["debug=fast", "experiment=cnn"])
     assert (cfg.task_name, cfg.trainer.epochs, cfg.data.limit) == ("debug", 1, 2000)
