@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from fashion_exp.config import ConfigError, precheck
+from fashion_exp.config import ConfigError, compose_checked, precheck
 
 from .conftest import run_cli
 
@@ -23,13 +23,7 @@ def test_shipped_configs_are_valid(overrides: list[str]) -> None:
 
 
 def test_original_experiment_is_the_original_setup() -> None:
-    from hydra import compose, initialize_config_dir
-
-    from fashion_exp.config import CONF_DIR, register_configs
-
-    register_configs()  # the schemas the YAML files extend, whatever ran before this test
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=original"])
+    cfg = compose_checked("config", ["experiment=original"])
     assert OmegaConf.to_container(cfg.model) == {
         "name": "mlp", "hidden": [256, 128, 32], "activation": "relu", "dropout": 0.0}
     assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.momentum) == ("sgd", 0.02, 0.0)
@@ -96,13 +90,7 @@ def test_validation_does_not_import_tensorflow() -> None:
 
 
 def test_presets_override_the_root_config() -> None:
-    from hydra import compose, initialize_config_dir
-
-    from fashion_exp.config import CONF_DIR, register_configs
-
-    register_configs()  # the schemas the YAML files extend, whatever ran before this test
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["debug=fast", "experiment=cnn"])
+    cfg = compose_checked("config", ["debug=fast", "experiment=cnn"])
     assert (cfg.task_name, cfg.trainer.epochs, cfg.data.limit) == ("debug", 1, 2000)
     assert (cfg.model.name, cfg.optimizer.name, cfg.trainer.early_stopping) == ("cnn", "adam", True)
 
