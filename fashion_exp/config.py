@@ -67,6 +67,16 @@ def _widths(key: str, values: list[int], allow_empty: bool = False) -> None:
         _check(v >= 1, key, values, "every width must be >= 1")
 
 
+def _convs_per_block(value: Any, blocks: int) -> None:
+    """One conv count for every block, or a list with one count per block."""
+    is_list = isinstance(value, (list, tuple))
+    counts = list(value) if is_list else [value]
+    ok = (not is_list or len(counts) == blocks) and all(
+        isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts)
+    _check(ok, "convs_per_block", value,
+           f"use one count >= 1 for all blocks or a list of {blocks} counts >= 1, one per block")
+
+
 @dataclass
 class DataConfig:
     dir: str | None = None
@@ -100,7 +110,9 @@ class MLPConfig:
 class CNNConfig:
     name: str = "cnn"
     filters: list[int] = field(default_factory=lambda: [32, 64])
-    convs_per_block: int = 1
+    # Any: one int for every block or a list with one count per block (OmegaConf 2.3 has no
+    # Union of int and list); __post_init__ checks which it is.
+    convs_per_block: Any = 1
     kernel_size: int = 3
     pooling: str = "max"
     global_pooling: bool = False
@@ -112,7 +124,7 @@ class CNNConfig:
     def __post_init__(self) -> None:
         _one_of("name", self.name, ("cnn",))
         _widths("filters", self.filters)
-        _check(self.convs_per_block >= 1, "convs_per_block", self.convs_per_block, "must be >= 1")
+        _convs_per_block(self.convs_per_block, len(self.filters))
         _check(self.kernel_size in (1, 3, 5, 7), "kernel_size", self.kernel_size,
                "use 1, 3, 5 or 7")
         _check(

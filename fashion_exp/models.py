@@ -57,13 +57,19 @@ def build_mlp(cfg: DictConfig, augment: DictConfig | None = None) -> keras.Model
     return keras.Model(raw, _output(x), name="mlp")
 
 
+def block_convs(cfg: DictConfig) -> list[int]:
+    """Conv layers in each block: cfg.convs_per_block is one count for all or one per block."""
+    counts = cfg.convs_per_block
+    return [int(c) for c in counts] if not isinstance(counts, int) else [counts] * len(cfg.filters)
+
+
 def build_cnn(cfg: DictConfig, augment: DictConfig | None = None) -> keras.Model:
     """Conv blocks (conv [+BN] x convs_per_block, pooling), then Dense layers and softmax."""
     raw, x = _inputs()
     x = _augment(x, augment)
     pool = layers.MaxPooling2D if cfg.pooling == "max" else layers.AveragePooling2D
-    for b, filters in enumerate(cfg.filters):
-        for c in range(cfg.convs_per_block):
+    for b, (filters, convs) in enumerate(zip(cfg.filters, block_convs(cfg), strict=True)):
+        for c in range(convs):
             name = f"block{b}_conv{c}"
             x = layers.Conv2D(filters, cfg.kernel_size, padding="same",
                               use_bias=not cfg.batch_norm, name=name)(x)

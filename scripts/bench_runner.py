@@ -64,8 +64,10 @@ BARE_SCRIPT = textwrap.dedent("""
                                                       fill_mode="constant")]
         if aug["flip"]:
             layers += [keras.layers.RandomFlip("horizontal")]
-        for filters in m["filters"]:
-            for _ in range(m["convs_per_block"]):
+        convs = m["convs_per_block"]
+        convs = convs if isinstance(convs, list) else [convs] * len(m["filters"])
+        for filters, count in zip(m["filters"], convs):
+            for _ in range(count):
                 layers += [keras.layers.Conv2D(filters, 3, padding="same",
                                                use_bias=not m["batch_norm"])]
                 layers += [keras.layers.BatchNormalization()] if m["batch_norm"] else []

@@ -21,7 +21,8 @@ def bench_runner():
 
 def test_bare_script_trains_the_preset_with_the_overrides(tmp_path) -> None:
     bench = bench_runner()
-    cfg = bench.preset_config("cnn_best", 1, ["augment.shift=0.1", "augment.flip=true"])
+    cfg = bench.preset_config("cnn_best", 1, ["augment.shift=0.1", "augment.flip=true",
+                                                 "model.convs_per_block=[2,1]"])
     folder = write_dataset(tmp_path / "data", n_train=300, n_test=60)
     result = bench.run_bare(folder, cfg, seed=0, out=tmp_path)
     assert 0.0 <= result["test_accuracy"] <= 1.0 and result["fit_s"] > 0
@@ -29,7 +30,9 @@ def test_bare_script_trains_the_preset_with_the_overrides(tmp_path) -> None:
     model = keras.models.load_model(tmp_path / "model.keras")
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds[:2] == ["RandomTranslation", "RandomFlip"]
-    assert kinds.count("Conv2D") == 4 and kinds.count("BatchNormalization") == 4
+    convs = [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert convs == [cfg["model"]["filters"][0]] * 2 + [cfg["model"]["filters"][1]]
+    assert kinds.count("BatchNormalization") == 3
     assert type(model.optimizer).__name__ == "AdamW"
     assert model.optimizer.weight_decay == pytest.approx(1e-4)
     assert model.loss.get_config()["label_smoothing"] == pytest.approx(0.1)

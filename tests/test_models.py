@@ -44,6 +44,17 @@ def test_cnn_variants_map_raw_images_to_probabilities(values) -> None:
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_cnn_blocks_take_one_conv_count_each_or_one_for_all() -> None:
+    def convs(model: keras.Model) -> list[str]:
+        return [layer.name for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+
+    per_block = build_model(cfg_of(CNNConfig, filters=[8, 16], convs_per_block=[1, 3]))
+    assert convs(per_block) == ["block0_conv0", "block1_conv0", "block1_conv1", "block1_conv2"]
+    assert [per_block.get_layer(n).filters for n in convs(per_block)] == [8, 16, 16, 16]
+    for_all = build_model(cfg_of(CNNConfig, filters=[8, 16], convs_per_block=2))
+    assert convs(for_all) == ["block0_conv0", "block0_conv1", "block1_conv0", "block1_conv1"]
+
+
 def test_cnn_parameter_count_follows_config() -> None:
     model = build_model(cfg_of(CNNConfig, filters=[8], dense=[], dropout=0.0))
     # conv 3x3x1x8 + 8 bias; 14*14*8 flattened -> 10 classes.
