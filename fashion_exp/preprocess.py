@@ -10,7 +10,9 @@ that difference; `open_image` decodes an upload safely first. Nothing here impor
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -56,6 +58,7 @@ def open_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise ImageRejected(413, f"image of {width}x{height} = {width * height} pixels is over "
                                  f"the limit of {max_pixels} pixels")
+    check_consistent(image, data)
     if max(width, height) > 2 * WORK_SIDE:
         image.draft("RGB", (WORK_SIDE, WORK_SIDE))  # JPEG only: decode at a reduced scale
     try:
@@ -65,14 +68,74 @@ def open_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
     return image
 
 
+def check_consistent(image: Image.Image, data: bytes) -> None:
+    """Refuse a JPEG or PNG whose data cannot be the image its header claims.
+
+    Both decoders fill what is missing with a flat colour instead of failing, so a file with
+    an edited or corrupt header would be answered as if it were a real, featureless photo.
+    A Huffman-coded JPEG spends at least one bit on the DC coefficient of every 8x8 block of
+    its first component, baseline or progressive: n blocks need n/8 bytes at the least. A
+    PNG's compressed data must inflate to exactly the rows its header describes."""
+    width, height = image.size
+    if image.format == "JPEG" and len(data) * 8 < -(-width // 8) * -(-height // 8):
+        raise ImageRejected(400, f"corrupt JPEG: {len(data)} bytes cannot hold the "
+                                 f"{width}x{height} pixels its header claims")
+    if image.format == "PNG":
+        expected, got = png_raw_sizes(data)
+        if got != expected:
+            raise ImageRejected(400, f"corrupt or truncated PNG: its data holds {got} bytes of "
+                                     f"rows, its {width}x{height} header needs {expected}")
+
+
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # samples per pixel of each PNG colour type
+ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2),
+         (0, 1, 1, 2))  # interlacing passes: first column and row, steps across and down
+
+
+def png_raw_sizes(data: bytes) -> tuple[int, int]:
+    """(bytes of filtered rows the PNG header describes, bytes its IDAT data inflates to);
+    the data is inflated in 1 MB steps and counted, never held, and counting stops past the
+    expected size."""
+    width, height, depth, colour, interlace = struct.unpack(">IIBBxxB", data[16:29])
+    bits = PNG_CHANNELS.get(colour, 1) * depth
+    passes = ADAM7 if interlace else ((0, 0, 1, 1),)
+    expected = 0
+    for x0, y0, dx, dy in passes:
+        columns, rows = -(-max(width - x0, 0) // dx), -(-max(height - y0, 0) // dy)
+        if columns and rows:
+            expected += rows * (1 + -(-columns * bits // 8))
+    inflate, got, at = zlib.decompressobj(), 0, 8
+    try:
+        while at + 8 <= len(data) and got <= expected:
+            length, kind = struct.unpack(">I4s", data[at:at + 8])
+            pending = data[at + 8:at + 8 + length] if kind == b"IDAT" else b""
+            while pending and got <= expected:
+                got += len(inflate.decompress(pending, 1 << 20))
+                pending = inflate.unconsumed_tail
+            at += 12 + length
+        got += len(inflate.flush())
+    except zlib.error:
+        return expected, -1
+    return expected, got
+
+
 # --- Photo to Fashion-MNIST framing ------------------------------------------------------------
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit grayscale as 8-bit "L" (its high byte), palettes with their alpha;
+    other modes as they are. Pillow's own convert("L") clips 16-bit values at 255."""
+    if image.mode.startswith("I"):  # "I;16", "I;16B", ... (16-bit PNG) and "I" (32-bit)
+        values = np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
+        return Image.fromarray((values >> 8).astype(np.uint8), "L")
+    if image.mode in ("P", "PA"):
+        return image.convert("RGBA")
+    return image
+
 
 def grayscale(image: Image.Image) -> np.ndarray:
     """Luminance as float32 0-255; transparent areas become background opposite the garment."""
-    image = ImageOps.exif_transpose(image)
+    image = eight_bit(ImageOps.exif_transpose(image))
     image.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
-    if image.mode == "P":
-        image = image.convert("RGBA")
     gray = np.asarray(image.convert("L"), dtype=np.float32)
     if image.mode not in ("RGBA", "LA"):
         return gray

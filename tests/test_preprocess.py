@@ -12,6 +12,7 @@ from PIL import Image
 
 from fashion_exp import data
 from fashion_exp.preprocess import (
+    ADAM7,
     ImageRejected,
     open_image,
     prepare,
@@ -120,3 +121,119 @@ def test_real_test_images_survive_the_photo_round_trip() -> None:
     diffs = [np.abs(prepare(render_product_photo(x, rng), LIMIT_BYTES, LIMIT_PIXELS)
                     .astype(int) - x).mean() for x in images]
     assert np.median(diffs) < 12, np.median(diffs)
+
+
+# --- Every bit depth and colour type of PNG, and files whose header lies ----------------------
+
+def raw_png(pixels: np.ndarray, color_type: int, bit_depth: int, interlace: bool = False) -> bytes:
+    """A PNG written byte by byte, for what Pillow cannot save (16-bit colour, 2 bits,
+    interlacing). `pixels`: (h, w) or (h, w, channels) samples already at `bit_depth`."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(
+            ">I", zlib.crc32(kind + body))
+
+    height, width = pixels.shape[:2]
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, int(interlace))
+    passes = ADAM7 if interlace else ((0, 0, 1, 1),)
+    raw = b"".join(png_rows(pixels[y0::dy, x0::dx], bit_depth) for x0, y0, dx, dy in passes)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def png_rows(pixels: np.ndarray, bit_depth: int) -> bytes:
+    """Rows of samples as PNG stores them unfiltered: a 0 byte, then the packed samples."""
+    height, width = pixels.shape[:2]
+    if bit_depth == 16:
+        rows = [pixels[y].astype(">u2").tobytes() for y in range(height)]
+    elif bit_depth == 8:
+        rows = [pixels[y].astype(np.uint8).tobytes() for y in range(height)]
+    else:  # 1, 2 or 4 bits: samples packed into bytes, most significant first
+        per_byte = 8 // bit_depth
+        rows = []
+        for y in range(height):
+            row = np.zeros(-(-width // per_byte), np.uint8)
+            for x in range(width):
+                row[x // per_byte] |= int(pixels[y, x]) << (8 - bit_depth * (x % per_byte + 1))
+            rows.append(row.tobytes())
+    return b"".join(b"\x00" + row for row in rows)
+
+
+def big_garment() -> np.ndarray:
+    """A dataset garment at 4x, as 8-bit samples (the reference every depth is compared to)."""
+    return np.kron(garment(), np.ones((4, 4), np.uint8))
+
+
+def as_depth(gray8: np.ndarray, bits: int) -> np.ndarray:
+    """8-bit samples at another bit depth, scaled as PNG encoders scale them."""
+    return (gray8.astype(np.uint32) * (2 ** bits - 1) // 255).astype(np.uint32)
+
+
+PNG_KINDS = {  # name: (color type, bit depth, samples from 8-bit gray)
+    "gray 1-bit": (0, 1, lambda g: (g > 0).astype(np.uint32)),
+    "gray 2-bit": (0, 2, lambda g: as_depth(g, 2)),
+    "gray 4-bit": (0, 4, lambda g: as_depth(g, 4)),
+    "gray 16-bit": (0, 16, lambda g: as_depth(g, 16)),
+    "gray+alpha 16-bit": (4, 16, lambda g: np.dstack([as_depth(g, 16),
+                                                       np.full(g.shape, 65535)])),
+    "rgb 16-bit": (2, 16, lambda g: np.dstack([as_depth(g, 16)] * 3)),
+    "rgba 16-bit": (6, 16, lambda g: np.dstack([as_depth(g, 16)] * 3
+                                               + [np.full(g.shape, 65535)])),
+}
+
+
+@pytest.mark.parametrize("interlace", [False, True], ids=["plain", "interlaced"])
+@pytest.mark.parametrize("kind", PNG_KINDS)
+def test_every_png_depth_gives_the_image_of_its_8_bit_twin(kind: str, interlace: bool) -> None:
+    color_type, bits, samples = PNG_KINDS[kind]
+    values = samples(big_garment())
+    gray = values if values.ndim == 2 else values[..., 0]
+    twin8 = (gray * 255 // (2 ** bits - 1)).astype(np.uint8)  # the same image at 8 bits
+    twin = prepare(raw_png(twin8, 0, 8), LIMIT_BYTES, LIMIT_PIXELS)
+    seen = prepare(raw_png(values, color_type, bits, interlace), LIMIT_BYTES, LIMIT_PIXELS)
+    assert twin.max() > 200  # the reference is a real garment, not a blank
+    assert np.abs(seen.astype(int) - twin).max() <= 2, kind  # 16 to 8 bits rounds by one
+
+
+def test_palette_with_transparency_is_read_with_its_alpha() -> None:
+    gray = big_garment()
+    light = Image.fromarray(255 - gray).convert("P")  # dark garment on white
+    light.info["transparency"] = light.getpixel((0, 0))  # the white ground is transparent
+    seen = prepare(encode(light, "PNG"), LIMIT_BYTES, LIMIT_PIXELS)
+    assert seen.max() > 200 and framing_error(seen, garment()) < 20
+
+
+def lying_jpeg() -> bytes:
+    """A real small JPEG whose header was edited to claim 4000x4000 pixels."""
+    jpeg = bytearray(encode(Image.fromarray(big_garment()), "JPEG"))
+    start = jpeg.find(b"\xff\xc0")  # the baseline frame header: length, precision, height, width
+    jpeg[start + 5:start + 9] = struct.pack(">HH", 4000, 4000)
+    return bytes(jpeg)
+
+
+def lying_png() -> bytes:
+    """A real PNG whose header claims twice its height, with the header's checksum fixed."""
+    png = bytearray(encode(Image.fromarray(big_garment()), "PNG"))
+    png[20:24] = struct.pack(">I", 2 * 112)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    return bytes(png)
+
+
+@pytest.mark.parametrize("name,payload,message", [
+    ("jpeg header", lying_jpeg(), "cannot hold the 4000x4000 pixels"),
+    ("png header", lying_png(), "corrupt or truncated PNG"),
+    ("png data cut", raw_png(big_garment(), 0, 8, interlace=True)[:-400], "corrupt or truncated"),
+    ("png checksum", encode(Image.fromarray(big_garment()), "PNG")[:-20] + b"\x00" * 20,
+     "corrupt or truncated"),
+    ("gif cut", encode(Image.fromarray(big_garment()), "GIF")[:-300], "corrupt or truncated"),
+    ("webp cut", encode(Image.fromarray(big_garment()), "WEBP")[:200], "truncated"),
+])
+def test_files_whose_contents_do_not_match_their_header_are_refused(name, payload,
+                                                                     message) -> None:
+    with pytest.raises(ImageRejected) as refused:
+        prepare(payload, LIMIT_BYTES, LIMIT_PIXELS)
+    assert refused.value.status == 400 and message in str(refused.value), str(refused.value)
+
+
+def test_a_large_plain_jpeg_is_not_taken_for_a_lying_one() -> None:
+    white = encode(Image.new("L", (4000, 3000), 255), "JPEG", optimize=True, progressive=True)
+    assert prepare(white, LIMIT_BYTES, LIMIT_PIXELS).max() == 0  # blank, but accepted
