@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fashion_exp.config import project_root
+from fashion_exp.config import TrackingConfig, project_root
+from fashion_exp.stores import StoreError, check_store, connect_seconds
 
 SEED_KEYS = ("trainer.seed", "data.shuffle_seed")
 METRICS = ("optimized_metric", "val_accuracy", "test_accuracy", "test_loss")
@@ -241,19 +242,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="fashion_exp", help="MLflow experiment name")
     parser.add_argument("--tracking-uri", default=None,
                         help="tracking URI (default: $MLFLOW_TRACKING_URI or the repo's store)")
+    parser.add_argument("--connect-timeout", type=connect_seconds,
+                        default=TrackingConfig.connect_timeout,
+                        help="seconds to wait for the tracking database or server (default: "
+                             "%(default)g, as tracking.connect_timeout)")
     parser.add_argument("--out", type=Path, default=None, help="output folder")
     args = parser.parse_args(argv)
 
+    try:  # before MLflow is imported; comparing only reads: a read-only store is fine
+        uri = check_store(args.tracking_uri, write=False, connect_timeout=args.connect_timeout,
+                          option="--tracking-uri")
+    except StoreError as err:
+        print(f"fashion-exp-compare: error: {err}", file=sys.stderr)
+        return 2
     from mlflow import MlflowClient
 
-    from fashion_exp.tracking import resolve_uri, sqlite_path
-
-    uri = resolve_uri(args.tracking_uri)
-    db = sqlite_path(uri)
-    if db is not None and not db.is_file():
-        print(f"fashion-exp-compare: no tracking store at {uri}; train something first or "
-              "pass --tracking-uri", file=sys.stderr)
-        return 2
     client = MlflowClient(uri)
     try:
         selection = select(client, args.experiment, args.sweep, args.filter, args.all)

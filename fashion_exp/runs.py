@@ -20,6 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fashion_exp.config import TrackingConfig
+from fashion_exp.stores import connect_seconds
+
 STATUSES = ("RUNNING", "KILLED", "FAILED")
 
 
@@ -99,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="fashion_exp", help="MLflow experiment name")
     parser.add_argument("--tracking-uri", default=None,
                         help="tracking URI (default: $MLFLOW_TRACKING_URI or the repo's store)")
+    parser.add_argument("--connect-timeout", type=connect_seconds,
+                        default=TrackingConfig.connect_timeout,
+                        help="seconds to wait for the tracking database or server (default: "
+                             "%(default)g, as tracking.connect_timeout)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="checkpoints folder (default: beside a SQLite store, else "
                              "<repo>/mlruns/checkpoints)")
@@ -114,9 +121,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from fashion_exp import checkpoints
     from fashion_exp.config import project_root
-    from fashion_exp.tracking import resolve_uri
+    from fashion_exp.stores import StoreError, check_store, resolve_uri
 
     uri = resolve_uri(args.tracking_uri)
+    if args.command in ("interrupted", "mark-failed"):
+        try:  # before MLflow is imported; `interrupted` only reads: a read-only store is fine
+            uri = check_store(args.tracking_uri, write=args.command == "mark-failed",
+                              connect_timeout=args.connect_timeout, option="--tracking-uri")
+        except StoreError as err:
+            print(f"fashion-exp-runs: error: {err}", file=sys.stderr)
+            return 2
     ckpt_root = checkpoints.root(args.checkpoint_dir, uri)
     if args.command == "resume":
         os.execvp(sys.executable, [sys.executable, "-m", "fashion_exp.train",
@@ -139,13 +153,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow import MlflowClient
 
-    from fashion_exp.tracking import sqlite_path
-
-    db = sqlite_path(uri)
-    if db is not None and not db.is_file():
-        print(f"fashion-exp-runs: no tracking store at {uri}; pass --tracking-uri",
-              file=sys.stderr)
-        return 2
     client = MlflowClient(uri)
     rows = interrupted(client, args.experiment, ckpt_root)
     if args.command == "mark-failed":

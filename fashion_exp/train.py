@@ -3,8 +3,9 @@
     fashion-exp-train [overrides]          e.g. fashion-exp-train experiment=original trainer.seed=1
     python -m fashion_exp.train [overrides]
 
-The config is validated before TensorFlow or MLflow are imported, so a bad value costs a
-second, not a run.
+The config and the tracking store (fashion_exp/stores.py) are checked before TensorFlow or
+MLflow are imported and before Hydra makes an output folder, so a bad value costs a second,
+not a run.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from omegaconf import DictConfig
 
 from fashion_exp import interrupts, sweeps
 from fashion_exp.config import CONF_DIR, ConfigError, precheck, register_configs, validate
+from fashion_exp.stores import StoreError, check_store
 
 log = logging.getLogger("fashion_exp")
 
@@ -180,12 +182,30 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 
 def _user_error(err: Exception) -> bool:
-    """Errors the user can fix (data, tracking server, resume): one line, no traceback."""
+    """Errors the user can fix (data, tracking store or server, resume): one line, no
+    traceback."""
     from fashion_exp.checkpoints import ResumeError
     from fashion_exp.data import DataError
     from fashion_exp.tracking import TrackingUnavailable
 
-    return isinstance(err, DataError | TrackingUnavailable | ResumeError)
+    return isinstance(err, DataError | TrackingUnavailable | ResumeError | StoreError)
+
+
+def _check_stores(configs: list[DictConfig]) -> None:
+    """The tracking store of every checked config must take runs, before Hydra makes an
+    output folder and before TensorFlow or MLflow loads: one line and exit status 1 if not
+    (like missing data or an unreachable server)."""
+    checked = set()
+    for cfg in configs:
+        uri, timeout = cfg.tracking.uri, cfg.tracking.connect_timeout
+        if (uri, timeout) in checked:
+            continue
+        checked.add((uri, timeout))
+        try:
+            check_store(uri, write=True, create=True, connect_timeout=timeout)
+        except StoreError as err:
+            print(f"fashion-exp-train: error: {err}", file=sys.stderr)
+            sys.exit(1)
 
 
 def main() -> None:
@@ -195,9 +215,10 @@ def main() -> None:
     # Hydra's other flags (--cfg, --help, ...) run no job: those go to Hydra unchecked.
     if flags <= {"-m", "--multirun"}:
         try:
-            precheck([a for a in args if a not in flags], multirun=bool(flags))
+            configs = precheck([a for a in args if a not in flags], multirun=bool(flags))
         except ConfigError as err:
             _exit_invalid(err)
+        _check_stores(configs)
     # SIGTERM stops like Ctrl-C, also between the jobs of a sweep, so every run gets an end.
     interrupts.install()
     try:
