@@ -8,6 +8,7 @@ Hydra checks key names and types while it composes the config; `validate` then c
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -246,6 +247,7 @@ class TrackingConfig:
     retries: int = 3
     reconnect_seconds: float = 60.0
     offline_dir: str | None = None
+    connect_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         _one_of("mode", self.mode, TRACKING_MODES)
@@ -258,6 +260,8 @@ class TrackingConfig:
         _check(self.retries >= 0, "retries", self.retries, "must be >= 0")
         _check(self.reconnect_seconds >= 0, "reconnect_seconds", self.reconnect_seconds,
                "must be >= 0")
+        _check(0 < self.connect_timeout <= 600, "connect_timeout", self.connect_timeout,
+               "must be in (0, 600] seconds")
         _check(bool(self.experiment_name.strip()), "experiment_name", self.experiment_name,
                "must not be empty")
 
@@ -294,14 +298,22 @@ class ServiceSettings:
     max_image_pixels: int = 40_000_000
     object_size: int = 28
     max_models: int = 4
+    decode_workers: int = 2
+    max_header_bytes: int = 32_768
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         _check(1 <= self.top_k <= 10, "top_k", self.top_k, "must be in [1, 10]")
         _check(8 <= self.object_size <= 28, "object_size", self.object_size,
                "must be in [8, 28] pixels")
         for key in ("max_batch", "max_images", "max_upload_bytes", "max_request_bytes",
-                    "max_image_pixels", "max_models"):
+                    "max_image_pixels", "max_models", "decode_workers"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        _check(self.max_header_bytes >= 1024, "max_header_bytes", self.max_header_bytes,
+               "must be >= 1024 bytes")
+        for key in ("header_timeout", "body_timeout"):
+            _check(getattr(self, key) > 0, key, getattr(self, key), "must be > 0 seconds")
 
 
 @dataclass
@@ -321,6 +333,8 @@ class ServeConfig(ServiceSettings):
             _check(self.model_uri.startswith(("runs:/", "models:/")), "model_uri", self.model_uri,
                    "use runs:/<run_id>/model, models:/<name>/<version> or "
                    "models:/<name>@<alias>, or null for the best run")
+        _check(bool(self.host.strip()), "host", self.host, "give an address to listen on: "
+               "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
         _check(1 <= self.port <= 65535, "port", self.port, "must be in [1, 65535]")
         _check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0: TensorFlow decides)")
         _one_of("log_level", self.log_level, LOG_LEVELS)
@@ -336,6 +350,10 @@ def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore; the YAML files in conf/ extend them."""
     # ${project_root:} in configs: the repository, wherever the command runs from.
     OmegaConf.register_new_resolver("project_root", lambda: str(project_root()), replace=True)
+    # ${pid:} in Hydra's output folders: two runs started in the same second get their own.
+    # Cached like Hydra's ${now:}: the jobs of a sweep (parallel processes included) resolve
+    # the sweep folder to the value of the process that started it.
+    OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="serve_schema", node=ServeConfig)
@@ -400,8 +418,9 @@ def swept_values(override: Any) -> list[str] | None:
     return [f"{override.get_key_element()}={value}" for value in values]
 
 
-def precheck(overrides: list[str], multirun: bool = False) -> None:
-    """Compose the config for these command-line overrides and validate it.
+def precheck(overrides: list[str], multirun: bool = False) -> list[DictConfig]:
+    """Compose the config for these command-line overrides and validate it; returns the
+    composed configs (one per checked variant of a multirun).
 
     Raises ConfigError (one line) for an unknown key or group option, a wrong type or an
     out-of-range value, so that the runner can stop before Hydra starts a job. For a multirun
@@ -425,10 +444,13 @@ def precheck(overrides: list[str], multirun: bool = False) -> None:
             variants = [first] + [first[:i] + [value] + first[i + 1:]
                                   for i, values in enumerate(listed) for value in values[1:]]
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            configs = []
             for variant in variants:
-                validate(compose("config", overrides=variant))
+                configs.append(compose("config", overrides=variant))
+                validate(configs[-1])
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
+    return configs
 
 
 def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:

@@ -17,7 +17,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_exp import interrupts
-from fashion_exp.config import CONF_DIR, ConfigError, register_configs
+from fashion_exp.config import CONF_DIR, ConfigError, one_line, register_configs
+from fashion_exp.stores import StoreError, check_store
 
 log = logging.getLogger("fashion_exp")
 
@@ -39,36 +40,31 @@ def evaluate(cfg: DictConfig) -> float:
     """Load the model, score the test set, log the evaluation run; returns test accuracy."""
     import mlflow
 
-    from fashion_exp import tracking
+    from fashion_exp import logged_models, tracking
 
     # Resolve the model before TensorFlow loads and before anything is written: a bad URI or
-    # a missing store leaves the store as it was.
-    uri = tracking.resolve_uri(cfg.tracking.uri)
-    db = tracking.sqlite_path(uri)
-    if db is not None and not db.is_file():
-        raise ConfigError("tracking.uri", uri, "no tracking store there; pass the store that "
-                                               "holds the model")
+    # an unusable store (missing, corrupt, unreachable, read-only) leaves the store as it was.
+    uri = check_store(cfg.tracking.uri, write=True, connect_timeout=cfg.tracking.connect_timeout)
     client = mlflow.MlflowClient(uri)
     try:
-        source = tracking.resolve_model(client, cfg.model_uri).run_id
-    except (mlflow.exceptions.MlflowException, ValueError) as err:
+        ref = logged_models.resolve(client, cfg.model_uri)
+    except logged_models.UnknownModel as err:
         raise ConfigError("model_uri", cfg.model_uri,
-                          f"{str(err).splitlines()[0]} (tracking store {uri})") from None
-
-    import mlflow.tensorflow
+                          f"{err.reason} (tracking store {uri})") from None
 
     from fashion_exp import data, plots, training
 
     splits = data.load(cfg.data.dir, cfg.data.val_split, 0, cfg.data.limit,
                        cfg.data.verify_checksums, cfg.data.download)
-    mlflow.set_tracking_uri(uri)  # where runs:/ and models:/ URIs are looked up
+    mlflow.set_tracking_uri(uri)  # a tracking server's models are downloaded from it
     try:
-        model = mlflow.tensorflow.load_model(cfg.model_uri)  # the Keras model itself
+        model = logged_models.load_keras(ref)  # the Keras model itself, read in place
     except (mlflow.exceptions.MlflowException, OSError, ValueError) as err:
         raise ConfigError("model_uri", cfg.model_uri,
                           f"{str(err).splitlines()[0]} (tracking store {uri})") from None
     uri, exp_id = tracking.setup(uri, cfg.tracking.experiment_name)
 
+    source = ref.run_id
     tags = {"model_uri": cfg.model_uri, "source_run_id": source, "evaluation": "true"}
     with tracking.tracked_run(f"evaluate {cfg.model_uri}", tags) as run:
         probs = model.predict(splits.x_test, batch_size=cfg.batch_size, verbose=0)
@@ -91,18 +87,53 @@ def evaluate(cfg: DictConfig) -> float:
 register_configs()
 
 
+def _exit(err: ConfigError | StoreError) -> None:
+    """The one-line error for a bad config value or an unusable store, exit status 2."""
+    kind = "error: " if isinstance(err, StoreError) else ""
+    print(f"fashion-exp-evaluate: {kind}{err}", file=sys.stderr)
+    sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def _hydra_main(cfg: DictConfig) -> float:
     try:
         check(cfg)
         return evaluate(cfg)
-    except ConfigError as err:
-        print(f"fashion-exp-evaluate: {err}", file=sys.stderr)
-        sys.exit(2)
+    except (ConfigError, StoreError) as err:
+        _exit(err)
+
+
+def precheck(overrides: list[str]) -> DictConfig:
+    """The config of these command-line overrides, its values and its tracking store checked
+    (ConfigError, StoreError) before Hydra makes an output folder or TensorFlow loads."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            cfg = compose("evaluate", [o for o in overrides
+                                       if not o.lstrip("+~").startswith("hydra")])
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
+    for group in ("data", "tracking"):  # building the dataclasses runs their range checks
+        try:
+            OmegaConf.to_object(cfg[group])
+        except ConfigError as err:
+            raise err.prefixed(group) from None
+    check(cfg)
+    check_store(cfg.tracking.uri, write=True, connect_timeout=cfg.tracking.connect_timeout)
+    return cfg
 
 
 def main() -> None:
     """Console-script entry point."""
+    args = sys.argv[1:]
+    if not any(a.startswith("-") for a in args):  # Hydra's flags (--help, -m, ...) go unchecked
+        try:
+            precheck(args)
+        except (ConfigError, StoreError) as err:
+            _exit(err)
     interrupts.install()
     _hydra_main()
 

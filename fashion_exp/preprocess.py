@@ -134,8 +134,9 @@ def eight_bit(image: Image.Image) -> Image.Image:
 
 def grayscale(image: Image.Image) -> np.ndarray:
     """Luminance as float32 0-255; transparent areas become background opposite the garment."""
-    image = eight_bit(ImageOps.exif_transpose(image))
+    # Shrink first, in place, then turn upright: no full-size copy of a large photo is made.
     image.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
+    image = eight_bit(ImageOps.exif_transpose(image))
     gray = np.asarray(image.convert("L"), dtype=np.float32)
     if image.mode not in ("RGBA", "LA"):
         return gray

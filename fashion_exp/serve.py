@@ -21,30 +21,53 @@ from omegaconf import DictConfig
 
 from fashion_exp.config import CONF_DIR, ConfigError, compose_checked
 from fashion_exp.config import ServiceSettings as Settings
+from fashion_exp.stores import StoreError, check_store
 
 if TYPE_CHECKING:
+    from fashion_exp.logged_models import ModelRef
     from fashion_exp.service import ServedModel
 
 log = logging.getLogger("fashion_exp")
 LISTED_RUNS = 20  # best runs offered by the page's model picker
 
 
-def load_served_model(client: Any, uri: str) -> ServedModel:
-    """Load a logged Keras model and compile its forward pass once; ModelNotFound if it cannot."""
-    import mlflow.tensorflow
-    import numpy as np
-    import tensorflow as tf
-    from mlflow.exceptions import MlflowException
-
-    from fashion_exp import tracking
-    from fashion_exp.service import ModelNotFound, ServedModel
+def resolve(client: Any, uri: str) -> ModelRef:
+    """A request's model reference looked up in the store: UnknownModel if it names no
+    model there, StoreUnavailable if the store does not answer."""
+    from fashion_exp import logged_models
+    from fashion_exp.service import StoreUnavailable
 
     try:
-        ref = tracking.resolve_model(client, uri)
-        model = mlflow.tensorflow.load_model(uri)
-    except (MlflowException, ValueError, OSError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelNotFound(f"model_uri={uri!r}: {first}") from None
+        return logged_models.resolve(client, uri)
+    except logged_models.UnknownModel:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the store raised, the request gets 503
+        raise StoreUnavailable(f"{type(err).__name__}: {first_line(err)}") from None
+
+
+def first_line(err: BaseException) -> str:
+    """An exception's first line of text (its type when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
+    """Load a logged Keras model and compile its forward pass once; ModelUnusable if it
+    cannot be served (the reason is logged here, not told to the client)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from fashion_exp import logged_models
+    from fashion_exp.service import ModelUnusable, ServedModel
+
+    unusable = f"model={ref.uri!r} cannot be served: it is not a Keras model of (n, 28, 28) " \
+               "uint8 images"
+    try:
+        model = logged_models.load_keras(ref)
+    except Exception as err:  # noqa: BLE001 - any failure to load means the same to a client
+        log.warning("cannot load %s (%s): %s: %s", ref.uri, ref.model_id, type(err).__name__,
+                    first_line(err))
+        raise ModelUnusable(unusable) from None
 
     # One traced graph for every batch size: no retracing as batches grow and shrink.
     @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8)])
@@ -57,8 +80,8 @@ def load_served_model(client: Any, uri: str) -> ServedModel:
     try:
         predict(np.zeros((1, 28, 28), np.uint8))  # trace now, not on the first request
     except (ValueError, TypeError, tf.errors.OpError) as err:
-        raise ModelNotFound(f"model_uri={uri!r} does not take (n, 28, 28) uint8 images: "
-                            f"{str(err).splitlines()[0]}") from None
+        log.warning("%s does not take (n, 28, 28) uint8 images: %s", ref.uri, first_line(err))
+        raise ModelUnusable(unusable) from None
     run = client.get_run(ref.run_id)
     metrics = {k: v for k, v in run.data.metrics.items()
                if k.startswith(("test_", "val_")) or k in ("accuracy", "loss")}
@@ -111,19 +134,13 @@ def test_images(cfg: DictConfig) -> tuple[Any, Any] | None:
 
 def build(cfg: DictConfig) -> tuple[Any, str]:
     """The app for this config and the URI of its default model; ConfigError if none loads."""
+    # The store is checked before MLflow and TensorFlow are imported (StoreError); this
+    # command only reads it, so a read-only store is fine and nothing is written to it.
+    uri = check_store(cfg.tracking.uri, write=False, connect_timeout=cfg.tracking.connect_timeout)
     import mlflow
-
-    from fashion_exp import tracking
-
-    uri = tracking.resolve_uri(cfg.tracking.uri)
-    store = tracking.sqlite_path(uri)
-    if store is not None and not store.is_file():  # checked before TensorFlow is imported
-        raise ConfigError("tracking.uri", uri, "no tracking store there: train a model first "
-                                               "or point tracking.uri at your store")
     import tensorflow as tf
 
-    from fashion_exp import service
-    from fashion_exp.service import ModelNotFound
+    from fashion_exp import logged_models, service, tracking
 
     if cfg.threads:
         tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
@@ -135,13 +152,15 @@ def build(cfg: DictConfig) -> tuple[Any, str]:
                           f"{cfg.tracking.experiment_name!r} of {uri}: train one first or pass "
                           "model_uri=runs:/<run_id>/model")
     try:
-        default = load_served_model(client, default_uri)
-    except ModelNotFound as err:
-        raise ConfigError("model_uri", default_uri, f"cannot load it from {uri}: "
-                          f"{str(err).split(': ', 1)[-1]}") from None
+        default = load_served_model(client, logged_models.resolve(client, default_uri))
+    except logged_models.UnknownModel as err:
+        raise ConfigError("model_uri", default_uri, f"{err.reason} ({uri})") from None
+    except service.ModelUnusable as err:
+        raise ConfigError("model_uri", default_uri, f"{str(err).split(' ', 1)[-1]}") from None
     settings = Settings(**{k: cfg[k] for k in Settings.__dataclass_fields__})
     app = service.create_app(
-        default, lambda u: load_served_model(client, u), settings,
+        default, lambda u: resolve(client, u), lambda ref: load_served_model(client, ref),
+        settings,
         choices=lambda: model_choices(client, cfg.tracking.experiment_name, default_uri),
         samples=test_images(cfg))
     return app, default_uri
@@ -156,17 +175,40 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         cfg = compose_checked("serve", args)
+        if not is_loopback(cfg.host):
+            print(f"fashion-exp-serve: warning: host={cfg.host} accepts connections from other "
+                  "machines and the service has no authentication: anyone who reaches this "
+                  "port can use it", file=sys.stderr, flush=True)
         check_port_free(cfg.host, cfg.port)
         logging.basicConfig(level=cfg.log_level.upper(), format="%(levelname)s %(message)s")
         app, default_uri = build(cfg)
     except ConfigError as err:
         print(f"fashion-exp-serve: {err}", file=sys.stderr)
         sys.exit(2)
+    except StoreError as err:
+        print(f"fashion-exp-serve: error: {err}", file=sys.stderr)
+        sys.exit(2)
     import uvicorn
 
-    print(f"Serving {default_uri} on http://{cfg.host}:{cfg.port}/ (page), "
-          f"http://{cfg.host}:{cfg.port}/docs (API)", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False)
+    from fashion_exp.connections import limited_protocol
+
+    base = f"http://{f'[{cfg.host}]' if ':' in cfg.host else cfg.host}:{cfg.port}"
+    print(f"Serving {default_uri} on {base}/ (page), {base}/docs (API)", flush=True)
+    protocol = limited_protocol(cfg.max_header_bytes, cfg.header_timeout, cfg.body_timeout)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False,
+                http=protocol)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether an address to listen on is reachable from this machine only."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
 
 
 if __name__ == "__main__":

@@ -4,17 +4,25 @@
     GET  /model, /models   the model a request would use; the models one can pick
     GET  /samples/random   a test-set image with its label, for the page's "try one" button
     GET  /health, /        liveness; the web page (fashion_exp/web/index.html)
+    GET  /docs, /redoc     the API description, with its assets served here (works offline)
 
 Requests that arrive while the model is busy are answered by one model call together
 (`Batcher`), which is where the throughput under concurrency comes from.
+
+What it trusts and what it does not (docs/serving.md has the whole threat model): the tracking
+store is trusted; every request is not. A request's `model` is a reference looked up in the
+store, never a path; bodies are bounded before they are parsed, images before they are
+decoded, and parsing, validation and decoding run off the event loop, so /health answers
+while they work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -24,13 +32,17 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel, ConfigDict, FailFast, Field, ValidationError
+from starlette.datastructures import Headers
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
 from fashion_exp import preprocess
 from fashion_exp.config import ServiceSettings as Settings
 from fashion_exp.data import CLASSES
-from fashion_exp.tracking import MODEL_SCHEMES, ModelRef
+from fashion_exp.logged_models import ModelRef, UnknownModel
 
 log = logging.getLogger(__name__)
 
@@ -40,17 +52,19 @@ Predict = Callable[[np.ndarray], np.ndarray]  # (n, 28, 28) uint8 -> (n, 10) pro
 
 # --- Request and response shapes (they make the OpenAPI description) ---------------------------
 
+# FailFast: validation stops at the first bad value instead of listing every one of them.
 Pixel = Annotated[int, Field(ge=0, le=255)]
-Row = Annotated[list[Pixel], Field(min_length=SIDE, max_length=SIDE)]
-Image28 = Annotated[list[Row], Field(min_length=SIDE, max_length=SIDE)]
+Row = Annotated[list[Pixel], FailFast(), Field(min_length=SIDE, max_length=SIDE)]
+Image28 = Annotated[list[Row], FailFast(), Field(min_length=SIDE, max_length=SIDE)]
 
 
 class ArrayRequest(BaseModel):
     """JSON body of POST /predict: Fashion-MNIST style images as they are, no preprocessing."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
-    images: list[Image28] = Field(min_length=1, description="28 rows of 28 integers 0-255 each; "
-                                  "light garment on black, as in the dataset")
+    images: Annotated[list[Image28], FailFast()] = Field(
+        min_length=1, description="28 rows of 28 integers 0-255 each; light garment on black, "
+                                  "as in the dataset")
 
 
 class ClassProbability(BaseModel):
@@ -68,6 +82,7 @@ class Prediction(BaseModel):
 class ModelRefOut(BaseModel):
     uri: str
     run_id: str
+    model_id: str
     name: str | None
     version: str | None
 
@@ -110,8 +125,12 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {
 
 # --- Models: loaded once, called in batches ----------------------------------------------------
 
-class ModelNotFound(LookupError):
-    """A model URI that names nothing loadable in the tracking store."""
+class ModelUnusable(ValueError):
+    """A logged model of the store that cannot be served (it does not take 28x28 images)."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The tracking store did not answer a look-up (the request may be tried again)."""
 
 
 class Batcher:
@@ -119,7 +138,8 @@ class Batcher:
 
     def __init__(self, predict: Predict, executor: ThreadPoolExecutor, max_batch: int) -> None:
         self.predict, self.executor, self.max_batch = predict, executor, max_batch
-        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]]] | None = None
+        self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]] | None] | None
+        self.queue = None
 
     async def __call__(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for (n, 28, 28) uint8 images, computed together with other requests'."""
@@ -130,15 +150,23 @@ class Batcher:
         await self.queue.put((images, done))
         return await done
 
+    def close(self) -> None:
+        """Stop the worker once the requests already queued are answered."""
+        if self.queue is not None:
+            self.queue.put_nowait(None)
+
     async def _work(self) -> None:
         assert self.queue is not None
         loop = asyncio.get_running_loop()
-        while True:
-            waiting = [await self.queue.get()]
-            count = len(waiting[0][0])
+        while (first := await self.queue.get()) is not None:
+            waiting, count, closing = [first], len(first[0]), False
             while not self.queue.empty() and count < self.max_batch:
-                waiting.append(self.queue.get_nowait())
-                count += len(waiting[-1][0])
+                item = self.queue.get_nowait()
+                if item is None:
+                    closing = True
+                    break
+                waiting.append(item)
+                count += len(item[0])
             batch = np.concatenate([images for images, _ in waiting])
             try:
                 probs = await loop.run_in_executor(self.executor, self.predict, batch)
@@ -152,6 +180,8 @@ class Batcher:
                 if not done.done():  # a client that went away cancels its future
                     done.set_result(probs[start:start + len(images)])
                 start += len(images)
+            if closing:
+                return
 
 
 @dataclass
@@ -164,25 +194,29 @@ class ServedModel:
     predict: Predict
     batcher: Batcher | None = field(default=None, repr=False)
 
-    def info(self) -> dict[str, Any]:
-        """The JSON of GET /model."""
-        return {**self.ref_json(), "run_name": self.run_name, "metrics": self.metrics,
+    def info(self, asked: ModelRef) -> dict[str, Any]:
+        """The JSON of GET /model, for the reference a request asked with."""
+        return {**ref_json(asked), "run_name": self.run_name, "metrics": self.metrics,
                 "classes": list(CLASSES)}
 
-    def ref_json(self) -> dict[str, Any]:
-        return {"uri": self.ref.uri, "run_id": self.ref.run_id, "name": self.ref.name,
-                "version": self.ref.version}
+
+def ref_json(ref: ModelRef) -> dict[str, Any]:
+    """The reference as a request asked it, with the model it names."""
+    return {"uri": ref.uri, "run_id": ref.run_id, "model_id": ref.model_id, "name": ref.name,
+            "version": ref.version}
 
 
 class Models:
     """The default model, plus others loaded on first request and kept: at most
-    settings.max_models in all, the least recently used dropped first."""
+    settings.max_models in all, the least recently used dropped first. Models are kept by
+    the logged model a reference resolves to, so every spelling of one model loads it once."""
 
-    def __init__(self, default: ServedModel, loader: Callable[[str], ServedModel],
-                 settings: Settings, executor: ThreadPoolExecutor) -> None:
-        self.default, self.loader, self.settings = default, loader, settings
-        self.executor = executor
-        self.loaded: OrderedDict[str, ServedModel] = OrderedDict()
+    def __init__(self, default: ServedModel, resolver: Callable[[str], ModelRef],
+                 loader: Callable[[ModelRef], ServedModel], settings: Settings,
+                 executor: ThreadPoolExecutor) -> None:
+        self.default, self.resolver, self.loader = default, resolver, loader
+        self.settings, self.executor = settings, executor
+        self.loaded: OrderedDict[str, ServedModel] = OrderedDict()  # by logged model id
         self.lock = asyncio.Lock()
         self._attach(default)
 
@@ -190,33 +224,54 @@ class Models:
         model.batcher = Batcher(model.predict, self.executor, self.settings.max_batch)
         return model
 
-    async def get(self, uri: str | None) -> ServedModel:
-        """The model for a request's `model` parameter (None: the default)."""
+    async def get(self, uri: str | None) -> tuple[ModelRef, ServedModel]:
+        """The reference and model for a request's `model` parameter (None: the default);
+        UnknownModel when the store has no such model."""
         if uri is None or uri == "" or uri == self.default.ref.uri:
-            return self.default
-        if not uri.startswith(MODEL_SCHEMES):
-            raise ModelNotFound(f"model={uri!r}: use runs:/<run_id>/model, "
-                                "models:/<name>/<version> or models:/<name>@<alias>")
+            return self.default.ref, self.default
+        ref = await asyncio.to_thread(self.resolver, uri)
+        if ref.model_id == self.default.ref.model_id:
+            return ref, self.default
         async with self.lock:  # one load at a time; a second request for it waits here
-            if uri not in self.loaded:
-                self.loaded[uri] = self._attach(await asyncio.to_thread(self.loader, uri))
+            if ref.model_id not in self.loaded:
+                self.loaded[ref.model_id] = self._attach(
+                    await asyncio.to_thread(self.loader, ref))
                 # The default counts as one; the model just loaded always stays.
                 while len(self.loaded) > max(1, self.settings.max_models - 1):
-                    self.loaded.popitem(last=False)
-            self.loaded.move_to_end(uri)
-            return self.loaded[uri]
+                    _, dropped = self.loaded.popitem(last=False)
+                    dropped.batcher.close()
+            self.loaded.move_to_end(ref.model_id)
+            return ref, self.loaded[ref.model_id]
+
+    def close(self) -> None:
+        """Stop every model's batching worker (the service is shutting down)."""
+        for model in (self.default, *self.loaded.values()):
+            model.batcher.close()
 
 
 # --- Turning a request into images -------------------------------------------------------------
 
+# A JSON body may hold max_images images of 28x28 numbers written with up to this many bytes
+# each ("255, " is 5; pretty-printed JSON puts each on its own indented line): larger bodies
+# are refused from their Content-Length, before a byte is parsed.
+JSON_BYTES_PER_PIXEL = 16
+JSON_INLINE_BYTES = 32_768  # smaller bodies are parsed on the event loop (a few images, < 1 ms)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request body had arrived."""
+
+
+def json_limit(settings: Settings) -> int:
+    """The largest JSON body worth parsing: max_images images, generously formatted."""
+    return settings.max_images * SIDE * SIDE * JSON_BYTES_PER_PIXEL + 4096
+
+
 def one_line(err: ValidationError) -> str:
-    """The first problem pydantic found, with its location, and how many more there are."""
-    problems = err.errors(include_url=False)
-    first = problems[0]
+    """The first problem pydantic found, with its location."""
+    first = err.errors(include_url=False)[0]
     where = ".".join(str(part) for part in first["loc"]) or "body"
-    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-    return (f"{where}: {first['msg']}{more}; expected "
-            '{"images": [<28 rows of 28 integers 0-255>, ...]}')
+    return f'{where}: {first["msg"]}; expected {{"images": [<28 rows of 28 integers 0-255>, ...]}}'
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -225,14 +280,33 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"request of {declared} bytes is over the limit of {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"request is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # noqa: SLF001 - lets Starlette parse a form from what was read
-    return body
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPException(413, f"request is over the limit of {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone(f"request body ended after {size} bytes: the client closed the "
+                         "connection or was slower than body_timeout") from None
+    return b"".join(chunks)
+
+
+def parse_json(body: bytes, settings: Settings) -> np.ndarray:
+    """(n, 28, 28) uint8 images from a JSON body; the count is checked before the images."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as err:  # RecursionError: [[[[... nested too deep
+        raise HTTPException(422, f"body: Invalid JSON ({str(err)[:100]}); expected "
+                                 '{"images": [<28 rows of 28 integers 0-255>, ...]}') from None
+    listed = payload.get("images") if isinstance(payload, dict) else None
+    if isinstance(listed, list) and listed and isinstance(listed[0], list):
+        check_count(len(listed), settings)  # a list of images: too many is 413, not 422
+    try:
+        images = ArrayRequest.model_validate(payload).images
+    except ValidationError as err:
+        raise HTTPException(422, one_line(err)) from None
+    return np.asarray(images, dtype=np.uint8)
 
 
 def prepare_uploads(uploads: list[tuple[str, bytes]], settings: Settings) -> np.ndarray:
@@ -247,34 +321,57 @@ def prepare_uploads(uploads: list[tuple[str, bytes]], settings: Settings) -> np.
     return np.stack(images)
 
 
-async def read_images(request: Request, settings: Settings) -> tuple[np.ndarray, list[str]]:
+def read_form(headers: Headers, body: bytes, settings: Settings) -> list[tuple[str, bytes]]:
+    """The files of a multipart body (field 'files'), named; 413 past max_images.
+
+    Blocking: parsing a body of up to max_request_bytes takes tens of milliseconds, so it runs
+    in a worker thread, with Starlette's parser on an event loop of that thread's own."""
+    async def body_stream() -> AsyncIterator[bytes]:
+        yield body
+
+    async def parse() -> list[tuple[str, bytes]]:
+        parser = MultiPartParser(headers, body_stream(), max_files=settings.max_images,
+                                 max_fields=8)
+        try:
+            form = await parser.parse()
+        except MultiPartException as err:
+            # "Too many files/fields" is a limit (413); anything else a malformed body (400).
+            status = 413 if err.message.startswith("Too many") else 400
+            raise HTTPException(status, f"multipart body refused: {err.message}") from None
+        try:
+            files = [f for f in form.getlist("files") if not isinstance(f, str)]
+            if not files:
+                raise HTTPException(400, "no image found: upload files in multipart field "
+                                         "'files'")
+            check_count(len(files), settings)
+            return [(f.filename or f"files[{i}]", await f.read()) for i, f in enumerate(files)]
+        finally:
+            await form.close()
+
+    return asyncio.run(parse())
+
+
+async def read_images(request: Request, settings: Settings,
+                      decoder: ThreadPoolExecutor) -> tuple[np.ndarray, list[str]]:
     """(n, 28, 28) uint8 images and their names from a multipart or JSON request."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind not in ("multipart/form-data", "application/json"):
         raise HTTPException(415, f"Content-Type {kind or 'missing'!r}: send multipart/form-data "
                                  "with image files in field 'files', or application/json "
                                  '{"images": [...]}')
-    body = await read_body(request, settings.max_request_bytes)
     if kind == "application/json":
-        try:
-            images = ArrayRequest.model_validate_json(body).images
-        except ValidationError as err:
-            raise HTTPException(422, one_line(err)) from None
-        check_count(len(images), settings)
-        return np.asarray(images, dtype=np.uint8), [f"images[{i}]" for i in range(len(images))]
-    try:
-        form = await request.form(max_files=settings.max_images, max_fields=8)
-    except HTTPException as err:  # Starlette's own refusal (too many files, bad boundary)
-        raise HTTPException(400, f"multipart body refused: {err.detail}") from None
-    try:
-        files = [f for f in form.getlist("files") if not isinstance(f, str)]
-        if not files:
-            raise HTTPException(400, "no image found: upload files in multipart field 'files'")
-        check_count(len(files), settings)
-        uploads = [(f.filename or f"files[{i}]", await f.read()) for i, f in enumerate(files)]
-    finally:
-        await form.close()
-    images = await asyncio.to_thread(prepare_uploads, uploads, settings)
+        body = await read_body(request, json_limit(settings))
+        if len(body) <= JSON_INLINE_BYTES:
+            images = parse_json(body, settings)
+        else:
+            images = await asyncio.to_thread(parse_json, body, settings)
+        return images, [f"images[{i}]" for i in range(len(images))]
+    body = await read_body(request, settings.max_request_bytes)
+    uploads = await asyncio.to_thread(read_form, request.headers, body, settings)
+    # decoder has settings.decode_workers threads: at most that many images are decoded at
+    # once, whatever the number of requests, which bounds the memory decoding takes.
+    images = await asyncio.get_running_loop().run_in_executor(
+        decoder, prepare_uploads, uploads, settings)
     return images, [name for name, _ in uploads]
 
 
@@ -293,24 +390,30 @@ def top_classes(probs: np.ndarray, k: int) -> list[dict[str, Any]]:
 
 # --- The app -----------------------------------------------------------------------------------
 
-def create_app(default: ServedModel, loader: Callable[[str], ServedModel], settings: Settings,
+def create_app(default: ServedModel, resolver: Callable[[str], ModelRef],
+               loader: Callable[[ModelRef], ServedModel], settings: Settings,
                choices: Callable[[], list[dict[str, str]]] | None = None,
                samples: tuple[np.ndarray, np.ndarray] | None = None) -> FastAPI:
-    """The service for `default`; `loader` loads other models by URI (raising ModelNotFound),
-    `choices` lists the models the page offers, `samples` are test images and labels."""
+    """The service for `default`. `resolver` turns a request's model URI into a reference of
+    the store (raising UnknownModel), `loader` loads a referenced model (raising
+    ModelUnusable), `choices` lists the models the page offers, `samples` are test images."""
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-    models = Models(default, loader, settings, executor)
+    decoder = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
+    models = Models(default, resolver, loader, settings, executor)
     rng = np.random.default_rng()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):  # noqa: ANN202
         yield
+        models.close()
         executor.shutdown(wait=False, cancel_futures=True)
+        decoder.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="fashion_exp prediction service", version="1",
-                  description="Fashion-MNIST classifiers logged by fashion_exp, served over "
-                              "HTTP. Photos are framed like the dataset before prediction.",
-                  lifespan=lifespan)
+    # FastAPIOffline: /docs and /redoc with their JavaScript served from the package, not a CDN.
+    app = FastAPIOffline(
+        title="fashion_exp prediction service", version="1",
+        description="Fashion-MNIST classifiers logged by fashion_exp, served over HTTP. Photos "
+                    "are framed like the dataset before prediction.", lifespan=lifespan)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -319,10 +422,25 @@ def create_app(default: ServedModel, loader: Callable[[str], ServedModel], setti
         where = ".".join(str(part) for part in first["loc"])
         return JSONResponse({"detail": f"{where}: {first['msg']}"}, status_code=422)
 
-    @app.exception_handler(ModelNotFound)
-    async def _no_model(_: Request, err: ModelNotFound) -> JSONResponse:
+    @app.exception_handler(UnknownModel)
+    async def _no_model(_: Request, err: UnknownModel) -> JSONResponse:
         return JSONResponse({"detail": f"{err} (GET /models lists the models available)"},
                             status_code=404)
+
+    @app.exception_handler(ModelUnusable)
+    async def _unusable(_: Request, err: ModelUnusable) -> JSONResponse:
+        return JSONResponse({"detail": str(err)}, status_code=422)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _no_store(_: Request, err: StoreUnavailable) -> JSONResponse:
+        log.warning("tracking store look-up failed: %s", err)
+        return JSONResponse({"detail": "the tracking store did not answer; try again later"},
+                            status_code=503)
+
+    @app.exception_handler(ClientGone)
+    async def _gone(request: Request, err: ClientGone) -> Response:
+        log.info("%s %s: %s", request.method, request.url.path, err)
+        return Response(status_code=400)  # nobody reads it: the connection is closed
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -338,7 +456,8 @@ def create_app(default: ServedModel, loader: Callable[[str], ServedModel], setti
     async def model_info(model: str | None = Query(None, description="model URI; "
                                                    "default: the service's model")) -> Any:
         """Which run, registered name/version and test metrics a model URI stands for."""
-        return (await models.get(model)).info()
+        ref, served = await models.get(model)
+        return served.info(ref)
 
     @app.get("/models", response_model=ModelList)
     async def model_list() -> Any:
@@ -365,10 +484,10 @@ def create_app(default: ServedModel, loader: Callable[[str], ServedModel], setti
                       top_k: int = Query(settings.top_k, ge=1, le=len(CLASSES),
                                          description="how many classes to return")) -> Any:
         """Top-k classes for uploaded photos (framed like the dataset first) or 28x28 arrays."""
-        served = await models.get(model)
-        images, names = await read_images(request, settings)
+        ref, served = await models.get(model)
+        images, names = await read_images(request, settings, decoder)
         probs = await served.batcher(images)
-        return JSONResponse({"model": served.ref_json(), "predictions": [
+        return JSONResponse({"model": ref_json(ref), "predictions": [
             {"source": name, "top": top_classes(p, top_k), "image": image.tolist()}
             for name, p, image in zip(names, probs, images, strict=True)]})
 

@@ -11,7 +11,6 @@ import traceback
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 from fashion_exp import interrupts, procs
 from fashion_exp.config import project_root
 from fashion_exp.locks import file_lock
+from fashion_exp.logged_models import MODEL_ARTIFACT
 from fashion_exp.offline import Outbox
+from fashion_exp.stores import check_store, resolve_uri, sqlite_path
 
 # The outbox of the active run on a tracking server (None for local stores).
 _outbox: Outbox | None = None
@@ -36,28 +37,14 @@ class TrackingUnavailable(RuntimeError):
 
 log = logging.getLogger(__name__)
 
-MODEL_ARTIFACT = "model"
 OWNER_TAGS = ("host", "pid", "started")  # process.* tags of a run: see procs.alive
 MAX_RUN_NAME = 250  # MLflow's column size: a database server (PostgreSQL) rejects longer names
 
 
 # --- Where runs go -----------------------------------------------------------------------------
 
-def resolve_uri(uri: str | None) -> str:
-    """The tracking URI to use, with relative SQLite and file paths made absolute."""
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or ""
-    if not uri:
-        return f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
-    if "://" not in uri:
-        return Path(uri).resolve().as_uri()
-    return uri
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a resolved sqlite:/// URI; None for any other store."""
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+# resolve_uri (tracking URI to use) and sqlite_path (its SQLite file) live in stores.py, which
+# checks a store before MLflow is imported; imported above for this module's callers.
 
 
 def artifact_root(uri: str) -> str | None:
@@ -88,13 +75,15 @@ def is_server(uri: str) -> bool:
 
 
 def connect(cfg: DictConfig) -> str:
-    """The resolved tracking URI of cfg.tracking; for a server, MLflow's request timeout and
-    retries are set from the config and the server must answer (TrackingUnavailable)."""
+    """The resolved tracking URI of cfg.tracking, once the store is usable for recording runs
+    (stores.StoreError if not); for a server, MLflow's request timeout and retries are set
+    from the config and the server must answer (TrackingUnavailable)."""
     from fashion_exp.team import server_up
 
     uri = resolve_uri(cfg.uri)
     if cfg.mode == "server" and not is_server(uri):
         raise TrackingUnavailable(f"tracking=server needs an http(s):// URI, got {uri}")
+    check_store(cfg.uri, write=True, create=True, connect_timeout=cfg.connect_timeout)
     if is_server(uri):
         # MLflow retries a failed request 7 times with backoff 2 (minutes of stalled training);
         # fewer, shorter retries here, and the outbox keeps the data of a longer outage.
@@ -312,39 +301,6 @@ def _log_keras_model(model: Any, registered_name: str | None) -> str:
 
 
 # --- Finding logged models --------------------------------------------------------------------
-
-MODEL_SCHEMES = ("runs:/", "models:/")
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A model URI with the run that logged it and, for registry URIs, its name and version."""
-
-    uri: str
-    run_id: str
-    name: str | None = None
-    version: str | None = None
-
-
-def resolve_model(client: mlflow.MlflowClient, uri: str) -> ModelRef:
-    """The run behind runs:/<id>/model, models:/<name>/<version> or models:/<name>@<alias>.
-
-    Raises MlflowException when the store has no such run or version, ValueError when the
-    URI is not of one of these forms."""
-    if uri.startswith("runs:/"):
-        run_id = uri.removeprefix("runs:/").split("/", 1)[0]
-        client.get_run(run_id)
-        return ModelRef(uri, run_id)
-    name_version = uri.removeprefix("models:/")
-    if not uri.startswith("models:/") or ("@" not in name_version and "/" not in name_version):
-        raise ValueError("use runs:/<run_id>/model, models:/<name>/<version> or "
-                         "models:/<name>@<alias>")
-    if "@" in name_version:
-        version = client.get_model_version_by_alias(*name_version.split("@", 1))
-    else:
-        version = client.get_model_version(*name_version.rsplit("/", 1))
-    return ModelRef(uri, version.run_id, version.name, str(version.version))
-
 
 def runs_with_models(client: mlflow.MlflowClient, experiment_name: str) -> Iterator[Any]:
     """The experiment's finished training runs that logged a model, best test accuracy first."""

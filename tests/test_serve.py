@@ -163,7 +163,7 @@ BAD_REQUESTS = [
      422, "Invalid JSON"),
     ("no images key", {"json": {"image": GOOD}}, 422, "images: Field required"),
     ("empty list", {"json": {"images": []}}, 422, "at least 1 item"),
-    ("flat array", {"json": {"images": [0] * 784}}, 422, "images.0: Input should be a valid array"),
+    ("flat array", {"json": {"images": [0] * 784}}, 422, "images.0: Input should be a valid list"),
     ("5 images", {"json": {"images": [GOOD] * 5}}, 413, "5 images in one request: the limit is 4"),
     ("plain text", {"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415,
      "send multipart/form-data"),
@@ -185,7 +185,7 @@ BAD_REQUESTS = [
      413, "over the limit of 3000000 bytes"),
     ("unknown run", {"params": {"model": "runs:/0123456789abcdef/model"},
                      "json": {"images": [GOOD]}},
-     404, "Run with id=0123456789abcdef not found"),
+     404, "is not a model of this tracking store"),
     ("unknown version", {"params": {"model": "models:/fashion_serve/99"},
                          "json": {"images": [GOOD]}}, 404, "models:/fashion_serve/99"),
     ("not a model URI", {"params": {"model": "/etc/passwd"}, "json": {"images": [GOOD]}}, 404,
@@ -291,8 +291,8 @@ def serve_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("args,message", [
-    (["model_uri=runs:/0123456789abcdef/model"], "Run with id=0123456789abcdef not found"),
-    (["model_uri=models:/fashion_serve/42"], "cannot load it from"),
+    (["model_uri=runs:/0123456789abcdef/model"], "is not a model of this tracking store"),
+    (["model_uri=models:/fashion_serve/42"], "is not a model of this tracking store"),
     (["model_uri=s3://bucket/model"], "use runs:/<run_id>/model"),
     (["port=70000"], "port=70000: must be in [1, 65535]"),
     (["top_k=0"], "top_k=0: must be in [1, 10]"),
@@ -333,35 +333,46 @@ def test_same_answer_as_mlflow_models_serve(served_store, test_set, tmp_path) ->
     np.testing.assert_allclose(ours_probs, np.array(theirs_answer["predictions"]), atol=1e-5)
 
 
-def test_models_are_loaded_once_and_the_least_recent_dropped() -> None:
+def test_models_are_loaded_once_per_model_and_the_least_recent_dropped() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from fashion_exp.service import ModelNotFound, Models, ServedModel, Settings
-    from fashion_exp.tracking import ModelRef
+    from fashion_exp.logged_models import ModelRef, UnknownModel
+    from fashion_exp.service import Models, ServedModel, Settings
 
     loads: list[str] = []
+    # Two spellings of model a: a run URI and a registered version.
+    store = {"runs:/d/model": "d", "runs:/a/model": "a", "models:/A/1": "a",
+             "runs:/b/model": "b"}
 
-    def served(uri: str) -> ServedModel:
-        return ServedModel(ModelRef(uri, uri[6:7]), uri, {}, lambda x: x)
+    def resolver(uri: str) -> ModelRef:
+        if uri not in store:
+            raise UnknownModel(uri)
+        return ModelRef(uri, store[uri], f"m-{store[uri]}", f"file:///{store[uri]}")
 
-    def loader(uri: str) -> ServedModel:
-        if "missing" in uri:
-            raise ModelNotFound(f"model_uri={uri!r}: not found")
-        loads.append(uri)
-        return served(uri)
+    def loader(ref: ModelRef) -> ServedModel:
+        loads.append(ref.model_id)
+        return ServedModel(ref, ref.run_id, {}, lambda x: x)
 
-    async def scenario(capacity: int) -> list[str]:
-        models = Models(served("runs:/d/model"), loader, Settings(max_models=capacity),
+    async def scenario(capacity: int) -> tuple[list[str], list[ServedModel]]:
+        default = ServedModel(resolver("runs:/d/model"), "d", {}, lambda x: x)
+        models = Models(default, resolver, loader, Settings(max_models=capacity),
                         ThreadPoolExecutor(1))
-        got = [(await models.get(u)).ref.uri for u in
-               (None, "runs:/a/model", "runs:/a/model", "runs:/b/model", "runs:/a/model")]
-        with pytest.raises(ModelNotFound):
+        got = []
+        for uri in (None, "runs:/a/model", "models:/A/1", "runs:/b/model", "runs:/a/model"):
+            ref, served = await models.get(uri)
+            await served.batcher(np.zeros((1, 28, 28), np.uint8))  # starts its worker
+            got.append((ref.uri, served.ref.model_id))
+        with pytest.raises(UnknownModel):
             await models.get("runs:/missing/model")
-        return got
+        kept = list(models.loaded.values())
+        models.close()
+        await asyncio.sleep(0.01)
+        return got, kept
 
-    for capacity, expected_loads in ((3, ["a", "b"]), (1, ["a", "b", "a"])):
+    for capacity, expected_loads in ((3, ["m-a", "m-b"]), (1, ["m-a", "m-b", "m-a"])):
         loads.clear()
-        got = asyncio.run(scenario(capacity))
-        assert got == ["runs:/d/model", "runs:/a/model", "runs:/a/model", "runs:/b/model",
-                       "runs:/a/model"]
-        assert [u[6] for u in loads] == expected_loads, (capacity, loads)
+        got, kept = asyncio.run(scenario(capacity))
+        assert got == [("runs:/d/model", "m-d"), ("runs:/a/model", "m-a"), ("models:/A/1", "m-a"),
+                       ("runs:/b/model", "m-b"), ("runs:/a/model", "m-a")]
+        assert loads == expected_loads, (capacity, loads)
+        assert len(kept) == min(2, capacity)

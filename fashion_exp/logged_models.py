@@ -1,0 +1,123 @@
+"""Model references: from a `runs:/` or `models:/` URI to one logged model of the store.
+
+A reference names a model, never a path. `resolve` looks it up in the tracking store (a run's
+logged model, a registered version or alias, a logged model id) and answers where the store
+keeps it; no part of the URI is ever joined to a path. `load_keras` loads the model from that
+place: in place for a local store, through a temporary folder that is removed for a server.
+Every reference that names nothing gets the same `UnknownModel`, whatever the reason, so an
+answer says nothing about the files of the machine.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+MODEL_SCHEMES = ("runs:/", "models:/")
+MODEL_ARTIFACT = "model"  # the name fashion-exp-train logs its model under
+FORMS = "runs:/<run_id>/model, models:/<name>/<version> or models:/<name>@<alias>"
+MAX_URI = 512  # characters; longer references are refused without a look-up
+
+# The forms accepted, each matched whole. Names follow MLflow's rules: no '/' in a registered
+# model name, letters, digits, '_' and '-' in an alias.
+_RUN = re.compile(r"runs:/(?P<run_id>[0-9a-f]{32})/(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]{0,255})")
+_VERSION = re.compile(r"models:/(?P<name>[^/@\x00-\x1f]{1,256})/(?P<version>[1-9][0-9]{0,9})")
+_ALIAS = re.compile(r"models:/(?P<name>[^/@\x00-\x1f]{1,256})@(?P<alias>[A-Za-z0-9_-]{1,255})")
+_MODEL_ID = re.compile(r"(?:models:/)?(?P<model_id>m-[0-9a-f]{32})")
+
+
+class UnknownModel(LookupError):
+    """A reference that names no logged model of this store (the same message for all)."""
+
+    reason = f"is not a model of this tracking store: use {FORMS}"
+
+    def __init__(self, uri: object) -> None:
+        shown = repr(uri) if len(str(uri)) <= 120 else repr(str(uri)[:117] + "...")
+        super().__init__(f"model={shown} {self.reason}")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A reference as asked, and the logged model it stands for."""
+
+    uri: str  # as the user or the request spelled it
+    run_id: str  # the run that logged the model
+    model_id: str  # MLflow's logged model id: the same for every spelling of one model
+    location: str  # where the store keeps the model's files (artifact URI)
+    name: str | None = None  # registered model name, for models:/ references
+    version: str | None = None  # registered version, for models:/ references
+
+
+def resolve(client: Any, uri: str) -> ModelRef:
+    """The logged model `uri` names in `client`'s store; UnknownModel if it names none.
+
+    Errors of the store itself (unreachable, corrupt) are MlflowExceptions of other kinds and
+    pass through."""
+    from mlflow.entities import LoggedModelStatus
+
+    if not isinstance(uri, str) or len(uri) > MAX_URI:
+        raise UnknownModel(uri)
+    name = version = None
+    try:
+        if match := _RUN.fullmatch(uri):
+            run = client.get_run(match["run_id"])
+            if run.info.lifecycle_stage != "active":
+                raise UnknownModel(uri)
+            ids = [out.model_id for out in (run.outputs.model_outputs if run.outputs else [])]
+            models = [m for m in map(client.get_logged_model, ids) if m.name == match["name"]]
+            if not models:
+                raise UnknownModel(uri)
+            model = models[-1]  # logged twice under one name: the latest, as MLflow does
+        elif match := _MODEL_ID.fullmatch(uri):
+            model = client.get_logged_model(match["model_id"])
+        elif (match := _VERSION.fullmatch(uri)) or (match := _ALIAS.fullmatch(uri)):
+            if "alias" in match.groupdict():
+                found = client.get_model_version_by_alias(match["name"], match["alias"])
+            else:
+                found = client.get_model_version(match["name"], match["version"])
+            model = _version_model(client, found, uri)
+            name, version = found.name, str(found.version)
+        else:
+            raise UnknownModel(uri)
+    except Exception as err:
+        if isinstance(err, UnknownModel) or _not_found(err):
+            raise UnknownModel(uri) from None
+        raise
+    if model.status != LoggedModelStatus.READY or not model.source_run_id:
+        raise UnknownModel(uri)
+    return ModelRef(uri, model.source_run_id, model.model_id, model.artifact_location, name,
+                    version)
+
+
+def _version_model(client: Any, version: Any, uri: str) -> Any:
+    """The logged model a registered version points at (MLflow 3 versions name it)."""
+    model_id = getattr(version, "model_id", None)
+    if not model_id and (match := _MODEL_ID.fullmatch(version.source or "")):
+        model_id = match["model_id"]
+    if not model_id or version.status != "READY":
+        raise UnknownModel(uri)
+    return client.get_logged_model(model_id)
+
+
+def _not_found(err: Exception) -> bool:
+    """Whether MLflow said the thing asked for does not exist (or could not be named)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(err, MlflowException) and err.error_code in (
+        "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "BAD_REQUEST")
+
+
+def load_keras(ref: ModelRef) -> Any:
+    """The Keras model of a resolved reference, loaded from where the store keeps it.
+
+    A local store's model is read in place (MLflow copies nothing for file:// locations); a
+    server's is downloaded to a temporary folder that is removed once the model is in memory.
+    The tracking URI must be set (mlflow.set_tracking_uri) for server locations."""
+    import mlflow.tensorflow
+
+    if ref.location.startswith("file:"):
+        return mlflow.tensorflow.load_model(ref.location)
+    with tempfile.TemporaryDirectory(prefix="fashion-exp-model-") as folder:
+        return mlflow.tensorflow.load_model(ref.location, dst_path=folder)
