@@ -140,12 +140,13 @@ class Batcher:
         self.predict, self.executor, self.max_batch = predict, executor, max_batch
         self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]] | None] | None
         self.queue = None
+        self.worker: asyncio.Task | None = None
 
     async def __call__(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for (n, 28, 28) uint8 images, computed together with other requests'."""
         if self.queue is None:  # created inside the server's event loop
             self.queue = asyncio.Queue()
-            asyncio.get_running_loop().create_task(self._work())
+            self.worker = asyncio.get_running_loop().create_task(self._work())
         done = asyncio.get_running_loop().create_future()
         await self.queue.put((images, done))
         return await done

@@ -190,6 +190,17 @@ BAD_REQUESTS = [
                          "json": {"images": [GOOD]}}, 404, "models:/fashion_serve/99"),
     ("not a model URI", {"params": {"model": "/etc/passwd"}, "json": {"images": [GOOD]}}, 404,
      "use runs:/<run_id>/model"),
+    ("model path escape", {"params": {"model": f"runs:/{'0' * 32}/../../../../etc"},
+                           "json": {"images": [GOOD]}}, 404, "is not a model of this tracking"),
+    ("model file URI", {"params": {"model": "file:///etc"}, "json": {"images": [GOOD]}}, 404,
+     "is not a model of this tracking"),
+    ("5 files", {"files": [("files", (f"{i}.png", b"x", "image/png")) for i in range(5)]}, 413,
+     "Too many files"),
+    ("deep JSON", {"content": b"[" * 50_000, "headers": {"Content-Type": "application/json"}},
+     422, "Invalid JSON"),
+    ("JSON body size", {"content": b'{"images": [' + b"0, " * 100_000 + b"0]}",
+                        "headers": {"Content-Type": "application/json"}}, 413,
+     "over the limit of"),
     ("top_k 0", {"params": {"top_k": 0}, "json": {"images": [GOOD]}}, 422, "top_k"),
     ("top_k 11", {"params": {"top_k": 11}, "json": {"images": [GOOD]}}, 422,
      "less than or equal to 10"),
@@ -357,16 +368,20 @@ def test_models_are_loaded_once_per_model_and_the_least_recent_dropped() -> None
         default = ServedModel(resolver("runs:/d/model"), "d", {}, lambda x: x)
         models = Models(default, resolver, loader, Settings(max_models=capacity),
                         ThreadPoolExecutor(1))
-        got = []
+        got, workers = [], []
         for uri in (None, "runs:/a/model", "models:/A/1", "runs:/b/model", "runs:/a/model"):
             ref, served = await models.get(uri)
             await served.batcher(np.zeros((1, 28, 28), np.uint8))  # starts its worker
+            if served.batcher.worker not in workers:
+                workers.append(served.batcher.worker)
             got.append((ref.uri, served.ref.model_id))
         with pytest.raises(UnknownModel):
             await models.get("runs:/missing/model")
         kept = list(models.loaded.values())
         models.close()
         await asyncio.sleep(0.01)
+        # Dropped and closed models' workers have ended: none is left pending at exit.
+        assert all(w.done() for w in workers) and len(workers) == 1 + len(loads)
         return got, kept
 
     for capacity, expected_loads in ((3, ["m-a", "m-b"]), (1, ["m-a", "m-b", "m-a"])):
