@@ -308,12 +308,18 @@ class ServiceSettings:
         _check(8 <= self.object_size <= 28, "object_size", self.object_size,
                "must be in [8, 28] pixels")
         for key in ("max_batch", "max_images", "max_upload_bytes", "max_request_bytes",
-                    "max_image_pixels", "max_models", "decode_workers"):
+                    "max_image_pixels", "max_models"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
-        _check(self.max_header_bytes >= 1024, "max_header_bytes", self.max_header_bytes,
-               "must be >= 1024 bytes")
+        # Upper bounds too: a limit that cannot bind (inf, 1e12) is no limit.
+        _check(1 <= self.decode_workers <= 64, "decode_workers", self.decode_workers,
+               "must be in [1, 64] threads")
+        _check(1024 <= self.max_header_bytes <= 1_048_576, "max_header_bytes",
+               self.max_header_bytes, "must be in [1024, 1048576] bytes")
+        _check(self.max_image_pixels <= 1_000_000_000, "max_image_pixels", self.max_image_pixels,
+               "must be at most 1000000000 (decoding takes ~7 bytes per pixel)")
         for key in ("header_timeout", "body_timeout"):
-            _check(getattr(self, key) > 0, key, getattr(self, key), "must be > 0 seconds")
+            _check(0 < getattr(self, key) <= 3600, key, getattr(self, key),
+                   "must be in (0, 3600] seconds")
 
 
 @dataclass
@@ -370,6 +376,16 @@ def _known_keys(node: DictConfig, prefix: str, known: set[str]) -> None:
             raise ConfigError(f"{prefix}{key}", node[key],
                               f"no such key; {prefix.rstrip('.') or 'the config'} has "
                               f"{', '.join(sorted(known - {'hydra'}))}")
+
+
+def _schema_keys_only(node: DictConfig, prefix: str) -> None:
+    """_known_keys for every node of a config that has a schema, however deep."""
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        _known_keys(node, prefix, {f.name for f in dataclasses.fields(schema)} | {"hydra"})
+    for key in node:
+        if isinstance(node[key], DictConfig):
+            _schema_keys_only(node[key], f"{prefix}{key}.")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -467,6 +483,7 @@ def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
             cfg = compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
+    _schema_keys_only(cfg, "")
     for group, node in cfg.items():  # building the dataclasses runs their range checks
         if isinstance(node, DictConfig):
             try:

@@ -10,6 +10,7 @@ own httptools protocol. Idle keep-alive connections are closed by uvicorn itself
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -18,9 +19,11 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger(__name__)
 
 
-def _plain_response(status: bytes, message: str) -> bytes:
-    body = message.encode()
-    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: text/plain; charset=utf-8\r\n"
+def _json_response(status: bytes, message: str) -> bytes:
+    """A whole HTTP response {"detail": message} that closes the connection, as the app's own
+    error answers are shaped."""
+    body = json.dumps({"detail": message}).encode()
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
             b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
             + body)
 
@@ -100,13 +103,19 @@ def limited_protocol(max_header_bytes: int, header_timeout: float,
                 self._timer.cancel()
                 self._timer = None
 
-        def _refuse(self, status: bytes, message: str) -> None:
+        def _refuse(self, status: bytes, message: str, logged: bool = False) -> None:
             self._disarm()
             self._refused = True
             if not self.transport.is_closing():
-                log.info("%s: %s", self._peer(), message)
-                self.transport.write(_plain_response(status, message))
+                if not logged:
+                    log.info("%s: %s", self._peer(), message)
+                self.transport.write(_json_response(status, message))
                 self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:  # noqa: D102
+            # uvicorn's answer to a request its parser rejects, as JSON like every other.
+            self._refuse(b"400 Bad Request", f"{msg.rstrip('.')}: not a valid HTTP/1.1 request",
+                         logged=True)  # uvicorn has logged it
 
         def _headers_too_slow(self) -> None:
             self._refuse(b"408 Request Timeout",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 from fashion_exp import interrupts
 from fashion_exp.config import CONF_DIR, ConfigError, one_line, register_configs
 from fashion_exp.stores import StoreError, check_store
+
+if TYPE_CHECKING:
+    from fashion_exp.logged_models import ModelRef
 
 log = logging.getLogger("fashion_exp")
 
@@ -45,12 +49,7 @@ def evaluate(cfg: DictConfig) -> float:
     # Resolve the model before TensorFlow loads and before anything is written: a bad URI or
     # an unusable store (missing, corrupt, unreachable, read-only) leaves the store as it was.
     uri = check_store(cfg.tracking.uri, write=True, connect_timeout=cfg.tracking.connect_timeout)
-    client = mlflow.MlflowClient(uri)
-    try:
-        ref = logged_models.resolve(client, cfg.model_uri)
-    except logged_models.UnknownModel as err:
-        raise ConfigError("model_uri", cfg.model_uri,
-                          f"{err.reason} (tracking store {uri})") from None
+    ref = model_ref(uri, cfg.model_uri)
 
     from fashion_exp import data, plots, training
 
@@ -122,8 +121,22 @@ def precheck(overrides: list[str]) -> DictConfig:
         except ConfigError as err:
             raise err.prefixed(group) from None
     check(cfg)
-    check_store(cfg.tracking.uri, write=True, connect_timeout=cfg.tracking.connect_timeout)
+    uri = check_store(cfg.tracking.uri, write=True, connect_timeout=cfg.tracking.connect_timeout)
+    model_ref(uri, cfg.model_uri)  # MLflow, not TensorFlow yet
     return cfg
+
+
+def model_ref(uri: str, model_uri: str) -> ModelRef:
+    """The logged model `model_uri` names in the store at `uri`; ConfigError if none."""
+    import mlflow
+
+    from fashion_exp import logged_models
+
+    try:
+        return logged_models.resolve(mlflow.MlflowClient(uri), model_uri)
+    except logged_models.UnknownModel as err:
+        raise ConfigError("model_uri", model_uri,
+                          f"{err.reason} (tracking store {uri})") from None
 
 
 def main() -> None:

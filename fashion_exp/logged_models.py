@@ -17,7 +17,8 @@ from typing import Any
 
 MODEL_SCHEMES = ("runs:/", "models:/")
 MODEL_ARTIFACT = "model"  # the name fashion-exp-train logs its model under
-FORMS = "runs:/<run_id>/model, models:/<name>/<version> or models:/<name>@<alias>"
+FORMS = ("runs:/<run_id>/model, models:/<name>/<version>, models:/<name>@<alias> or "
+         "models:/m-<model_id>")
 MAX_URI = 512  # characters; longer references are refused without a look-up
 
 # The forms accepted, each matched whole. Names follow MLflow's rules: no '/' in a registered
@@ -25,7 +26,7 @@ MAX_URI = 512  # characters; longer references are refused without a look-up
 _RUN = re.compile(r"runs:/(?P<run_id>[0-9a-f]{32})/(?P<name>[A-Za-z0-9_][A-Za-z0-9_.-]{0,255})")
 _VERSION = re.compile(r"models:/(?P<name>[^/@\x00-\x1f]{1,256})/(?P<version>[1-9][0-9]{0,9})")
 _ALIAS = re.compile(r"models:/(?P<name>[^/@\x00-\x1f]{1,256})@(?P<alias>[A-Za-z0-9_-]{1,255})")
-_MODEL_ID = re.compile(r"(?:models:/)?(?P<model_id>m-[0-9a-f]{32})")
+_MODEL_ID = re.compile(r"models:/(?P<model_id>m-[0-9a-f]{32})")
 
 
 class UnknownModel(LookupError):
@@ -63,8 +64,6 @@ def resolve(client: Any, uri: str) -> ModelRef:
     try:
         if match := _RUN.fullmatch(uri):
             run = client.get_run(match["run_id"])
-            if run.info.lifecycle_stage != "active":
-                raise UnknownModel(uri)
             ids = [out.model_id for out in (run.outputs.model_outputs if run.outputs else [])]
             models = [m for m in map(client.get_logged_model, ids) if m.name == match["name"]]
             if not models:
@@ -87,6 +86,13 @@ def resolve(client: Any, uri: str) -> ModelRef:
         raise
     if model.status != LoggedModelStatus.READY or not model.source_run_id:
         raise UnknownModel(uri)
+    try:  # a deleted run's models are gone too, whichever way they are named
+        if client.get_run(model.source_run_id).info.lifecycle_stage != "active":
+            raise UnknownModel(uri)
+    except Exception as err:
+        if isinstance(err, UnknownModel) or _not_found(err):
+            raise UnknownModel(uri) from None
+        raise
     return ModelRef(uri, model.source_run_id, model.model_id, model.artifact_location, name,
                     version)
 

@@ -19,6 +19,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 SIZE = 28  # side of a Fashion-MNIST image, pixels
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what uploads may be
+# Pillow's name for a JPEG that carries more pictures (phones, 3D cameras); its first is read.
+JPEG_FORMATS = ("JPEG", "MPO")
+# Longest side over shortest, at most: no photo of a garment is thinner, and a 1-pixel-wide
+# PNG of 40 million rows holds the decoder (and Python's GIL) for 0.2 s per block of rows.
+MAX_ASPECT = 50
 WORK_SIDE = 512  # large photos are shrunk to this before analysis; 18x the final side
 BORDER = 0.03  # fraction of each side read as background
 OBJECT_THRESHOLD = 0.15  # pixels this fraction of the peak above background belong to the garment
@@ -52,12 +57,16 @@ def open_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
             raise ImageRejected(413, f"image too large: {err}") from None
         except (OSError, SyntaxError, ValueError, EOFError) as err:  # a header cut short
             raise ImageRejected(400, f"corrupt or truncated image: {err}") from None
-    if image.format not in FORMATS:
+    if image.format not in FORMATS + JPEG_FORMATS:
         raise ImageRejected(415, f"{image.format} images are not accepted: send {allowed}")
     width, height = image.size
     if width * height > max_pixels:
         raise ImageRejected(413, f"image of {width}x{height} = {width * height} pixels is over "
                                  f"the limit of {max_pixels} pixels")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ImageRejected(422, f"image of {width}x{height} is too thin to be a photo of a "
+                                 f"garment: its longer side may be at most {MAX_ASPECT} times "
+                                 "its shorter one")
     check_consistent(image, data)
     if max(width, height) > 2 * WORK_SIDE:
         image.draft("RGB", (WORK_SIDE, WORK_SIDE))  # JPEG only: decode at a reduced scale
@@ -77,7 +86,7 @@ def check_consistent(image: Image.Image, data: bytes) -> None:
     its first component, baseline or progressive: n blocks need n/8 bytes at the least. A
     PNG's compressed data must inflate to exactly the rows its header describes."""
     width, height = image.size
-    if image.format == "JPEG" and len(data) * 8 < -(-width // 8) * -(-height // 8):
+    if image.format in JPEG_FORMATS and len(data) * 8 < -(-width // 8) * -(-height // 8):
         raise ImageRejected(400, f"corrupt JPEG: {len(data)} bytes cannot hold the "
                                  f"{width}x{height} pixels its header claims")
     if image.format == "PNG":
@@ -122,21 +131,30 @@ def png_raw_sizes(data: bytes) -> tuple[int, int]:
 # --- Photo to Fashion-MNIST framing ------------------------------------------------------------
 
 def eight_bit(image: Image.Image) -> Image.Image:
-    """16- and 32-bit grayscale as 8-bit "L" (its high byte), palettes with their alpha;
-    other modes as they are. Pillow's own convert("L") clips 16-bit values at 255."""
-    if image.mode.startswith("I"):  # "I;16", "I;16B", ... (16-bit PNG) and "I" (32-bit)
-        values = np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
-        return Image.fromarray((values >> 8).astype(np.uint8), "L")
-    if image.mode in ("P", "PA"):
-        return image.convert("RGBA")
-    return image
+    """16- and 32-bit grayscale ("I;16", "I;16B", ... and "I") as 8-bit "L", its high byte.
+    Pillow's own convert("L") clips 16-bit values at 255, and its reduce() refuses them."""
+    values = np.clip(np.asarray(image), 0, 65535).astype(np.uint16)
+    return Image.fromarray((values >> 8).astype(np.uint8), "L")
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says; as it is when the EXIF is unreadable
+    (the orientation is optional metadata: browsers ignore a broken one too)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - Pillow raises SyntaxError, ValueError, struct.error...
+        return image
 
 
 def grayscale(image: Image.Image) -> np.ndarray:
     """Luminance as float32 0-255; transparent areas become background opposite the garment."""
+    if image.mode.startswith("I"):
+        image = eight_bit(image)
     # Shrink first, in place, then turn upright: no full-size copy of a large photo is made.
     image.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
-    image = eight_bit(ImageOps.exif_transpose(image))
+    image = upright(image)
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
     gray = np.asarray(image.convert("L"), dtype=np.float32)
     if image.mode not in ("RGBA", "LA"):
         return gray

@@ -107,6 +107,16 @@ def model_choices(client: Any, experiment_name: str, default_uri: str) -> list[d
     return [c for c in choices if not (c["uri"] in seen or seen.add(c["uri"]))]
 
 
+def check_host(host: str) -> None:
+    """ConfigError unless `host` is an address (or a name of one) to listen on."""
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError) as err:
+        reason = getattr(err, "strerror", None) or str(err)
+        raise ConfigError("host", host, f"not an address of this machine ({reason}); use "
+                                        "127.0.0.1 or 0.0.0.0") from None
+
+
 def check_port_free(host: str, port: int) -> None:
     """ConfigError now, rather than a server that dies after loading the model."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
@@ -176,6 +186,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         cfg = compose_checked("serve", args)
+        check_host(cfg.host)
         if not is_loopback(cfg.host):
             print(f"fashion-exp-serve: warning: host={cfg.host} accepts connections from other "
                   "machines and the service has no authentication: anyone who reaches this "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -271,7 +272,7 @@ def json_limit(settings: Settings) -> int:
 def one_line(err: ValidationError) -> str:
     """The first problem pydantic found, with its location."""
     first = err.errors(include_url=False)[0]
-    where = ".".join(str(part) for part in first["loc"]) or "body"
+    where = printable(".".join(str(part) for part in first["loc"])) or "body"
     return f'{where}: {first["msg"]}; expected {{"images": [<28 rows of 28 integers 0-255>, ...]}}'
 
 
@@ -318,8 +319,19 @@ def prepare_uploads(uploads: list[tuple[str, bytes]], settings: Settings) -> np.
             images.append(preprocess.prepare(data, settings.max_upload_bytes,
                                              settings.max_image_pixels, settings.object_size))
         except preprocess.ImageRejected as err:
-            raise HTTPException(err.status, f"{name}: {err}") from None
+            raise HTTPException(err.status, f"{printable(name)}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - a file no decoder expected: still the client's
+            log.warning("upload %s could not be read: %s: %s", printable(name),
+                        type(err).__name__, err)
+            raise HTTPException(400, f"{printable(name)}: corrupt image: it cannot be "
+                                     f"decoded ({type(err).__name__})") from None
     return np.stack(images)
+
+
+def printable(text: str) -> str:
+    """Client text as it may go into a one-line answer or log line: control characters
+    (newlines included) escaped."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
 
 
 def read_form(headers: Headers, body: bytes, settings: Settings) -> list[tuple[str, bytes]]:

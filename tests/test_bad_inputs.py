@@ -173,6 +173,7 @@ MODEL_URI_CASES = [
     ("unknown_alias", "models:/no_such_model@champion", "no_such_model"),
     ("model_uri_scheme", "s3://bucket/model", "use runs:/<run_id>/model"),
     ("model_uri_no_version", "models:/onlyname", "models:/<name>/<version>"),
+    ("model_uri_escape", f"runs:/{UNKNOWN_RUN}/../../../etc", "is not a model of this tracking"),
 ]
 
 
@@ -187,6 +188,7 @@ def test_bad_model_uri(case, uri, message, store, tmp_path) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     assert last.startswith("fashion-exp-evaluate: model_uri=") and message in last
     assert snapshot(store) == before
+    assert not (tmp_path / "h").exists()  # refused before Hydra made an output folder
 
 
 def test_unreachable_tracking_server(store, tmp_path) -> None:

@@ -112,6 +112,24 @@ def test_every_spelling_of_a_model_is_one_model(served) -> None:
     assert store_digest(store) == before  # a registry read writes nothing into the store
 
 
+def test_a_deleted_runs_model_is_gone_under_every_name(served_store, tmp_path) -> None:
+    import mlflow
+
+    from fashion_exp import logged_models
+
+    uri, run_id = served_store
+    folder = Path(uri.removeprefix("sqlite:///")).parent
+    shutil.copytree(folder, tmp_path / "store")  # the shared store stays as it is
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+    model_id = logged_models.resolve(client, f"runs:/{run_id}/model").model_id
+    client.set_registered_model_alias("fashion_serve", "champion", "1")
+    client.delete_run(run_id)
+    for reference in (f"runs:/{run_id}/model", "models:/fashion_serve/1",
+                      "models:/fashion_serve@champion", f"models:/{model_id}"):
+        with pytest.raises(logged_models.UnknownModel):
+            logged_models.resolve(client, reference)
+
+
 # --- Limits apply before work -----------------------------------------------------------------
 
 def test_json_bodies_are_bounded_before_they_are_parsed(served) -> None:
@@ -240,8 +258,12 @@ def test_connections_that_stall_or_swell_are_cut(served_store, tmp_path) -> None
                                  "header_timeout=1", "body_timeout=2")
     with server as proc:
         big = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n"
-        assert exchange(port, big).startswith(b"HTTP/1.1 431")
-        assert exchange(port, b"GET /health HTTP/1.1\r\nHost: x\r\n").startswith(b"HTTP/1.1 408")
+        for request, status in ((big, b"431"), (b"GET /health HTTP/1.1\r\nHost: x\r\n", b"408"),
+                                (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc"
+                                 b"\r\n\r\n", b"400")):
+            head, _, body = exchange(port, request).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 " + status), head
+            assert b"application/json" in head and json.loads(body)["detail"], body
         slow_body = (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 5000\r\n\r\n{\"images\": [")
         started = time.monotonic()
@@ -258,6 +280,7 @@ def test_connections_that_stall_or_swell_are_cut(served_store, tmp_path) -> None
     log = (tmp_path / "serve.log").read_text()
     assert "Traceback" not in log and "Task was destroyed" not in log, log[-3000:]
     assert log.count("request body ended") == 21, log[-3000:]  # one line per aborted upload
+    assert log.count("Invalid HTTP request") == 1  # uvicorn's line, and no second one of ours
 
 
 def test_non_local_hosts_are_warned_about_and_empty_ones_refused(served_store, tmp_path) -> None:

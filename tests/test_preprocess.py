@@ -237,3 +237,34 @@ def test_files_whose_contents_do_not_match_their_header_are_refused(name, payloa
 def test_a_large_plain_jpeg_is_not_taken_for_a_lying_one() -> None:
     white = encode(Image.new("L", (4000, 3000), 255), "JPEG", optimize=True, progressive=True)
     assert prepare(white, LIMIT_BYTES, LIMIT_PIXELS).max() == 0  # blank, but accepted
+
+
+def test_a_large_16_bit_png_is_shrunk_like_an_8_bit_one() -> None:
+    big = np.kron(garment(), np.ones((80, 80), np.uint8))  # 2240x2240: Pillow's reduce() path
+    seen = prepare(raw_png(big.astype(np.uint32) * 257, 0, 16), LIMIT_BYTES, LIMIT_PIXELS)
+    twin = prepare(raw_png(big, 0, 8), LIMIT_BYTES, LIMIT_PIXELS)
+    assert twin.max() > 200 and np.abs(seen.astype(int) - twin).max() <= 2
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "PNG"])
+def test_unreadable_exif_is_ignored_not_fatal(fmt: str) -> None:
+    photo = Image.fromarray(big_garment())
+    broken = b"Exif\x00\x00XX\x00*" + b"\x00" * 20 if fmt == "WEBP" else b"XX\x00*" + b"\x00" * 20
+    seen = prepare(encode(photo, fmt, exif=broken), LIMIT_BYTES, LIMIT_PIXELS)
+    assert framing_error(seen, garment()) < 20
+
+
+def test_a_jpeg_with_more_pictures_is_read_as_a_jpeg() -> None:
+    first, second = Image.fromarray(255 - big_garment()), Image.new("L", (112, 112), 128)
+    mpo = encode(first, "MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(mpo)).format == "MPO"
+    assert framing_error(prepare(mpo, LIMIT_BYTES, LIMIT_PIXELS), garment()) < 20
+
+
+def test_images_too_thin_for_a_garment_are_refused_before_decoding() -> None:
+    thin = encode(Image.new("L", (2, 200), 255), "PNG")
+    with pytest.raises(ImageRejected) as refused:
+        prepare(thin, LIMIT_BYTES, LIMIT_PIXELS)
+    assert refused.value.status == 422 and "2x200 is too thin" in str(refused.value)
+    assert prepare(encode(Image.new("L", (4, 200), 255), "PNG"), LIMIT_BYTES,
+                   LIMIT_PIXELS).shape == (28, 28)  # 50:1 is still a photo

@@ -198,6 +198,9 @@ BAD_REQUESTS = [
      "Too many files"),
     ("deep JSON", {"content": b"[" * 50_000, "headers": {"Content-Type": "application/json"}},
      422, "Invalid JSON"),
+    ("newline in a key", {"json": {"images": [GOOD], "x\ny": 1}}, 422, "x\\ny"),
+    ("thin image", {"files": {"files": ("thin.png", encode(Image.new("L", (2, 300)), "PNG"),
+                                        "image/png")}}, 422, "image of 2x300 is too thin"),
     ("JSON body size", {"content": b'{"images": [' + b"0, " * 100_000 + b"0]}",
                         "headers": {"Content-Type": "application/json"}}, 413,
      "over the limit of"),
@@ -309,6 +312,11 @@ def serve_cli(*args: str) -> subprocess.CompletedProcess:
     (["top_k=0"], "top_k=0: must be in [1, 10]"),
     (["prot=8000"], "Key 'prot' not in 'ServeConfig'"),
     (["log_level=loud"], "log_level='loud': use one of critical"),
+    (["+extra=1"], "extra=1: no such key"),
+    (["header_timeout=inf"], "header_timeout=inf: must be in (0, 3600] seconds"),
+    (["decode_workers=0"], "decode_workers=0: must be in [1, 64] threads"),
+    (["max_header_bytes=100"], "max_header_bytes=100: must be in [1024, 1048576] bytes"),
+    (["host=999.1.1.1"], "host='999.1.1.1': not an address of this machine"),
     (["tracking.experiment_name=nothing_here"], "no finished run with a logged model"),
 ])
 def test_serve_refuses_bad_config_in_one_line(served_store, args, message) -> None:

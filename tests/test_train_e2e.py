@@ -203,7 +203,7 @@ def test_evaluate_logged_and_registered_model(logged, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(("model_uri", "message"), [
-    ("runs:/0123456789abcdef/model", "Run with id=0123456789abcdef not found"),
+    ("runs:/0123456789abcdef/model", "is not a model of this tracking store"),
     ("models:/no_such_model/3", "no_such_model"),
     ("s3://bucket/model", "use runs:/<run_id>/model"),
 ])
