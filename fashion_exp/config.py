@@ -378,6 +378,15 @@ def _known_keys(node: DictConfig, prefix: str, known: set[str]) -> None:
                               f"{', '.join(sorted(known - {'hydra'}))}")
 
 
+def refuse_added_keys(cfg: DictConfig, base: DictConfig | None = None) -> None:
+    """ConfigError for a key added with +key=value: every node with a schema may hold only
+    the schema's keys; without a schema, the top level only those of `base` (the config as
+    composed without overrides)."""
+    if base is not None:
+        _known_keys(cfg, "", set(base) | {"hydra"})
+    _schema_keys_only(cfg, "")
+
+
 def _schema_keys_only(node: DictConfig, prefix: str) -> None:
     """_known_keys for every node of a config that has a schema, however deep."""
     schema = OmegaConf.get_type(node)
@@ -483,7 +492,7 @@ def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
             cfg = compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
-    _schema_keys_only(cfg, "")
+    refuse_added_keys(cfg)
     for group, node in cfg.items():  # building the dataclasses runs their range checks
         if isinstance(node, DictConfig):
             try:

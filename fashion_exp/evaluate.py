@@ -18,7 +18,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_exp import interrupts
-from fashion_exp.config import CONF_DIR, ConfigError, one_line, register_configs
+from fashion_exp.config import (
+    CONF_DIR,
+    ConfigError,
+    one_line,
+    refuse_added_keys,
+    register_configs,
+)
 from fashion_exp.stores import StoreError, check_store
 
 if TYPE_CHECKING:
@@ -113,8 +119,10 @@ def precheck(overrides: list[str]) -> DictConfig:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             cfg = compose("evaluate", [o for o in overrides
                                        if not o.lstrip("+~").startswith("hydra")])
+            base = compose("evaluate", [])
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
+    refuse_added_keys(cfg, base)
     for group in ("data", "tracking"):  # building the dataclasses runs their range checks
         try:
             OmegaConf.to_object(cfg[group])

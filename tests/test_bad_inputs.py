@@ -191,6 +191,18 @@ def test_bad_model_uri(case, uri, message, store, tmp_path) -> None:
     assert not (tmp_path / "h").exists()  # refused before Hydra made an output folder
 
 
+@pytest.mark.parametrize("added", ["+foo=1", "+tracking.foo=1"])
+def test_evaluate_refuses_added_keys(added, store, tmp_path) -> None:
+    before = snapshot(store)
+    result = cli("fashion_exp.evaluate", f"model_uri=runs:/{UNKNOWN_RUN}/model", added,
+                 f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'h'}",
+                 tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"fashion-exp-evaluate: {added.lstrip('+')}: no such key")
+    assert snapshot(store) == before and not (tmp_path / "h").exists()
+
+
 def test_unreachable_tracking_server(store, tmp_path) -> None:
     from fashion_exp.servers import free_port
 
@@ -241,7 +253,7 @@ def test_bad_service_request(case, request_args, status, detail, served_client) 
 
 
 def test_the_table_covers_at_least_thirty_inputs() -> None:
-    cases = (len(TRAIN_CASES) + len(DATA_CASES) + len(MODEL_URI_CASES) + 1 + 2 + 1
+    cases = (len(TRAIN_CASES) + len(DATA_CASES) + len(MODEL_URI_CASES) + 2 + 1 + 2 + 1
              + len(BAD_REQUESTS))
     assert cases >= 30, cases
 
