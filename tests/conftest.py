@@ -113,3 +113,26 @@ def served_store(tmp_path_factory) -> tuple[str, str]:
     (run,) = mlflow.MlflowClient(uri).search_runs(
         [mlflow.MlflowClient(uri).get_experiment_by_name("serve").experiment_id])
     return uri, run.info.run_id
+
+
+# Small limits, so that the bad-request tests can pass them with small bodies.
+SERVE_LIMITS = ["max_images=4", "max_upload_bytes=2000000", "max_request_bytes=3000000",
+                "max_image_pixels=4000000"]
+
+
+@pytest.fixture(scope="module")
+def served_app(served_store):
+    """The service on the shared test model, in-process, with SERVE_LIMITS: (TestClient, the
+    store's folder, the model's run id). One per test module: no state shared between them."""
+    from fastapi.testclient import TestClient
+
+    from fashion_exp import serve
+    from fashion_exp.config import compose_checked
+
+    uri, run_id = served_store
+    cfg = compose_checked("serve", [f"tracking.uri={uri}", "tracking.experiment_name=serve",
+                                    *SERVE_LIMITS])
+    app, default_uri = serve.build(cfg)
+    assert default_uri == f"runs:/{run_id}/model"  # the experiment's best (only) run
+    with TestClient(app) as client:
+        yield client, Path(uri.removeprefix("sqlite:///")).parent, run_id

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from .conftest import real_data_dir, requires_real_data, write_dataset, write_idx
-from .test_serve import BAD_REQUESTS, LIMITS
+from .test_serve import BAD_REQUESTS
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 ENV.pop("MLFLOW_TRACKING_URI", None)
@@ -241,8 +241,8 @@ def test_resume_of_an_unknown_run(store, tmp_path) -> None:
 @requires_real_data
 @pytest.mark.parametrize("case,request_args,status,detail", BAD_REQUESTS,
                          ids=[c[0] for c in BAD_REQUESTS])
-def test_bad_service_request(case, request_args, status, detail, served_client) -> None:
-    client, folder = served_client
+def test_bad_service_request(case, request_args, status, detail, served_app) -> None:
+    client, folder, _ = served_app
     before = snapshot(folder)
     answer = client.post("/predict", **request_args)
     assert answer.status_code == status, answer.text
@@ -256,19 +256,3 @@ def test_the_table_covers_at_least_thirty_inputs() -> None:
     cases = (len(TRAIN_CASES) + len(DATA_CASES) + len(MODEL_URI_CASES) + 2 + 1 + 2 + 1
              + len(BAD_REQUESTS))
     assert cases >= 30, cases
-
-
-@pytest.fixture(scope="module")
-def served_client(served_store):
-    """The service on the shared test model (in-process), and its store's folder."""
-    from fastapi.testclient import TestClient
-
-    from fashion_exp import serve
-    from fashion_exp.config import compose_checked
-
-    uri, _ = served_store
-    cfg = compose_checked("serve", [f"tracking.uri={uri}", "tracking.experiment_name=serve",
-                                    *LIMITS])
-    app, _ = serve.build(cfg)
-    with TestClient(app) as client:
-        yield client, Path(uri.removeprefix("sqlite:///")).parent

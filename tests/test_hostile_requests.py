@@ -24,15 +24,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from fashion_exp import preprocess, serve, servers
-from fashion_exp.config import ServiceSettings, compose_checked
+from fashion_exp.config import ServiceSettings
 from fashion_exp.logged_models import ModelRef
 from fashion_exp.service import ServedModel, create_app
 
-LIMITS = ["max_images=4", "max_upload_bytes=2000000", "max_request_bytes=3000000",
-          "max_image_pixels=4000000"]
 GOOD = np.zeros((28, 28), int).tolist()
 
 
@@ -47,14 +44,8 @@ def temp_folders() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def served(served_store):
-    """The service on the shared test model, in-process: (client, store folder, run id)."""
-    uri, run_id = served_store
-    cfg = compose_checked("serve", [f"tracking.uri={uri}", "tracking.experiment_name=serve",
-                                    *LIMITS])
-    app, _ = serve.build(cfg)
-    with TestClient(app) as client:
-        yield client, Path(uri.removeprefix("sqlite:///")).parent, run_id
+def served(served_app):
+    return served_app
 
 
 # --- Model references resolve only to logged models of the store -----------------------------

@@ -12,19 +12,14 @@ import jsonschema
 import mlflow
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from fashion_exp import data, serve, servers
-from fashion_exp.config import compose_checked
+from fashion_exp import data, servers
 from fashion_exp.preprocess import render_product_photo
 from fashion_exp.service import Batcher
 
 from .conftest import real_data_dir
 from .test_preprocess import encode, framing_error, huge_png
-
-LIMITS = ["max_images=4", "max_upload_bytes=2000000", "max_request_bytes=3000000",
-          "max_image_pixels=4000000"]
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +30,8 @@ def test_set() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def client(served_store):
-    uri, run_id = served_store
-    cfg = compose_checked("serve", [f"tracking.uri={uri}", "tracking.experiment_name=serve",
-                                    *LIMITS])
-    app, default_uri = serve.build(cfg)
-    assert default_uri == f"runs:/{run_id}/model"  # the experiment's best (only) run
-    with TestClient(app) as test_client:
-        yield test_client
+def client(served_app):
+    return served_app[0]
 
 
 def photo(image: np.ndarray, fmt: str = "JPEG", seed: int = 0) -> bytes:
