@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from fashion_exp.config import CONF_DIR, ConfigError, compose_checked
 from fashion_exp.config import ServiceSettings as Settings
-from fashion_exp.stores import StoreError, check_store
+from fashion_exp.stores import StoreError, check_store, first_line
 
 if TYPE_CHECKING:
     from fashion_exp.logged_models import ModelRef
@@ -46,12 +46,6 @@ def resolve(client: Any, uri: str) -> ModelRef:
         raise StoreUnavailable(f"{type(err).__name__}: {first_line(err)}") from None
 
 
-def first_line(err: BaseException) -> str:
-    """An exception's first line of text (its type when it has none)."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
     """Load a logged Keras model and compile its forward pass once; ModelUnusable if it
     cannot be served (the reason is logged here, not told to the client)."""
@@ -61,14 +55,12 @@ def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
     from fashion_exp import logged_models
     from fashion_exp.service import ModelUnusable, ServedModel
 
-    unusable = f"model={ref.uri!r} cannot be served: it is not a Keras model of (n, 28, 28) " \
-               "uint8 images"
     try:
         model = logged_models.load_keras(ref)
     except Exception as err:  # noqa: BLE001 - any failure to load means the same to a client
         log.warning("cannot load %s (%s): %s: %s", ref.uri, ref.model_id, type(err).__name__,
                     first_line(err))
-        raise ModelUnusable(unusable) from None
+        raise ModelUnusable(ref.uri) from None
 
     # One traced graph for every batch size: no retracing as batches grow and shrink.
     @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8)])
@@ -82,7 +74,7 @@ def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
         predict(np.zeros((1, 28, 28), np.uint8))  # trace now, not on the first request
     except (ValueError, TypeError, tf.errors.OpError) as err:
         log.warning("%s does not take (n, 28, 28) uint8 images: %s", ref.uri, first_line(err))
-        raise ModelUnusable(unusable) from None
+        raise ModelUnusable(ref.uri) from None
     run = client.get_run(ref.run_id)
     metrics = {k: v for k, v in run.data.metrics.items()
                if k.startswith(("test_", "val_")) or k in ("accuracy", "loss")}
@@ -167,7 +159,7 @@ def build(cfg: DictConfig) -> tuple[Any, str]:
     except logged_models.UnknownModel as err:
         raise ConfigError("model_uri", default_uri, f"{err.reason} ({uri})") from None
     except service.ModelUnusable as err:
-        raise ConfigError("model_uri", default_uri, f"{str(err).split(' ', 1)[-1]}") from None
+        raise ConfigError("model_uri", default_uri, err.reason) from None
     settings = Settings(**{k: cfg[k] for k in Settings.__dataclass_fields__})
     app = service.create_app(
         default, lambda u: resolve(client, u), lambda ref: load_served_model(client, ref),

@@ -129,6 +129,11 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {
 class ModelUnusable(ValueError):
     """A logged model of the store that cannot be served (it does not take 28x28 images)."""
 
+    reason = "cannot be served: it is not a Keras model of (n, 28, 28) uint8 images"
+
+    def __init__(self, uri: str) -> None:
+        super().__init__(f"model={uri!r} {self.reason}")
+
 
 class StoreUnavailable(RuntimeError):
     """The tracking store did not answer a look-up (the request may be tried again)."""

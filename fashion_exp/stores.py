@@ -133,13 +133,14 @@ def check_store(uri: str | None, *, write: bool, connect_timeout: float, create:
             _check_folder(Path(urllib.parse.unquote(urllib.parse.urlsplit(resolved).path)),
                           where, option, write=write, create=create)
     except (OSError, ValueError) as err:  # a malformed URL or path: bad port, NUL, too long
-        reason = getattr(err, "strerror", None) or _first_line(err)
+        reason = getattr(err, "strerror", None) or first_line(err)
         raise StoreError(f"{source}={shown(raw)!r} names no usable tracking store ({reason}); "
                          f"fix {option}") from None
     return resolved
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none)."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
 
@@ -338,7 +339,7 @@ def _check_database(uri: str, where: str, option: str, *, need_tables: bool,
         with engine.connect() as conn:
             tables = set(sqlalchemy.inspect(conn).get_table_names()) if need_tables else None
     except sqlalchemy.exc.SQLAlchemyError as err:
-        first = _first_line(getattr(err, "orig", None) or err)
+        first = first_line(getattr(err, "orig", None) or err)
         raise StoreError(f"cannot connect to the tracking database {where} within "
                          f"{timeout:g} s: {first}; {todo}") from None
     finally:

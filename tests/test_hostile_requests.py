@@ -24,6 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 
 from fashion_exp import preprocess, serve, servers
 from fashion_exp.config import ServiceSettings
@@ -294,3 +295,20 @@ def test_non_local_hosts_are_warned_about_and_empty_ones_refused(served_store, t
     assert serve.is_loopback("127.0.0.2") and serve.is_loopback("::1")
     assert serve.is_loopback("localhost") and not serve.is_loopback("0.0.0.0")
     assert not serve.is_loopback("::") and not serve.is_loopback("example.org")
+
+
+def test_a_logged_model_that_cannot_be_served_is_a_422_without_details() -> None:
+    from fashion_exp.service import ModelUnusable
+
+    default_ref = ModelRef("runs:/d/model", "d", "m-d", "file:///d")
+    other = ModelRef("runs:/o/model", "o", "m-o", "file:///secret/path")
+    default = ServedModel(default_ref, "d", {}, lambda images: np.zeros((len(images), 10)))
+
+    def loader(ref: ModelRef) -> ServedModel:
+        raise ModelUnusable(ref.uri)
+
+    app = create_app(default, lambda uri: other, loader, ServiceSettings())
+    with TestClient(app) as client:
+        answer = client.get("/model", params={"model": "runs:/o/model"})
+    assert answer.status_code == 422 and "cannot be served" in answer.json()["detail"]
+    assert "/secret/path" not in answer.text
