@@ -252,9 +252,12 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         _one_of("mode", self.mode, TRACKING_MODES)
         scheme = (self.uri or "").split("://", 1)[0] if "://" in (self.uri or "") else ""
-        _check(not scheme or scheme.split("+")[0] in URI_SCHEMES, "uri", self.uri,
+        from fashion_exp.stores import shown  # stores imports this module: here, not above
+
+        uri = shown(self.uri) if self.uri else self.uri  # a password in it is not printed
+        _check(not scheme or scheme.split("+")[0] in URI_SCHEMES, "uri", uri,
                f"use a path or a URI of scheme {', '.join(URI_SCHEMES)}")
-        _check(self.mode != "server" or scheme in ("http", "https"), "uri", self.uri,
+        _check(self.mode != "server" or scheme in ("http", "https"), "uri", uri,
                "tracking=server needs the server's http:// or https:// address")
         _check(self.request_timeout > 0, "request_timeout", self.request_timeout, "must be > 0")
         _check(self.retries >= 0, "retries", self.retries, "must be >= 0")

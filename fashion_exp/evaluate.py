@@ -67,7 +67,8 @@ def evaluate(cfg: DictConfig) -> float:
     except (mlflow.exceptions.MlflowException, OSError, ValueError) as err:
         raise ConfigError("model_uri", cfg.model_uri,
                           f"{str(err).splitlines()[0]} (tracking store {uri})") from None
-    uri, exp_id = tracking.setup(uri, cfg.tracking.experiment_name)
+    uri, exp_id = tracking.setup(uri, cfg.tracking.experiment_name,
+                                 cfg.tracking.connect_timeout)
 
     source = ref.run_id
     tags = {"model_uri": cfg.model_uri, "source_run_id": source, "evaluation": "true"}

@@ -78,6 +78,7 @@ def shown(uri: str, limit: int = 300) -> str:
                 uri = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
         except ValueError:  # not a parsable URL (e.g. "http://[oops")
             uri = re.sub(secret, r"\1***@", uri)
+    uri = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], uri)  # one line
     return uri if len(uri) <= limit else uri[:limit - 3] + "..."
 
 
@@ -113,6 +114,16 @@ def check_store(uri: str | None, *, write: bool, connect_timeout: float, create:
     if kind == "sqlite" and not raw.startswith("sqlite:///"):
         raise StoreError(f"{source}={shown(raw)!r} is not a SQLite file URI; use "
                          "sqlite:///relative/path.db or sqlite:////absolute/path.db")
+    if kind == "sqlite" and ("?" in raw or "%" in raw):
+        # SQLAlchemy cuts the path at '?' and decodes %xx: the file checked here would not be
+        # the file MLflow opens.
+        raise StoreError(f"{source}={shown(raw)!r}: query strings and %-escapes are not "
+                         "supported in a SQLite store's URI; give the plain path")
+    if raw.strip() and kind in ("", "file") and not os.environ.get("MLFLOW_ALLOW_FILE_STORE"):
+        # MLflow 3 refuses its legacy file store unless told otherwise.
+        raise StoreError(f"{source}={shown(raw)!r} names a file store (a folder of runs), which "
+                         "MLflow 3 no longer opens; use sqlite:////path/mlflow.db (or set "
+                         "MLFLOW_ALLOW_FILE_STORE=true)")
     try:
         resolved = resolve_uri(uri)
         where = f"{shown(resolved)} ({source})"
@@ -228,7 +239,13 @@ def _sqlite_header(db: Path, where: str, todo: str) -> bytes:
 def _check_sqlite(db: Path, where: str, option: str, *, write: bool, create: bool,
                   timeout: float) -> None:
     todo = f"point {option} at another store"
+    if db.is_symlink() and not db.exists():
+        raise StoreError(f"tracking store {where} is a broken symbolic link (or a loop); {todo}")
     if not db.exists():
+        existing = _nearest_existing(db.parent)
+        if existing.exists() and not existing.is_dir():
+            raise StoreError(f"tracking store {where} lies under {existing}, which is a file, "
+                             f"not a folder; {todo}")
         if not create:
             raise _missing(where, option)
         if write:  # created on first use, with its folder

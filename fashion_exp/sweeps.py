@@ -111,7 +111,8 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
                     client.update_run(info["run_id"], status="RUNNING")
                     log.info("Reopened sweep parent run %s", info["run_id"])
             return info["run_id"]
-        uri, exp_id = tracking.setup(cfg.tracking.uri, cfg.tracking.experiment_name)
+        uri, exp_id = tracking.setup(cfg.tracking.uri, cfg.tracking.experiment_name,
+                                     cfg.tracking.connect_timeout)
         client = MlflowClient(uri)
         key = group_key(sweeper if sweeper is not None else HydraConfig.get().sweeper)
         shared = _shared_parent(client, exp_id, key) if key else None

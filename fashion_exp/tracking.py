@@ -129,9 +129,15 @@ def _metrics_entry(metrics: dict[str, float], step: int) -> Any:
                            "timestamp": stamp}
 
 
-def setup(uri: str | None, experiment_name: str) -> tuple[str, str]:
-    """Point MLflow at the store (creating it if new) and return (uri, experiment id)."""
-    uri = resolve_uri(uri)
+def setup(uri: str | None, experiment_name: str,
+          connect_timeout: float = 5.0) -> tuple[str, str]:
+    """Point MLflow at the store (creating it if new) and return (uri, experiment id).
+
+    Every path that may create or migrate a store comes through here, so the store is
+    checked here too (StoreError): whatever skipped the entry points' early check (Hydra
+    flags, a sweep's callback), MLflow never writes its tables into a file that is not a
+    usable store of its own."""
+    uri = check_store(uri, write=True, create=True, connect_timeout=connect_timeout)
     mlflow.set_tracking_uri(uri)
     with store_lock(uri):
         experiment = mlflow.get_experiment_by_name(experiment_name)

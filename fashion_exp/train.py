@@ -73,7 +73,8 @@ def train(cfg: DictConfig) -> float:
     threads = sweeps.job_threads(cfg.trainer.threads)  # shares the cores among parallel jobs
     training.configure_runtime(cfg.trainer, threads)
 
-    uri, exp_id = tracking.setup(uri, cfg.tracking.experiment_name)
+    uri, exp_id = tracking.setup(uri, cfg.tracking.experiment_name,
+                                 cfg.tracking.connect_timeout)
     run_name, tags, output_dir = run_name_and_tags(cfg)
     tags |= {"git_commit": tracking.git_commit(), "data_source": str(splits.source),
              "tf_threads": str(threads or "auto"), "tf_onednn": runtime.onednn_state()}

@@ -365,14 +365,16 @@ def test_uris_are_shown_without_passwords(uri) -> None:
     ("x" * 5000, "File name too long"),
     ("file:///dev/null", "is not a folder"),
 ])
-def test_other_malformed_uris(uri, message) -> None:
+def test_other_malformed_uris(uri, message, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the file store's own checks
     with pytest.raises(stores.StoreError, match=re.escape(message)) as err:
         check(uri, write=False)
     assert "\n" not in str(err.value) and len(str(err.value)) < 500
 
 
-def test_a_path_to_a_database_is_not_a_file_store(store) -> None:
+def test_a_path_to_a_database_is_not_a_file_store(store, monkeypatch) -> None:
     # A plain path means a file store (a folder); a SQLite file there needs sqlite:///.
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     with pytest.raises(stores.StoreError, match=f"use tracking.uri=sqlite:///{store}"):
         check(str(store), write=False)
 
@@ -417,3 +419,49 @@ def test_two_runs_started_together_get_their_own_folders(tmp_path) -> None:
     assert len(folders) == 2
     overrides = sorted((f / ".hydra" / "overrides.yaml").read_text() for f in folders)
     assert "trainer.seed=1" in overrides[0] and "trainer.seed=2" in overrides[1]
+
+
+@pytest.mark.parametrize("uri", ["/some/folder", "file:///some/folder"])
+def test_file_stores_are_refused_as_mlflow_3_refuses_them(uri, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    with pytest.raises(stores.StoreError, match="names a file store"):
+        check(uri, write=False)
+
+
+def test_paths_mlflow_would_read_differently_are_refused(store, tmp_path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "mlflow.db")
+    (tmp_path / "plainfile").write_text("S")
+    for uri, message in ((f"sqlite:///{tmp_path / 'loop'}", "broken symbolic link"),
+                         (f"sqlite:///{tmp_path / 'dangling'}", "broken symbolic link"),
+                         (f"sqlite:///{tmp_path / 'plainfile' / 'mlflow.db'}", "which is a file"),
+                         (f"sqlite:///{store}?cache=shared", "query strings and %-escapes"),
+                         (f"sqlite:///{tmp_path}/p%70/mlflow.db", "query strings and %-escapes")):
+        for write in (False, True):
+            with pytest.raises(stores.StoreError, match=message):
+                check(uri, write=write, create=write)
+
+
+def test_no_path_past_the_early_check_writes_into_a_foreign_database(tmp_path) -> None:
+    import sqlite3
+
+    foreign = tmp_path / "app.db"  # somebody's database, not an MLflow store
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE customers (name TEXT)")
+    before = foreign.read_bytes()
+    # -m skips the entry point's early check (Hydra flags go to Hydra): the sweep callback
+    # and the job still meet the check in tracking.setup before MLflow touches the file.
+    result = run([str(BIN / "fashion-exp-evaluate"), "-m",
+                  f"model_uri=runs:/{UNKNOWN_RUN}/model", f"tracking.uri=sqlite:///{foreign}",
+                  f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert result.returncode != 0 and "not an MLflow store" in result.stderr
+    assert foreign.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "sweep") == ["app.db"]
+
+
+def test_passwords_are_masked_in_config_errors() -> None:
+    from fashion_exp.config import ConfigError, TrackingConfig
+
+    with pytest.raises(ConfigError) as err:
+        TrackingConfig(uri="postgres://bob:hunter2@127.0.0.1:1/db")
+    assert "hunter2" not in str(err.value) and "bob:***@" in str(err.value)
