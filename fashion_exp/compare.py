@@ -24,10 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from fashion_exp.config import TrackingConfig, project_root
+from fashion_exp.metrics import epoch_metric, objective_metric
 from fashion_exp.stores import StoreError, check_store, connect_seconds
 
 SEED_KEYS = ("trainer.seed", "data.shuffle_seed")
-METRICS = ("optimized_metric", "val_accuracy", "test_accuracy", "test_loss")
+TEST_METRICS = ("test_accuracy", "test_loss")
+CURVE = "val_accuracy"  # the per-epoch metric drawn for every run (val_accuracy.png)
 
 
 class CompareError(RuntimeError):
@@ -99,25 +101,34 @@ def _value(run: Any, metric: str) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+def metric_columns(metric: str) -> list[str]:
+    """The leaderboard's metric columns: the optimized value first (objective_metric of the
+    config's optimized_metric, e.g. best_val_accuracy), then the test metrics."""
+    first = objective_metric(metric)
+    return [first, *(m for m in TEST_METRICS if m != first)]
+
+
 def rows_of(runs: list, varied: list[str], metric: str) -> list[dict[str, Any]]:
-    """One leaderboard row per run, sorted by `metric`, best first; failed runs last."""
+    """One leaderboard row per run, sorted by the optimized value of `metric` (a config
+    optimized_metric), best first; failed runs last."""
+    columns = metric_columns(metric)
     rows = []
     for r in runs:
         end = r.info.end_time or r.info.start_time
         row = {"run": r.info.run_name, "status": r.info.status}
         row |= {k: r.data.params.get(k) for k in varied}
-        row |= {m: _value(r, m) for m in METRICS}
+        row |= {m: _value(r, m) for m in columns}
         row |= {"duration_s": round((end - r.info.start_time) / 1000, 1),
                 "run_id": r.info.run_id}
         rows.append(row)
     sign = 1 if _best(metric) is min else -1
-    column = metric if metric in METRICS else "optimized_metric"
-    return sorted(rows, key=lambda row: (row[column] is None,
-                                         sign * (row[column] or 0.0)))
+    return sorted(rows, key=lambda row: (row[columns[0]] is None,
+                                         sign * (row[columns[0]] or 0.0)))
 
 
-def seed_groups(rows: list[dict[str, Any]], varied: list[str]) -> list[dict[str, Any]]:
-    """Runs that differ only by seed, as groups with mean and std of each metric."""
+def seed_groups(rows: list[dict[str, Any]], varied: list[str], metric: str,
+                ) -> list[dict[str, Any]]:
+    """Runs that differ only by seed, as groups with mean and std of each metric column."""
     if not any(k in varied for k in SEED_KEYS):
         return []
     keys = [k for k in varied if k not in SEED_KEYS]
@@ -128,7 +139,7 @@ def seed_groups(rows: list[dict[str, Any]], varied: list[str]) -> list[dict[str,
     out = []
     for values, members in groups.items():
         entry: dict[str, Any] = dict(zip(keys, values, strict=True)) | {"runs": len(members)}
-        for m in ("val_accuracy", "test_accuracy", "test_loss"):
+        for m in metric_columns(metric):
             xs = [row[m] for row in members if row[m] is not None]
             if xs:
                 std = statistics.stdev(xs) if len(xs) > 1 else 0.0
@@ -138,8 +149,9 @@ def seed_groups(rows: list[dict[str, Any]], varied: list[str]) -> list[dict[str,
 
 
 def _cell(value: Any) -> str:
+    """A table cell: floats to at most four decimals without trailing zeros (4.9, 0.8871)."""
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4f}".rstrip("0").rstrip(".")
     return "" if value is None else str(value)
 
 
@@ -164,17 +176,20 @@ def csv_text(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def curves_figure(client: Any, runs: list, key: str = "val_accuracy") -> Any:
-    """Every run's per-epoch `key` in one plot."""
+def curves_figure(client: Any, runs: list, key: str = CURVE) -> Any:
+    """Every run's per-epoch `key` in one plot, epochs counted from 1 as MLflow's steps."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(9, 5), layout="constrained")
     ax = fig.subplots()
     for r in runs:
-        history = sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)
+        history = sorted(client.get_metric_history(r.info.run_id, epoch_metric(key)),
+                         key=lambda m: m.step)
         if history:
-            ax.plot([m.step + 1 for m in history], [m.value for m in history], marker=".",
+            ax.plot([m.step for m in history], [m.value for m in history], marker=".",
                     label=r.info.run_name[:60])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="epoch", ylabel=key, title=f"{key} per epoch")
     ax.grid(alpha=0.3)
     if len(runs) <= 20:
@@ -182,28 +197,50 @@ def curves_figure(client: Any, runs: list, key: str = "val_accuracy") -> Any:
     return fig
 
 
+MAX_LEGEND = 10  # more groups than this are drawn in one colour, without a legend
+
+
+def _positions(raw: list[str]) -> tuple[list[float], list[str] | None]:
+    """x positions of param values: numbers as they are, anything else as sorted categories
+    (returned as tick labels)."""
+    try:
+        return [float(v) for v in raw], None
+    except ValueError:
+        labels = sorted(set(raw))
+        return [float(labels.index(v)) for v in raw], labels
+
+
 def params_figure(rows: list[dict[str, Any]], varied: list[str], metric: str) -> Any:
-    """`metric` against each varied param (numbers on a log axis when they span decades)."""
+    """`metric` (a leaderboard column) against each varied param, one panel per param, points
+    coloured by the values of the other varied params (numbers on a log axis when they span
+    decades)."""
     from matplotlib.figure import Figure
 
     keys = varied or ["run"]
-    fig = Figure(figsize=(4.2 * len(keys), 3.8), layout="constrained")
+    fig = Figure(figsize=(4.6 * len(keys), 4.0), layout="constrained")
     axes = fig.subplots(1, len(keys), squeeze=False)[0]
     done = [r for r in rows if r.get(metric) is not None]
     for ax, key in zip(axes, keys, strict=True):
-        raw = [str(r.get(key)) for r in done]
-        ys = [r[metric] for r in done]
-        try:
-            xs = [float(v) for v in raw]
-            ax.scatter(xs, ys)
-            if min(xs) > 0 and max(xs) / min(xs) >= 100:
-                ax.set_xscale("log")
-        except ValueError:
-            labels = sorted(set(raw))
-            ax.scatter([labels.index(v) for v in raw], ys)
-            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+        xs, labels = _positions([str(r.get(key)) for r in done])
+        others = [k for k in varied if k != key]
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(done):
+            name = "  ".join(f"{k.rsplit('.', 1)[-1]}={r.get(k)}" for k in others)
+            groups.setdefault(name, []).append(i)
+        many = len(groups) > MAX_LEGEND
+        for name, members in sorted(groups.items()):
+            ax.scatter([xs[i] for i in members], [done[i][metric] for i in members],
+                       label=None if many else (name or None),
+                       color="tab:blue" if many else None)
+        if labels is not None:
+            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
+        elif xs and min(xs) > 0 and max(xs) / min(xs) >= 100:
+            ax.set_xscale("log")
         ax.set(xlabel=key, ylabel=metric)
         ax.grid(alpha=0.3)
+        if others and not many:
+            ax.legend(fontsize=8, title=", ".join(k.rsplit(".", 1)[-1] for k in others),
+                      title_fontsize=8)
     fig.suptitle(f"{metric} against the varied params")
     return fig
 
@@ -216,12 +253,12 @@ def compare(selection: Selection, client: Any, out: Path) -> str:
     (out / "leaderboard.csv").write_text(csv_text(rows))
     (out / "leaderboard.md").write_text(markdown(rows))
     curves_figure(client, selection.runs).savefig(out / "val_accuracy.png", dpi=100)
-    params_figure(rows, varied, "optimized_metric").savefig(out / "metric_vs_params.png",
-                                                            dpi=100)
+    params_figure(rows, varied, metric_columns(selection.metric)[0]).savefig(
+        out / "metric_vs_params.png", dpi=100)
     shown = [{k: v for k, v in r.items() if k != "run_id"} for r in rows]
     report = [f"{len(rows)} runs ({selection.name}), sorted by {selection.metric}; "
               f"varied params: {', '.join(varied) or 'none'}", markdown(shown)]
-    groups = seed_groups(rows, varied)
+    groups = seed_groups(rows, varied, selection.metric)
     if groups:
         (out / "seeds.csv").write_text(csv_text(groups))
         (out / "seeds.md").write_text(markdown(groups))

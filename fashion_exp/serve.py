@@ -76,9 +76,17 @@ def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
         log.warning("%s does not take (n, 28, 28) uint8 images: %s", ref.uri, first_line(err))
         raise ModelUnusable(ref.uri) from None
     run = client.get_run(ref.run_id)
-    metrics = {k: v for k, v in run.data.metrics.items()
-               if k.startswith(("test_", "val_")) or k in ("accuracy", "loss")}
-    return ServedModel(ref, run.info.run_name or ref.run_id, metrics, predict)
+    return ServedModel(ref, run.info.run_name or ref.run_id, model_metrics(client, ref), predict)
+
+
+def model_metrics(client: Any, ref: Any) -> dict[str, float]:
+    """The logged model's own metrics (those of its run at the step it was logged), without
+    the per-class ones: test_accuracy, test_loss, epoch/val_accuracy, best_val_accuracy..."""
+    from fashion_exp.metrics import PER_CLASS_PREFIX
+
+    logged = client.get_logged_model(ref.model_id)
+    return {m.key: m.value for m in logged.metrics or []
+            if not m.key.startswith(PER_CLASS_PREFIX)}
 
 
 def model_choices(client: Any, experiment_name: str, default_uri: str) -> list[dict[str, str]]:

@@ -8,10 +8,12 @@ parent gets the best child, its metric and a leaderboard, and a final status.
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fashion_exp import procs
+from fashion_exp import procs, views
 from fashion_exp.locks import file_lock
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,40 @@ def swept_keys(config: DictConfig) -> list[str]:
     keys = [o.get_key_element() for o in overrides if o.is_sweep_override()]
     params = config.hydra.sweeper.get("params") or {}
     return keys + [str(k) for k in params if str(k) not in keys]
+
+
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """Each key by its shortest dotted suffix that no other key ends with:
+    ['optimizer.lr', 'model.hidden'] -> lr, hidden; ['a.size', 'b.size'] -> a.size, b.size."""
+    short = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-n:])
+            if not any(other != key and (other == suffix or other.endswith("." + suffix))
+                       for other in keys):
+                break
+        short[key] = suffix
+    return short
+
+
+def short_value(value: str) -> str:
+    """A swept value as a run name shows it: floats to 4 significant digits (a sampler's
+    0.012345678 -> 0.01235), anything else as given."""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if value.lstrip("+-").isdigit() else f"{number:.4g}"
+
+
+def child_run_name(overrides: list[str], keys: list[str]) -> str:
+    """A job's run name: the values its sweep varies, keys shortened (`lr=0.05 hidden=[64]`);
+    the full overrides stay in the run's `overrides` tag."""
+    pairs = [o.lstrip("+~").split("=", 1) for o in overrides]
+    varied = [(k, v) for k, v in (p if len(p) == 2 else (p[0], "") for p in pairs) if k in keys]
+    short = short_keys([k for k, _ in varied])
+    return " ".join(f"{short[k]}={short_value(v)}" for k, v in varied)
 
 
 def _state(sweep_dir: Path) -> dict[str, Any]:
@@ -117,15 +153,9 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
         key = group_key(sweeper if sweeper is not None else HydraConfig.get().sweeper)
         shared = _shared_parent(client, exp_id, key) if key else None
         if shared is None:
-            # Called from a job (no hydra node, keys unknown) the name falls back to the folder.
-            varied = ([o for o in cfg.hydra.overrides.task if o.split("=", 1)[0] in keys]
-                      if keys else [])
-            name = "sweep " + (" ".join(varied) or sweep_dir.name)
             run = client.create_run(
-                exp_id, run_name=tracking.fit_run_name(name),
-                tags={"sweep_dir": str(sweep_dir), "sweep": "parent",
-                      "optimized_metric": cfg.optimized_metric,
-                      "git_commit": tracking.git_commit()}
+                exp_id, run_name=tracking.fit_run_name(parent_name(cfg, keys, sweep_dir)),
+                tags=parent_tags(cfg, keys, sweep_dir)
                 | ({"sweep_key": key} if key else {})
                 | {f"process.{k}": v for k, v in procs.this_process().items()},
             )
@@ -133,7 +163,11 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
             if shared.info.run_id != run.info.run_id:  # another worker was first
                 client.delete_run(run.info.run_id)
             else:
+                describe_parent(client, run.info.run_id, cfg, keys)
                 client.set_tag(run.info.run_id, "sweep_id", run.info.run_id)
+        if keys:
+            views.save_sweep_view(client, exp_id, shared.info.run_id, keys,
+                                  cfg.optimized_metric)
         elif reopen and shared.info.status != "RUNNING":
             client.update_run(shared.info.run_id, status="RUNNING")
         run_id = shared.info.run_id
@@ -142,6 +176,84 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
                                      "shared": bool(key)}))
         log.info("Sweep parent run %s for <%s>", run_id, sweep_dir)
         return run_id
+
+
+def parent_name(cfg: DictConfig, keys: list[str] | None, sweep_dir: Path) -> str:
+    """`sweep lr,hidden` (the swept keys, shortened); called from a job, where the keys are
+    unknown, `sweep <folder>`."""
+    return "sweep " + (",".join(short_keys(keys).values()) if keys else sweep_dir.name)
+
+
+def _is_sweep(override: str) -> bool:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(override).is_sweep_override()
+    except Exception:  # noqa: BLE001 - Hydra checked it already; a name only
+        return False
+
+
+def parent_tags(cfg: DictConfig, keys: list[str] | None, sweep_dir: Path) -> dict[str, str]:
+    """What the parent run says of its sweep: the command's overrides, what was swept and what
+    was fixed, where it ran from (MLflow's source tags) and the metric it optimizes."""
+    from fashion_exp import tracking
+
+    task = list(cfg.hydra.overrides.task) if "hydra" in cfg else []
+    commit = tracking.git_commit()
+    return {"sweep_dir": str(sweep_dir), "sweep": "parent",
+            "optimized_metric": cfg.optimized_metric, "git_commit": commit,
+            "overrides": " ".join(task),
+            "swept": " ".join(keys or []),
+            "fixed": " ".join(o for o in task if not _is_sweep(o)),
+            "mlflow.source.name": "fashion-exp-train", "mlflow.source.type": "LOCAL",
+            "mlflow.user": getpass.getuser()} \
+        | ({"mlflow.source.git.commit": commit.removesuffix("-dirty")}
+           if commit != "unknown" else {})
+
+
+def describe_parent(client: Any, run_id: str, cfg: DictConfig, keys: list[str] | None) -> None:
+    """The parent's params: the config every job shares, and each swept key with what it
+    sweeps (`0.01,0.05`, or a search space such as `interval(0.001, 0.1)`). Only from the
+    Hydra callback, which knows the swept keys."""
+    from mlflow.entities import Param
+
+    from fashion_exp import tracking
+
+    if not keys or "hydra" not in cfg:
+        return
+    from omegaconf import OmegaConf
+
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    try:
+        params = tracking.flatten(job)
+    except Exception as err:  # noqa: BLE001 - an unresolvable value: name the swept keys only
+        log.warning("sweep parent: config not logged as params: %s", err)
+        params = {}
+    spaces = dict(cfg.hydra.sweeper.get("params") or {})
+    for override in cfg.hydra.overrides.task:
+        name, _, value = override.lstrip("+~").partition("=")
+        if name in keys:
+            spaces[name] = value
+    params |= {k: str(spaces.get(k, params.get(k, ""))) for k in keys}
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+
+
+def describe_result(client: Any, parent: Any, rows: list[dict[str, Any]],
+                    best: dict[str, Any] | None, metric: str) -> None:
+    """The parent's description (MLflow's run page shows it first): what was swept, what was
+    fixed, and the best job."""
+    from fashion_exp import compare
+
+    tags = parent.data.tags
+    lines = [f"Sweep of `{tags.get('swept') or 'the config'}`"
+             + (f" with `{tags['fixed']}` fixed" if tags.get("fixed") else "") + ": "
+             + f"{len(rows)} runs, {sum(r['status'] != 'FINISHED' for r in rows)} failed."]
+    if best is not None:
+        column = compare.metric_columns(metric)[0]
+        lines.append(f"Best: **{best['run']}**, {column} {best[column]:.4f}"
+                     + (f", test_accuracy {best['test_accuracy']:.4f}"
+                        if best.get("test_accuracy") is not None else "") + ".")
+    client.set_tag(parent.info.run_id, "mlflow.note.content", "\n\n".join(lines))
 
 
 def child_name_and_tags(cfg: DictConfig) -> tuple[str | None, dict[str, str]]:
@@ -153,17 +265,17 @@ def child_name_and_tags(cfg: DictConfig) -> tuple[str | None, dict[str, str]]:
     parent = ensure_parent(sweep_dir, cfg)
     keys = set(_state(sweep_dir)["swept_keys"])
     overrides = list(HydraConfig.get().overrides.task)
-    varied = [o for o in overrides if o.lstrip("+~").split("=", 1)[0] in keys]
     tags = {"mlflow.parentRunId": parent, "sweep_id": parent, "sweep": "child",
             "sweep_job": str(HydraConfig.get().job.num)}
-    return " ".join(varied or overrides) or "defaults", tags
+    return child_run_name(overrides, list(keys)) or " ".join(overrides) or "defaults", tags
 
 
 def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
     """Record the best child and the leaderboard on the parent and end it; returns status."""
     from mlflow import MlflowClient
+    from mlflow.entities import Metric
 
-    from fashion_exp import compare
+    from fashion_exp import compare, tracking
 
     state = sweep_dir / STATE_FILE
     if not state.is_file():
@@ -180,22 +292,34 @@ def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
                                   filter_string=f"tags.sweep_id = '{info['run_id']}'"
                                   " and tags.sweep = 'child'", max_results=5000)
     rows = compare.rows_of(children, compare.varied_params(children), metric)
-    finished = [r for r in rows if r["status"] == "FINISHED" and r["optimized_metric"] is not None]
+    objective = compare.metric_columns(metric)[0]
+    finished = [r for r in rows if r["status"] == "FINISHED" and r[objective] is not None]
     if finished:
+        # The best job's values under the children's names: the parent's row in the runs
+        # table reads as the sweep's result.
         best = finished[0]
-        client.log_metric(info["run_id"], f"best_{metric}", best["optimized_metric"])
-        if best["test_accuracy"] is not None:
-            client.log_metric(info["run_id"], "best_test_accuracy", best["test_accuracy"])
+        now = int(time.time() * 1000)
+        client.log_batch(info["run_id"], metrics=[
+            Metric(m, best[m], now, 0) for m in compare.metric_columns(metric)
+            if best[m] is not None])
         client.set_tag(info["run_id"], "best_run_id", best["run_id"])
         client.set_tag(info["run_id"], "best_run_name", best["run"])
-    client.log_metric(info["run_id"], "jobs_total", len(rows))
-    client.log_metric(info["run_id"], "jobs_failed", sum(r["status"] != "FINISHED" for r in rows))
+    describe_result(client, parent, rows, finished[0] if finished else None, metric)
+    # Counts are tags: as metrics they would be drawn as single-point charts.
+    client.set_tag(info["run_id"], "jobs_total", str(len(rows)))
+    client.set_tag(info["run_id"], "jobs_failed",
+                   str(sum(r["status"] != "FINISHED" for r in rows)))
     client.log_text(info["run_id"], compare.csv_text(rows), "leaderboard.csv")
     client.log_text(info["run_id"], compare.markdown(rows), "leaderboard.md")
     status = "KILLED" if interrupted else ("FINISHED" if finished else "FAILED")
     client.set_terminated(info["run_id"], status)
     log.info("Sweep %s ended %s: %d jobs, best %s", info["run_id"], status, len(rows),
              finished[0]["run"] if finished else "none")
+    if info.get("swept_keys"):
+        print(f"sweep {info['run_id']} {status}: {len(rows)} runs; compare them: "
+              + tracking.ui_hint(info["tracking_uri"], info["experiment_id"],
+                                 link=views.view_link(info["experiment_id"], info["run_id"])),
+              flush=True)
     return status
 
 

@@ -21,10 +21,11 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import Schema, TensorSpec
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_exp import interrupts, procs
+from fashion_exp import interrupts, procs, views
 from fashion_exp.config import project_root
 from fashion_exp.locks import file_lock
 from fashion_exp.logged_models import MODEL_ARTIFACT
+from fashion_exp.metrics import PER_CLASS_PREFIX, epoch_metric, tidy
 from fashion_exp.offline import Outbox
 from fashion_exp.stores import check_store, resolve_uri, sqlite_path
 
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 
 OWNER_TAGS = ("host", "pid", "started")  # process.* tags of a run: see procs.alive
 MAX_RUN_NAME = 250  # MLflow's column size: a database server (PostgreSQL) rejects longer names
-
+# MLflow's UI opens experiments of this kind in its model-training view (not the GenAI one).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 # --- Where runs go -----------------------------------------------------------------------------
 
@@ -142,9 +144,13 @@ def setup(uri: str | None, experiment_name: str,
     with store_lock(uri):
         experiment = mlflow.get_experiment_by_name(experiment_name)
         if experiment is None:
-            exp_id = mlflow.create_experiment(experiment_name, artifact_root(uri))
+            exp_id = mlflow.create_experiment(experiment_name, artifact_root(uri),
+                                              tags=EXPERIMENT_KIND)
         else:
             exp_id = experiment.experiment_id
+            if not any(key in experiment.tags for key in EXPERIMENT_KIND):  # a user's choice stays
+                for key, value in EXPERIMENT_KIND.items():
+                    mlflow.MlflowClient().set_experiment_tag(exp_id, key, value)
     mlflow.set_experiment(experiment_id=exp_id)
     return uri, exp_id
 
@@ -154,10 +160,10 @@ def fit_run_name(text: str) -> str:
     return text if len(text) <= MAX_RUN_NAME else text[:MAX_RUN_NAME - 3] + "..."
 
 
-def ui_hint(uri: str, exp_id: str, run_id: str) -> str:
-    """How to open a run in the MLflow UI."""
+def ui_hint(uri: str, exp_id: str, run_id: str | None = None, link: str | None = None) -> str:
+    """How to open a run (or another page of the MLflow UI: `link`, e.g. a views.view_link)."""
     store = f" --backend-store-uri {uri}" if "://" in uri and not uri.startswith("http") else ""
-    link = f"#/experiments/{exp_id}/runs/{run_id}"
+    link = link or (views.run_link(exp_id, run_id) if run_id else views.experiment_link(exp_id))
     if uri.startswith("http"):
         return f"open {uri.rstrip('/')}/{link}"
     return f"mlflow ui{store}  then open http://127.0.0.1:5000/{link}"
@@ -219,16 +225,25 @@ def log_config(cfg: DictConfig, hydra_dir: Path | None) -> None:
               _file_entry("hydra/files", lambda p: shutil.copytree(source, p)))
 
 
+def log_metrics(metrics: dict[str, float], step: int) -> None:
+    """Metrics of the active run at `step`, float32 values tidied."""
+    metrics = {key: tidy(value) for key, value in metrics.items()}
+    _send(lambda: mlflow.log_metrics(metrics, step=step), _metrics_entry(metrics, step))
+
+
 def log_epoch(metrics: dict[str, float], epoch: int) -> None:
-    """One epoch's metrics, step=epoch."""
-    _send(lambda: mlflow.log_metrics(metrics, step=epoch), _metrics_entry(metrics, epoch))
+    """One epoch's Keras metrics under their epoch_metric names, step = epoch counted from 1
+    (the figures count epochs the same way)."""
+    log_metrics({epoch_metric(key): value for key, value in metrics.items()}, epoch)
 
 
 def log_model_info(model: Any) -> None:
-    """Parameter and layer counts as params, the Keras summary as a text artifact."""
+    """Parameter and layer counts as tags (they follow from params, so they are not params:
+    a sweep's comparison would count them as varied), the Keras summary as a text artifact."""
     lines: list[str] = []
     model.summary(print_fn=lambda line, **_: lines.append(line))
-    log_params({"model.param_count": model.count_params(), "model.num_layers": len(model.layers)})
+    set_tags({"model.param_count": str(model.count_params()),
+              "model.num_layers": str(len(model.layers))})
     log_text("\n".join(lines), "model_summary.txt")
 
 
@@ -238,12 +253,15 @@ def metric_key(class_name: str) -> str:
 
 
 def log_evaluation(result: Any, epochs_trained: int) -> None:
-    """Test loss and accuracy, accuracy per class, and the classification report."""
-    per_class = {f"test_accuracy.{metric_key(name)}": acc
+    """Test loss and accuracy, accuracy per class, and the classification report, at the step
+    of the last epoch (the step the logged model links its metrics from)."""
+    per_class = {PER_CLASS_PREFIX + metric_key(name): acc
                  for name, acc in result.per_class_accuracy.items()}
-    metrics = {"test_loss": result.loss, "test_accuracy": result.accuracy,
-               "epochs_trained": epochs_trained} | per_class
-    _send(lambda: mlflow.log_metrics(metrics), _metrics_entry(metrics, 0))
+    # Six decimals: finer than one image of a 10,000-image test set, and readable in the UI.
+    metrics = {key: round(float(value), 6) for key, value in
+               ({"test_loss": result.loss, "test_accuracy": result.accuracy} | per_class).items()}
+    metrics["epochs_trained"] = epochs_trained
+    log_metrics(metrics, epochs_trained)
     log_text(result.report, "classification_report.txt")
 
 
@@ -254,11 +272,6 @@ def log_figures(figures: dict[str, Any]) -> None:
               _file_entry(name, lambda p: fig.savefig(p)))  # noqa: B023
 
 
-def log_metric(key: str, value: float) -> None:
-    """One final metric of the active run."""
-    _send(lambda: mlflow.log_metric(key, value), _metrics_entry({key: value}, 0))
-
-
 def model_signature() -> ModelSignature:
     """Raw uint8 images (N, 28, 28) in, class probabilities (N, 10) out."""
     return ModelSignature(
@@ -267,13 +280,15 @@ def model_signature() -> ModelSignature:
     )
 
 
-def log_model(model: Any, registered_name: str | None) -> None:
-    """Log the model at artifact path 'model' (and register it)."""
+def log_model(model: Any, registered_name: str | None, step: int) -> None:
+    """Log the model at artifact path 'model' (and register it); MLflow links to it the run's
+    metrics at `step` (the last epoch's, and the test metrics logged there)."""
     def entry(folder: Path) -> dict[str, Any]:
         model.save(folder / "model.keras")
-        return {"kind": "model", "file": "model.keras", "registered_name": registered_name}
+        return {"kind": "model", "file": "model.keras", "registered_name": registered_name,
+                "step": step}
 
-    _send(lambda: _log_keras_model(model, registered_name), entry)
+    _send(lambda: _log_keras_model(model, registered_name, step), entry)
 
 
 def log_saved_model(path: Path, entry: dict[str, Any]) -> None:
@@ -283,14 +298,15 @@ def log_saved_model(path: Path, entry: dict[str, Any]) -> None:
     model = keras.models.load_model(path, compile=False)
     mlflow.set_tracking_uri(entry["tracking_uri"])
     active = mlflow.active_run()
+    step = entry.get("step", 0)  # journals written before models carried a step
     if active is not None and active.info.run_id == entry["run_id"]:
-        _log_keras_model(model, entry["registered_name"])
+        _log_keras_model(model, entry["registered_name"], step)
         return
     with mlflow.start_run(run_id=entry["run_id"]):  # the journal's "end" entry sets the status
-        _log_keras_model(model, entry["registered_name"])
+        _log_keras_model(model, entry["registered_name"], step)
 
 
-def _log_keras_model(model: Any, registered_name: str | None) -> str:
+def _log_keras_model(model: Any, registered_name: str | None, step: int) -> str:
     """mlflow.tensorflow.log_model with our signature and explicit requirements."""
     import keras
     import mlflow.tensorflow
@@ -301,7 +317,7 @@ def _log_keras_model(model: Any, registered_name: str | None) -> str:
                     f"mlflow=={mlflow.__version__}"]
     info = mlflow.tensorflow.log_model(
         model, name=MODEL_ARTIFACT, signature=model_signature(),
-        pip_requirements=requirements, registered_model_name=registered_name,
+        pip_requirements=requirements, registered_model_name=registered_name, step=step,
     )
     return info.model_uri
 

@@ -19,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fashion_exp import interrupts, sweeps
+from fashion_exp import interrupts, metrics, sweeps
 from fashion_exp.config import CONF_DIR, ConfigError, precheck, register_configs, validate
 from fashion_exp.stores import StoreError, check_store
 
@@ -125,6 +125,13 @@ def train(cfg: DictConfig) -> float:
             test = {"test_loss": result.loss, "test_accuracy": result.accuracy}
             tracking.log_evaluation(result, epochs_trained=len(history["loss"]))
 
+            # The value a sweep optimizes, beside the test metrics at the last epoch's step.
+            value = training.best_value(history, test, cfg.optimized_metric)
+            last_epoch = len(history["loss"])
+            objective = metrics.objective_metric(cfg.optimized_metric)
+            if objective != cfg.optimized_metric:  # a test metric is logged already
+                tracking.log_metrics({objective: value}, last_epoch)
+
             # --- Figures and model ------------------------------------------------------------
             if cfg.tracking.figures:
                 log.info("Logging figures <tracking.figures=true>")
@@ -137,10 +144,7 @@ def train(cfg: DictConfig) -> float:
                 })
             if cfg.tracking.log_model:
                 log.info("Logging the model <tracking.log_model=true>")
-                tracking.log_model(model, cfg.tracking.registered_model_name)
-
-            value = training.best_value(history, test, cfg.optimized_metric)
-            tracking.log_metric("optimized_metric", value)
+                tracking.log_model(model, cfg.tracking.registered_model_name, last_epoch)
     except BaseException:
         if ckpt is not None and (ckpt / checkpoints.WEIGHTS_FILE).is_file():
             done = checkpoints.load_state(ckpt)["epochs_done"]
@@ -151,7 +155,7 @@ def train(cfg: DictConfig) -> float:
     if ckpt is not None:
         checkpoints.remove(ckpt)  # finished: the model is logged
 
-    print(f"test_accuracy={result.accuracy:.4f}  {cfg.optimized_metric}={value:.4f}  "
+    print(f"test_accuracy={result.accuracy:.4f}  {objective}={value:.4f}  "
           f"run_id={run_id}  view: {tracking.ui_hint(uri, exp_id, run_id)}", flush=True)
     return value
 

@@ -87,7 +87,8 @@ def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer,
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Logs the Keras epoch metrics, the learning rate and the epoch's seconds, step=epoch."""
+    """Logs the Keras epoch metrics, the learning rate and the epoch's seconds, at step = the
+    epoch counted from 1 (Keras counts from 0)."""
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._start = time.perf_counter()
@@ -100,8 +101,8 @@ class EpochLogger(keras.callbacks.Callback):
         metrics = {key: float(value) for key, value in (logs or {}).items()}
         lr = self.model.optimizer.learning_rate
         metrics["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
-        metrics["epoch_seconds"] = time.perf_counter() - self._start
-        tracking.log_epoch(metrics, epoch)
+        metrics["epoch_seconds"] = round(time.perf_counter() - self._start, 3)
+        tracking.log_epoch(metrics, epoch + 1)
 
 
 class CheckpointSaver(keras.callbacks.Callback):

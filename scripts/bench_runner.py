@@ -168,7 +168,7 @@ def run_framework(preset: str, epochs: int, seed: int, uri: str, out: Path,
     import mlflow
 
     mlflow.set_tracking_uri(uri)
-    history = mlflow.MlflowClient().get_metric_history(match["run"], "epoch_seconds")
+    history = mlflow.MlflowClient().get_metric_history(match["run"], "training/epoch_seconds")
     return {"wall_s": wall, "fit_s": sum(m.value for m in history),
             "test_accuracy": float(match["acc"]), "run_id": match["run"]}
 

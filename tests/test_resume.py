@@ -69,8 +69,8 @@ def assert_complete(uri: str, run_id: str, params_before: dict[str, str]) -> Non
     """The resumed run: FINISHED, each epoch logged once, params unchanged, test metrics."""
     run = mlflow.MlflowClient(uri).get_run(run_id)
     assert run.info.status == "FINISHED"
-    for key in ("loss", "val_accuracy", "learning_rate"):
-        assert metric_steps(uri, run_id, key) == list(range(EPOCHS)), key
+    for key in ("epoch/loss", "epoch/val_accuracy", "training/learning_rate"):
+        assert metric_steps(uri, run_id, key) == list(range(1, EPOCHS + 1)), key
     assert run.data.metrics["epochs_trained"] == EPOCHS  # as many as an uninterrupted run
     assert run.data.params == params_before  # not logged twice, not changed
     assert "error" not in run.data.tags and "resumed_from_epoch" in run.data.tags
@@ -87,7 +87,7 @@ def test_stopped_run_is_killed_with_a_checkpoint_and_resumes(sig, tmp_path, trac
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
     assert f"signal {sig.name}" in run.data.tags["error"]
-    done = len(metric_steps(tracking_uri, run_id, "loss"))
+    done = len(metric_steps(tracking_uri, run_id, "epoch/loss"))
     assert 2 <= done < EPOCHS  # what was logged is kept
     ckpt = Path(tracking_uri.removeprefix("sqlite:///")).parent / "checkpoints" / run_id
     assert (ckpt / WEIGHTS_FILE).is_file()

@@ -34,30 +34,54 @@ def test_grid_with_failing_jobs_is_one_group_with_a_leaderboard(tmp_path, tracki
                                      "model.hidden=[16],[32]")
     assert result.returncode == 1  # some jobs failed
     assert len(children) == 4
+    # Children are named by what varies, keys shortened; the full overrides are a tag.
     assert sorted(c.info.run_name for c in children) == [
-        "optimizer.lr=0.1 model.hidden=[16]", "optimizer.lr=0.1 model.hidden=[32]",
-        "optimizer.lr=1000000000.0 model.hidden=[16]",
-        "optimizer.lr=1000000000.0 model.hidden=[32]"]
+        "lr=0.1 hidden=[16]", "lr=0.1 hidden=[32]", "lr=1e+09 hidden=[16]",
+        "lr=1e+09 hidden=[32]"]
+    assert all("optimizer.lr=" in c.data.tags["overrides"] for c in children)
     failed = [c for c in children if c.info.status == "FAILED"]
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert len(failed) == 2 and len(finished) == 2
     assert all("TrainingDiverged" in c.data.tags["error"] for c in failed)
     assert {c.data.tags["sweep_id"] for c in children} == {parent.info.run_id}
+    # Derived values are tags, not params: only what the user swept varies.
+    assert all("model.param_count" in c.data.tags and "model.param_count" not in c.data.params
+               for c in finished)
 
+    # The parent says what was swept and fixed, and carries the best job's values.
     assert parent.info.status == "FINISHED"
-    assert parent.info.run_name == "sweep optimizer.lr=0.1,1e9 model.hidden=[16],[32]"
-    best = max(finished, key=lambda c: c.data.metrics["val_accuracy"])
-    assert parent.data.tags["best_run_id"] == best.info.run_id
-    assert parent.data.metrics["best_val_accuracy"] == best.data.metrics["optimized_metric"]
-    assert parent.data.tags["best_run_name"] == best.info.run_name
-    assert parent.data.metrics["jobs_failed"] == 2
+    assert parent.info.run_name == "sweep lr,hidden"
+    assert parent.data.params["optimizer.lr"] == "0.1,1e9"
+    assert parent.data.params["model.hidden"] == "[16],[32]"
+    assert parent.data.params["data.limit"] == "600"  # fixed values are params too
+    tags = parent.data.tags
+    assert tags["swept"] == "optimizer.lr model.hidden" and "debug=fast" in tags["fixed"]
+    assert tags["mlflow.source.name"] == "fashion-exp-train"
+    best = max(finished, key=lambda c: c.data.metrics["best_val_accuracy"])
+    assert tags["best_run_id"] == best.info.run_id
+    for key in ("best_val_accuracy", "test_accuracy", "test_loss"):
+        assert parent.data.metrics[key] == best.data.metrics[key], key
+    assert tags["best_run_name"] == best.info.run_name
+    assert tags["jobs_total"] == "4" and tags["jobs_failed"] == "2"
+    assert "jobs_total" not in parent.data.metrics
+    assert f"Best: **{best.info.run_name}**" in tags["mlflow.note.content"]
     board = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/leaderboard.csv")
     lines = board.strip().splitlines()
-    # Only the varied params are columns; best first, failed jobs last.
-    assert lines[0].startswith("run,status,model.hidden,model.param_count,optimizer.lr,"
-                               "optimized_metric")
+    # Only the swept params are columns; best first, failed jobs last.
+    assert lines[0].startswith("run,status,model.hidden,optimizer.lr,best_val_accuracy,"
+                               "test_accuracy,test_loss,duration_s")
     assert best.info.run_id in lines[1]
     assert lines[3].split(",")[1] == lines[4].split(",")[1] == "FAILED"
+
+    # The printed link opens a saved view of the sweep in the model-training pages.
+    key = parent.info.run_id
+    assert f"runs?viewStateShareKey={key}&workflowType=machine_learning" in result.stdout
+    experiment = mlflow.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags[f"mlflow.sharedViewState.{key}"])
+    assert view["selectedColumns"][:3] == ["params.`optimizer.lr`", "params.`model.hidden`",
+                                           "metrics.`best_val_accuracy`"]
+    assert view["orderByKey"] == "metrics.`best_val_accuracy`" and view["orderByAsc"] is False
 
 
 def test_sweep_whose_jobs_all_fail_ends_failed(tmp_path, tracking_uri) -> None:

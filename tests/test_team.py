@@ -84,7 +84,7 @@ def test_run_on_the_server_is_complete(team_stack, tmp_path) -> None:
     client = client_of(team_stack)
     assert run.info.status == "FINISHED"
     assert run.data.params["tracking.mode"] == "server"
-    assert metric_steps(client, run.info.run_id, "val_accuracy") == [0, 1]
+    assert metric_steps(client, run.info.run_id, "epoch/val_accuracy") == [1, 2]
     assert "test_accuracy" in run.data.metrics
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
     mlflow.set_tracking_uri(team_stack.tracking_uri)
@@ -122,7 +122,7 @@ def test_server_outage_mid_run_is_buffered_and_sent(team_stack, tmp_path) -> Non
     try:
         def first_epochs_logged() -> bool:
             runs = runs_in(stack.tracking_uri, "outage")
-            return bool(runs) and len(metric_steps(client, runs[0].info.run_id, "loss")) >= 2
+            return bool(runs) and len(metric_steps(client, runs[0].info.run_id, "epoch/loss")) >= 2
 
         wait_for(first_epochs_logged, 240, "two epochs on the server")
         team.stop_mlflow(stack)  # the server goes away mid-run
@@ -137,9 +137,10 @@ def test_server_outage_mid_run_is_buffered_and_sent(team_stack, tmp_path) -> Non
             team.restart_mlflow(stack)
     (run,) = runs_in(stack.tracking_uri, "outage")
     assert run.info.status == "FINISHED", log.read_text()[-3000:]
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "epoch_seconds"):
-        assert metric_steps(client, run.info.run_id, key) == list(range(30)), key
-    assert "test_accuracy" in run.data.metrics and "optimized_metric" in run.data.metrics
+    for key in ("epoch/loss", "epoch/accuracy", "epoch/val_loss", "epoch/val_accuracy",
+                "training/epoch_seconds"):
+        assert metric_steps(client, run.info.run_id, key) == list(range(1, 31)), key
+    assert "test_accuracy" in run.data.metrics and "best_val_accuracy" in run.data.metrics
     assert {"classification_report.txt", "config.yaml"} <= {
         a.path for a in client.list_artifacts(run.info.run_id)}
     assert run.outputs.model_outputs, "the model must be logged to the run"
@@ -172,7 +173,7 @@ def test_server_that_never_returns_leaves_the_run_on_disk_for_upload(team_stack,
     assert upload.returncode == 0, upload.stderr[-3000:]
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
-    assert metric_steps(client, run.info.run_id, "val_accuracy") == list(range(30))
+    assert metric_steps(client, run.info.run_id, "epoch/val_accuracy") == list(range(1, 31))
     assert "test_accuracy" in run.data.metrics and run.outputs.model_outputs
     assert run.data.params["trainer.epochs"] == "30"
     assert not folder.exists()
@@ -212,8 +213,8 @@ def test_two_workers_share_one_study_and_one_sweep(team_stack, tmp_path) -> None
     assert len(by_lr) == 4
     for trial in trials:
         child = by_lr[trial.params["optimizer.lr"]]
-        assert child.data.metrics["optimized_metric"] == pytest.approx(trial.value)
-    assert parents[0].data.metrics["jobs_total"] == 4
+        assert child.data.metrics["best_val_accuracy"] == pytest.approx(trial.value)
+    assert parents[0].data.tags["jobs_total"] == "4"
 
 
 @pytest.mark.parametrize("where", ["local", "server"])
@@ -235,10 +236,10 @@ def test_eight_parallel_jobs_lose_no_run_and_no_metric(where, team_stack, tmp_pa
     points = 0
     for child in children:
         assert child.info.status == "FINISHED"
-        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate",
-                    "epoch_seconds"):
+        for key in ("epoch/loss", "epoch/accuracy", "epoch/val_loss", "epoch/val_accuracy",
+                    "training/learning_rate", "training/epoch_seconds"):
             steps = metric_steps(client, child.info.run_id, key)
-            assert steps == [0, 1, 2], (child.info.run_name, key, steps)
+            assert steps == [1, 2, 3], (child.info.run_name, key, steps)
             points += len(steps)
     assert points == 8 * 6 * 3
     assert json.loads((tmp_path / "sweep" / "mlflow_sweep.json").read_text())["run_id"] in {

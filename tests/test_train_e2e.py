@@ -51,19 +51,22 @@ def test_params_tags_and_metrics(logged) -> None:
     uri, run, _ = logged
     params, tags = run.data.params, run.data.tags
     assert params["optimizer.lr"] == "0.02" and params["model.hidden"] == "[256, 128, 32]"
-    assert params["trainer.epochs"] == "2" and params["model.param_count"] == "238314"
+    assert params["trainer.epochs"] == "2" and tags["model.param_count"] == "238314"
+    assert "model.param_count" not in params and "model.num_layers" not in params
     assert run.info.run_name == tags["overrides"]
     assert "debug=fast" in tags["overrides"] and tags["git_commit"]
     client = mlflow.MlflowClient(uri)
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate", "epoch_seconds"):
+    for key in ("epoch/loss", "epoch/accuracy", "epoch/val_loss", "epoch/val_accuracy",
+                "training/learning_rate", "training/epoch_seconds"):
         history = client.get_metric_history(run.info.run_id, key)
-        assert sorted(m.step for m in history) == [0, 1], key
+        assert sorted({m.step for m in history}) == [1, 2], key  # epochs counted from 1
     metrics = run.data.metrics
     assert 0.1 < metrics["test_accuracy"] <= 1 and metrics["test_loss"] > 0
-    per_class = [k for k in metrics if k.startswith("test_accuracy.")]
-    assert len(per_class) == 10 and "test_accuracy.ankle_boot" in per_class
-    best = max(m.value for m in client.get_metric_history(run.info.run_id, "val_accuracy"))
-    assert metrics["optimized_metric"] == pytest.approx(best)
+    per_class = [k for k in metrics if k.startswith("test_class_accuracy/")]
+    assert len(per_class) == 10 and "test_class_accuracy/ankle_boot" in per_class
+    best = max(m.value for m in client.get_metric_history(run.info.run_id, "epoch/val_accuracy"))
+    assert metrics["best_val_accuracy"] == pytest.approx(best)
+    assert "optimized_metric" not in metrics
 
 
 def test_artifacts(logged) -> None:
@@ -105,7 +108,7 @@ def test_cnn_with_schedule_augmentation_and_label_smoothing(tmp_path, tracking_u
     assert (params["schedule.name"], params["augment.erasing"], params["trainer.label_smoothing"]) \
         == ("cosine", "0.5", "0.1")
     history = mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id,
-                                                                   "learning_rate")
+                                                                   "training/learning_rate")
     rates = [m.value for m in sorted(history, key=lambda m: m.step)]
     # Cosine from the peak to 0 at the last step, read at the end of each epoch.
     assert len(rates) == 3 and rates[0] > rates[1] > rates[2] and rates[2] == pytest.approx(0)
@@ -124,7 +127,7 @@ def test_same_seed_same_metrics_via_both_entry_points(tmp_path, tracking_uri) ->
     second = run_cli(*common, tmp_path=tmp_path / "b", script=script)
     assert first.returncode == 0 and second.returncode == 0, second.stderr[-2000:]
     a, b = runs_of(tracking_uri)
-    for key in ("loss", "val_accuracy", "test_accuracy", "test_loss"):
+    for key in ("epoch/loss", "epoch/val_accuracy", "test_accuracy", "test_loss"):
         assert a.data.metrics[key] == b.data.metrics[key], key
 
 
@@ -159,7 +162,7 @@ def test_ctrl_c_ends_the_run_killed(tmp_path, tracking_uri) -> None:
             if "Training <" not in (tmp_path / "log.txt").read_text():
                 continue
             runs = runs_of(tracking_uri)
-            if runs and "loss" in runs[0].data.metrics:
+            if runs and "epoch/loss" in runs[0].data.metrics:
                 break
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) != 0
@@ -168,7 +171,7 @@ def test_ctrl_c_ends_the_run_killed(tmp_path, tracking_uri) -> None:
     runs = runs_of(tracking_uri)
     assert len(runs) == 1, (tmp_path / "log.txt").read_text()[-3000:]
     assert runs[0].info.status == "KILLED"
-    assert "loss" in runs[0].data.metrics
+    assert "epoch/loss" in runs[0].data.metrics
 
 
 def run_evaluate(*overrides: str, tmp_path) -> subprocess.CompletedProcess:
@@ -195,7 +198,7 @@ def test_evaluate_logged_and_registered_model(logged, tmp_path) -> None:
         assert ev.data.metrics["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
         assert ev.data.metrics["test_loss"] == pytest.approx(run.data.metrics["test_loss"],
                                                              rel=1e-4)
-        assert len([k for k in ev.data.metrics if k.startswith("test_accuracy.")]) == 10
+        assert len([k for k in ev.data.metrics if k.startswith("test_class_accuracy/")]) == 10
         names = {a.path for a in client.list_artifacts(ev.info.run_id)}
         assert {"confusion_matrix.png", "misclassified.png", "confused_pairs.txt"} <= names
         pairs = mlflow.artifacts.load_text(f"{ev.info.artifact_uri}/confused_pairs.txt")

@@ -1,0 +1,68 @@
+"""Saved views of the MLflow UI: a sweep opens with its swept params and key metrics as columns.
+
+MLflow's runs page loads a view from the URL parameter `viewStateShareKey=<key>`: its state
+is the JSON in the experiment tag `mlflow.sharedViewState.<key>` (the tag its "Share" button
+writes). The state holds the runs table's columns, sort order and search filter, so a link
+opens the sweep ready to compare, without clicking. The parameter must be on the runs tab's
+address: the experiment's own address redirects there and drops it.
+
+The UI's sidebar shows GenAI pages or model-training pages by the URL parameter
+`workflowType` (remembered by the browser), GenAI unless told: every link says
+`machine_learning`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fashion_exp.metrics import objective_metric
+
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+SHARE_KEY_PARAM = "viewStateShareKey"
+MODEL_TRAINING = "workflowType=machine_learning"
+TEST_COLUMNS = ("test_accuracy", "test_loss")
+
+
+def column(kind: str, key: str) -> str:
+    """A column of MLflow's runs table: column('params', 'optimizer.lr') is
+    "params.`optimizer.lr`" (kind: attributes, params, metrics or tags)."""
+    return f"{kind}.`{key}`"
+
+
+def sweep_state(parent_id: str, swept: list[str], metric: str) -> dict[str, Any]:
+    """The view of one sweep: its jobs' runs, best first (the parent, which repeats the best
+    one's values, left out); columns: the swept params, the optimized value (e.g.
+    best_val_accuracy), the test metrics, the logged model."""
+    objective = objective_metric(metric)
+    metrics = [objective, *(m for m in TEST_COLUMNS if m != objective)]
+    return {
+        "searchFilter": f"tags.sweep_id = '{parent_id}' and tags.sweep = 'child'",
+        "orderByKey": column("metrics", objective),
+        "orderByAsc": "loss" in metric,
+        "selectedColumns": [column("params", k) for k in swept]
+        + [column("metrics", m) for m in metrics] + [column("attributes", "Models")],
+    }
+
+
+def save_sweep_view(client: Any, experiment_id: str, parent_id: str, swept: list[str],
+                    metric: str) -> str:
+    """Store the sweep's view on its experiment; returns its share key (the parent run id)."""
+    state = sweep_state(parent_id, swept, metric)
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + parent_id, json.dumps(state))
+    return parent_id
+
+
+def view_link(experiment_id: str, key: str) -> str:
+    """The UI address of a saved view, after the server's."""
+    return f"#/experiments/{experiment_id}/runs?{SHARE_KEY_PARAM}={key}&{MODEL_TRAINING}"
+
+
+def run_link(experiment_id: str, run_id: str) -> str:
+    """The UI address of a run, after the server's."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?{MODEL_TRAINING}"
+
+
+def experiment_link(experiment_id: str) -> str:
+    """The UI address of an experiment's runs, after the server's."""
+    return f"#/experiments/{experiment_id}/runs?{MODEL_TRAINING}"
