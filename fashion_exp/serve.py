@@ -89,9 +89,19 @@ def model_metrics(client: Any, ref: Any) -> dict[str, float]:
             if not m.key.startswith(PER_CLASS_PREFIX)}
 
 
-def model_choices(client: Any, experiment_name: str, default_uri: str) -> list[dict[str, str]]:
+def choice_label(model: ServedModel) -> str:
+    """How the page's model picker names a model: `name vN` when registered, else its run's
+    name and test accuracy (the labels of the other choices)."""
+    if model.ref.name:
+        return f"{model.ref.name} v{model.ref.version}"
+    accuracy = model.metrics.get("test_accuracy")
+    return model.run_name + ("" if accuracy is None else f" (test {accuracy:.4f})")
+
+
+def model_choices(client: Any, experiment_name: str, default: ServedModel,
+                  ) -> list[dict[str, str]]:
     """What the page offers: the default, every registered version, the best logged runs."""
-    choices = [{"uri": default_uri, "label": f"default: {default_uri}"}]
+    choices = [{"uri": default.ref.uri, "label": f"default: {choice_label(default)}"}]
     for version in client.search_model_versions(max_results=100):
         choices.append({"uri": f"models:/{version.name}/{version.version}",
                         "label": f"{version.name} v{version.version}"})
@@ -172,7 +182,7 @@ def build(cfg: DictConfig) -> tuple[Any, str]:
     app = service.create_app(
         default, lambda u: resolve(client, u), lambda ref: load_served_model(client, ref),
         settings,
-        choices=lambda: model_choices(client, cfg.tracking.experiment_name, default_uri),
+        choices=lambda: model_choices(client, cfg.tracking.experiment_name, default),
         samples=test_images(cfg))
     return app, default_uri
 

@@ -464,6 +464,11 @@ def create_app(default: ServedModel, resolver: Callable[[str], ModelRef],
     async def page() -> HTMLResponse:
         return HTMLResponse(resources.files("fashion_exp").joinpath("web/index.html").read_text())
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Response:
+        # The page carries its icon inline; browsers that ask anyway get no icon, not a 404.
+        return Response(status_code=204)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness: answers while the service can take requests."""

@@ -125,6 +125,14 @@ def test_model_info_registered_versions_and_aliases(client, served_store, test_s
     uris = [m["uri"] for m in listed["models"]]
     assert listed["default"] == f"runs:/{run_id}/model" == uris[0]
     assert "models:/fashion_serve/1" in uris and len(uris) == len(set(uris))
+    # Every choice is named by its run or registered name, the default too, never its URI.
+    default = client.get("/model").json()
+    assert listed["models"][0]["label"] == (f"default: {default['run_name']} "
+                                            f"(test {default['metrics']['test_accuracy']:.4f})")
+    assert all(m["uri"] not in m["label"] for m in listed["models"])
+    # The model's metrics are the logged model's: its run's values at the last epoch.
+    assert {"test_accuracy", "epoch/val_accuracy", "best_val_accuracy"} <= set(default["metrics"])
+    assert not any(k.startswith("test_class_accuracy/") for k in default["metrics"])
 
 
 def test_random_samples_come_from_the_test_set(client, test_set) -> None:
