@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fashion_exp import views
 from fashion_exp.config import TrackingConfig, project_root
 from fashion_exp.metrics import epoch_metric, objective_metric
 from fashion_exp.stores import StoreError, check_store, connect_seconds
@@ -38,11 +39,12 @@ class CompareError(RuntimeError):
 
 @dataclass
 class Selection:
-    """The runs to compare and a short name for them."""
+    """The runs to compare, a short name for them, and how the MLflow UI shows them."""
 
     runs: list
     name: str
     metric: str
+    ui_link: str = ""  # the UI address after the server's: a sweep's saved view, or a search
 
 
 def select(client: Any, experiment: str, sweep: str | None, filter_string: str | None,
@@ -71,6 +73,9 @@ def select(client: Any, experiment: str, sweep: str | None, filter_string: str |
                                   max_results=5000)
         metric = parent.data.tags.get("optimized_metric", "val_accuracy")
         name = f"sweep_{sweep[:8]}"
+        search = f"tags.sweep_id = '{sweep}' and tags.sweep = 'child'"
+        link = (views.view_link(exp.experiment_id, sweep) if views.has_view(exp, sweep)
+                else views.search_link(exp.experiment_id, search, objective_metric(metric)))
     else:
         try:
             runs = client.search_runs(ids, filter_string or "", max_results=5000)
@@ -79,11 +84,13 @@ def select(client: Any, experiment: str, sweep: str | None, filter_string: str |
         runs = [r for r in runs if r.data.tags.get("sweep") != "parent"]
         metric = "val_accuracy"
         name = "filtered" if filter_string else "all"
+        link = views.search_link(exp.experiment_id, filter_string or "",
+                                 objective_metric(metric))
     if not runs:
         what = f"sweep {sweep}" if sweep else f"filter {filter_string!r}" if filter_string \
             else f"experiment {experiment!r}"
         raise CompareError(f"no runs in {what}")
-    return Selection(runs=runs, name=name, metric=metric)
+    return Selection(runs=runs, name=name, metric=metric, ui_link=link)
 
 
 def varied_params(runs: list) -> list[str]:
@@ -189,7 +196,7 @@ def curves_figure(client: Any, runs: list, key: str = CURVE) -> Any:
         if history:
             ax.plot([m.step for m in history], [m.value for m in history], marker=".",
                     label=r.info.run_name[:60])
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set(xlabel="epoch", ylabel=key, title=f"{key} per epoch")
     ax.grid(alpha=0.3)
     if len(runs) <= 20:
@@ -267,6 +274,7 @@ def compare(selection: Selection, client: Any, out: Path) -> str:
     return "\n".join(report)
 
 
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: fashion-exp-compare."""
     parser = argparse.ArgumentParser(prog="fashion-exp-compare",
@@ -302,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.out or project_root() / "outputs" / "compare" / selection.name
     print(compare(selection, client, out))
+    print(f"in the MLflow UI: {views.ui_hint(uri, selection.ui_link)}")
     return 0
 
 

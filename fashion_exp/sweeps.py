@@ -275,7 +275,7 @@ def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from fashion_exp import compare, tracking
+    from fashion_exp import compare
 
     state = sweep_dir / STATE_FILE
     if not state.is_file():
@@ -317,8 +317,8 @@ def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
              finished[0]["run"] if finished else "none")
     if info.get("swept_keys"):
         print(f"sweep {info['run_id']} {status}: {len(rows)} runs; compare them: "
-              + tracking.ui_hint(info["tracking_uri"], info["experiment_id"],
-                                 link=views.view_link(info["experiment_id"], info["run_id"])),
+              + views.ui_hint(info["tracking_uri"],
+                              views.view_link(info["experiment_id"], info["run_id"])),
               flush=True)
     return status
 

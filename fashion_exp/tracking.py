@@ -160,13 +160,9 @@ def fit_run_name(text: str) -> str:
     return text if len(text) <= MAX_RUN_NAME else text[:MAX_RUN_NAME - 3] + "..."
 
 
-def ui_hint(uri: str, exp_id: str, run_id: str | None = None, link: str | None = None) -> str:
-    """How to open a run (or another page of the MLflow UI: `link`, e.g. a views.view_link)."""
-    store = f" --backend-store-uri {uri}" if "://" in uri and not uri.startswith("http") else ""
-    link = link or (views.run_link(exp_id, run_id) if run_id else views.experiment_link(exp_id))
-    if uri.startswith("http"):
-        return f"open {uri.rstrip('/')}/{link}"
-    return f"mlflow ui{store}  then open http://127.0.0.1:5000/{link}"
+def ui_hint(uri: str, exp_id: str, run_id: str) -> str:
+    """How to open a run in the MLflow UI."""
+    return views.ui_hint(uri, views.run_link(exp_id, run_id))
 
 
 # --- What a run records ------------------------------------------------------------------------

@@ -27,14 +27,16 @@ log = logging.getLogger("fashion_exp")
 
 
 def run_name_and_tags(cfg: DictConfig) -> tuple[str, dict[str, str], Path | None]:
-    """Run name (the command-line overrides), tags, and Hydra's output folder."""
+    """Run name (the command-line overrides that shape the model: not where it is logged,
+    tracking.*), tags (all overrides), and Hydra's output folder."""
     if not HydraConfig.initialized():
         return "defaults", {}, None
     hydra_cfg = HydraConfig.get()
-    overrides = " ".join(hydra_cfg.overrides.task)
+    task = list(hydra_cfg.overrides.task)
     output_dir = Path(hydra_cfg.runtime.output_dir)
-    tags = {"overrides": overrides, "hydra_output_dir": str(output_dir)}
-    return overrides or "defaults", tags, output_dir
+    tags = {"overrides": " ".join(task), "hydra_output_dir": str(output_dir)}
+    shaping = [o for o in task if not o.lstrip("+~").startswith("tracking.")]
+    return " ".join(shaping) or "defaults", tags, output_dir
 
 
 def train(cfg: DictConfig) -> float:

@@ -37,7 +37,7 @@ def test_parallel_jobs_share_the_cores_and_lose_nothing(parallel_store) -> None:
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["fashion_exp"], output_format="list")
     children = [r for r in runs if r.data.tags.get("sweep") == "child"]
-    assert sorted(r.info.run_name for r in children) == ["trainer.seed=0", "trainer.seed=1"]
+    assert sorted(r.info.run_name for r in children) == ["seed=0", "seed=1"]
     client = mlflow.MlflowClient(uri)
     for child in children:
         assert child.info.status == "FINISHED"
