@@ -17,6 +17,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from fashion_exp.logged_models import FORMS as MODEL_FORMS
+from fashion_exp.logged_models import MODEL_SCHEMES
+
 PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 # conf/ sits beside the package in the repository (the package is installed editable).
 CONF_DIR = PACKAGE_PARENT / "conf"
@@ -339,9 +342,8 @@ class ServeConfig(ServiceSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.model_uri is not None:
-            _check(self.model_uri.startswith(("runs:/", "models:/")), "model_uri", self.model_uri,
-                   "use runs:/<run_id>/model, models:/<name>/<version> or "
-                   "models:/<name>@<alias>, or null for the best run")
+            _check(self.model_uri.startswith(MODEL_SCHEMES), "model_uri", self.model_uri,
+                   f"use {MODEL_FORMS}, or null for the best run")
         _check(bool(self.host.strip()), "host", self.host, "give an address to listen on: "
                "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
         _check(1 <= self.port <= 65535, "port", self.port, "must be in [1, 65535]")

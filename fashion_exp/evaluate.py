@@ -25,6 +25,7 @@ from fashion_exp.config import (
     refuse_added_keys,
     register_configs,
 )
+from fashion_exp.logged_models import FORMS, MODEL_SCHEMES
 from fashion_exp.stores import StoreError, check_store
 
 if TYPE_CHECKING:
@@ -36,11 +37,9 @@ log = logging.getLogger("fashion_exp")
 def check(cfg: DictConfig) -> None:
     """Raise ConfigError for a missing or malformed model_uri or bad numbers."""
     if OmegaConf.is_missing(cfg, "model_uri"):
-        raise ConfigError("model_uri", "???", "required: runs:/<run_id>/model or "
-                                               "models:/<name>/<version>")
-    if not str(cfg.model_uri).startswith(("runs:/", "models:/")):
-        raise ConfigError("model_uri", cfg.model_uri, "use runs:/<run_id>/model or "
-                                                      "models:/<name>/<version|@alias>")
+        raise ConfigError("model_uri", "???", f"required: {FORMS}")
+    if not str(cfg.model_uri).startswith(MODEL_SCHEMES):
+        raise ConfigError("model_uri", cfg.model_uri, f"use {FORMS}")
     for key in ("batch_size", "gallery_size"):
         if int(cfg[key]) < 1:
             raise ConfigError(key, cfg[key], "must be >= 1")

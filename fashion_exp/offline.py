@@ -22,7 +22,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from fashion_exp.team import server_up
+from fashion_exp.stores import server_up
 
 log = logging.getLogger(__name__)
 

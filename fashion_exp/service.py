@@ -274,7 +274,7 @@ def json_limit(settings: Settings) -> int:
     return settings.max_images * SIDE * SIDE * JSON_BYTES_PER_PIXEL + 4096
 
 
-def one_line(err: ValidationError) -> str:
+def validation_message(err: ValidationError) -> str:
     """The first problem pydantic found, with its location."""
     first = err.errors(include_url=False)[0]
     where = printable(".".join(str(part) for part in first["loc"])) or "body"
@@ -312,7 +312,7 @@ def parse_json(body: bytes, settings: Settings) -> np.ndarray:
     try:
         images = ArrayRequest.model_validate(payload).images
     except ValidationError as err:
-        raise HTTPException(422, one_line(err)) from None
+        raise HTTPException(422, validation_message(err)) from None
     return np.asarray(images, dtype=np.uint8)
 
 

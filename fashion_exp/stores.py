@@ -24,6 +24,7 @@ import re
 import sqlite3
 import threading
 import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from fashion_exp.config import URI_SCHEMES, project_root
@@ -134,7 +135,6 @@ def check_store(uri: str | None, *, write: bool, connect_timeout: float, create:
             _check_database(resolved, where, option, need_tables=not write,
                             timeout=connect_timeout)
         elif kind in ("http", "https"):
-            from fashion_exp.team import server_up
 
             if not server_up(resolved, timeout=connect_timeout):
                 raise StoreError(f"the tracking server {shown(resolved)} does not answer "
@@ -363,3 +363,12 @@ def _check_database(uri: str, where: str, option: str, *, need_tables: bool,
         engine.dispose()
     if tables is not None:
         _check_tables(tables, where, f"point {option} at another store", fresh_ok=False)
+
+
+def server_up(url: str, timeout: float = 5.0) -> bool:
+    """Whether an MLflow tracking server answers on its /health endpoint."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as answer:
+            return answer.status == 200
+    except OSError:
+        return False

@@ -27,7 +27,7 @@ from fashion_exp.locks import file_lock
 from fashion_exp.logged_models import MODEL_ARTIFACT
 from fashion_exp.metrics import PER_CLASS_PREFIX, epoch_metric, tidy
 from fashion_exp.offline import Outbox
-from fashion_exp.stores import check_store, resolve_uri, sqlite_path
+from fashion_exp.stores import check_store, resolve_uri, server_up, sqlite_path
 
 # The outbox of the active run on a tracking server (None for local stores).
 _outbox: Outbox | None = None
@@ -80,7 +80,6 @@ def connect(cfg: DictConfig) -> str:
     """The resolved tracking URI of cfg.tracking, once the store is usable for recording runs
     (stores.StoreError if not); for a server, MLflow's request timeout and retries are set
     from the config and the server must answer (TrackingUnavailable)."""
-    from fashion_exp.team import server_up
 
     uri = resolve_uri(cfg.uri)
     if cfg.mode == "server" and not is_server(uri):

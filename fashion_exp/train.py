@@ -13,7 +13,11 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -22,6 +26,13 @@ from omegaconf import DictConfig
 from fashion_exp import interrupts, metrics, sweeps
 from fashion_exp.config import CONF_DIR, ConfigError, precheck, register_configs, validate
 from fashion_exp.stores import StoreError, check_store
+
+if TYPE_CHECKING:  # loaded when a run needs them: a bad config costs a second, not a minute
+    import keras
+    from matplotlib.figure import Figure
+
+    from fashion_exp.data import Splits
+    from fashion_exp.training import Evaluation
 
 log = logging.getLogger("fashion_exp")
 
@@ -40,24 +51,146 @@ def run_name_and_tags(cfg: DictConfig) -> tuple[str, dict[str, str], Path | None
 
 
 def train(cfg: DictConfig) -> float:
-    """Train and evaluate one model as `cfg` says, logged as one MLflow run; returns
-    cfg.optimized_metric. With trainer.resume, continue a stopped run with its own config."""
+    """Train and evaluate one model as `cfg` says, logged as one MLflow run; returns the value
+    of cfg.optimized_metric. With trainer.resume, continue a stopped run with its own config."""
     interrupts.check()  # a sweep stopped during the previous job starts no new one
-    from fashion_exp import checkpoints, tracking  # MLflow, not TensorFlow yet
+    from fashion_exp import tracking  # MLflow, not TensorFlow yet
 
-    # --- Resume or start; the tracking server must answer before anything is trained ------
-    resumed: dict | None = None
-    ckpt: Path | None = None  # this run's checkpoint folder
-    if cfg.trainer.resume:
-        ckpt_root = checkpoints.root(cfg.trainer.checkpoint_dir,
-                                     tracking.resolve_uri(cfg.tracking.uri))
-        ckpt = checkpoints.find(ckpt_root, cfg.trainer.resume, tracking.resumable)
-        cfg, resumed = checkpoints.saved_config(ckpt), checkpoints.load_state(ckpt)
-        log.info("Resuming run %s after epoch %d of %d <trainer.resume>", resumed["run_id"],
-                 resumed["epochs_done"], cfg.trainer.epochs)
-    uri = tracking.connect(cfg.tracking)
+    cfg, saved = resume_point(cfg)
+    uri = tracking.connect(cfg.tracking)  # the store answers before anything is trained
+    splits = load_data(cfg)
+    threads = start_tensorflow(cfg.trainer)
+    from fashion_exp import models, optim, plots, training
 
-    # --- Data (NumPy only: bad files are reported before TensorFlow starts) -----------------
+    exp_id = tracking.setup(uri, cfg.tracking.experiment_name, cfg.tracking.connect_timeout)[1]
+    run_name, tags, output_dir = describe_run(cfg, splits, threads, saved)
+    ckpt = saved or RunCheckpoints(cfg, uri)
+    with ckpt.kept_if_stopped(), tracking.tracked_run(run_name, tags, cfg.tracking,
+                                                      ckpt.run_id) as run:
+        if not ckpt.resumed:  # a resumed run has its params already: MLflow keeps them once
+            tracking.log_config(cfg, output_dir)
+            ckpt.begin(run.info.run_id)
+
+        log.info("Building model <model.name=%s>, optimizer <optimizer.name=%s lr=%g>",
+                 cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr)
+        steps_per_epoch = math.ceil(len(splits.x_train) / cfg.trainer.batch_size)
+        with training.distribution(cfg.trainer).scope():
+            model = models.build_model(cfg.model, cfg.augment)
+            optimizer = optim.build_optimizer(cfg.optimizer, cfg.schedule, steps_per_epoch,
+                                              cfg.trainer.epochs)
+            training.compile_model(model, optimizer, cfg.trainer, cfg.model,
+                                   augmented=models.augments(cfg.augment))
+            ckpt.restore(model)
+        if not ckpt.resumed:
+            tracking.log_model_info(model)
+
+        log.info("Training <trainer.epochs=%d trainer.batch_size=%d schedule.name=%s "
+                 "augment: shift=%g flip=%s erasing=%g>", cfg.trainer.epochs,
+                 cfg.trainer.batch_size, cfg.schedule.name, cfg.augment.shift,
+                 cfg.augment.flip, cfg.augment.erasing)
+        extra = [optim.plateau_callback(cfg.schedule, cfg.optimizer.lr), ckpt.saver()]
+        history = training.fit(model, splits, cfg.trainer, tracking.log_epoch,
+                               [c for c in extra if c], ckpt.history)
+
+        log.info("Evaluating on %d test images", len(splits.x_test))
+        result = training.evaluate(model, splits)
+        last_epoch = len(history["loss"])
+        tracking.log_evaluation(result, epochs_trained=last_epoch)
+        objective, value = log_objective(cfg, history, result, last_epoch)
+
+        if cfg.tracking.figures:
+            log.info("Logging figures <tracking.figures=true>")
+            tracking.log_figures(figures(plots, history, result, splits))
+        if cfg.tracking.log_model:
+            log.info("Logging the model <tracking.log_model=true>")
+            tracking.log_model(model, cfg.tracking.registered_model_name, last_epoch)
+    ckpt.finish()  # the model is logged: its checkpoints are no longer needed
+
+    print(f"test_accuracy={result.accuracy:.4f}  {objective}={value:.4f}  "
+          f"run_id={run.info.run_id}  view: {tracking.ui_hint(uri, exp_id, run.info.run_id)}",
+          flush=True)
+    return value
+
+
+# --- The runner's steps, in the order train() takes them --------------------------------------
+
+class RunCheckpoints:
+    """This run's checkpoint folder (trainer.checkpoint), or a stopped run's (trainer.resume):
+    created when the run starts, saved after each epoch, kept if the run stops, removed when
+    it finishes."""
+
+    def __init__(self, cfg: DictConfig, uri: str, folder: Path | None = None,
+                 state: dict | None = None) -> None:
+        self.cfg, self.uri, self.folder = cfg, uri, folder
+        self.state = state or {}
+        self.resumed = state is not None
+        self.run_id: str | None = self.state.get("run_id")
+        self.history: dict[str, list[float]] = self.state.get("history", {})
+
+    def begin(self, run_id: str) -> None:
+        """A new run: its folder, with its config, when trainer.checkpoint is on."""
+        from fashion_exp import checkpoints
+
+        self.run_id = run_id
+        if self.cfg.trainer.checkpoint:
+            self.folder = checkpoints.root(self.cfg.trainer.checkpoint_dir, self.uri) / run_id
+            checkpoints.start(self.folder, self.cfg, self.uri, run_id)
+
+    def restore(self, model: keras.Model) -> None:
+        """A resumed run's weights and optimizer state (none if stopped in its first epoch)."""
+        from fashion_exp import checkpoints
+
+        if self.resumed and self.state["epochs_done"]:
+            checkpoints.restore(self.folder, model)
+
+    def saver(self) -> keras.callbacks.Callback | None:
+        """The Keras callback that saves every epoch, or None without checkpoints."""
+        from fashion_exp import training
+
+        return training.CheckpointSaver(self.folder, self.history) if self.folder else None
+
+    @contextmanager
+    def kept_if_stopped(self) -> Iterator[None]:
+        """On any stop or error, say how to resume when an epoch's checkpoint is there."""
+        from fashion_exp import checkpoints
+
+        try:
+            yield
+        except BaseException:
+            if self.folder is not None and (self.folder / checkpoints.WEIGHTS_FILE).is_file():
+                done = checkpoints.load_state(self.folder)["epochs_done"]
+                print(f"fashion-exp-train: run {self.run_id} stopped; its checkpoint after "
+                      f"epoch {done} is kept: resume with  fashion-exp-train "
+                      f"trainer.resume={self.run_id}", file=sys.stderr, flush=True)
+            raise
+
+    def finish(self) -> None:
+        """The run finished: remove its checkpoints."""
+        from fashion_exp import checkpoints
+
+        if self.folder is not None:
+            checkpoints.remove(self.folder)
+
+
+def resume_point(cfg: DictConfig) -> tuple[DictConfig, RunCheckpoints | None]:
+    """With trainer.resume: the stopped run's own config and its checkpoints; else (cfg, None).
+    ResumeError when there is nothing to resume."""
+    if not cfg.trainer.resume:
+        return cfg, None
+    from fashion_exp import checkpoints, tracking
+
+    uri = tracking.resolve_uri(cfg.tracking.uri)
+    folder = checkpoints.find(checkpoints.root(cfg.trainer.checkpoint_dir, uri),
+                              cfg.trainer.resume, tracking.resumable)
+    saved, state = checkpoints.saved_config(folder), checkpoints.load_state(folder)
+    log.info("Resuming run %s after epoch %d of %d <trainer.resume>", state["run_id"],
+             state["epochs_done"], saved.trainer.epochs)
+    return saved, RunCheckpoints(saved, uri, folder, state)
+
+
+def load_data(cfg: DictConfig) -> Splits:
+    """The train/validation/test splits (NumPy only: bad files are reported before
+    TensorFlow starts)."""
     from fashion_exp import data
 
     seed = cfg.trainer.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed
@@ -65,101 +198,60 @@ def train(cfg: DictConfig) -> float:
                        cfg.data.verify_checksums, cfg.data.download)
     log.info("Data <data>: %d train, %d validation, %d test images from %s",
              len(splits.x_train), len(splits.x_val), len(splits.x_test), splits.source)
+    return splits
 
-    # --- Set up TensorFlow: CPU kernels, seeds, threads -----------------------------------
+
+def start_tensorflow(trainer: DictConfig) -> int:
+    """Load TensorFlow with the chosen CPU kernels, seeds and threads; returns the threads
+    (shared out among a sweep's parallel jobs; 0: TensorFlow decides)."""
     from fashion_exp import runtime
 
-    runtime.use_onednn(cfg.trainer.onednn)  # read by TensorFlow when it loads, just below
-    from fashion_exp import models, optim, plots, training
+    runtime.use_onednn(trainer.onednn)  # read by TensorFlow when it loads, just below
+    from fashion_exp import training
 
-    threads = sweeps.job_threads(cfg.trainer.threads)  # shares the cores among parallel jobs
-    training.configure_runtime(cfg.trainer, threads)
+    threads = sweeps.job_threads(trainer.threads)
+    training.configure_runtime(trainer, threads)
+    return threads
 
-    uri, exp_id = tracking.setup(uri, cfg.tracking.experiment_name,
-                                 cfg.tracking.connect_timeout)
+
+def describe_run(cfg: DictConfig, splits: Splits, threads: int, saved: RunCheckpoints | None,
+                 ) -> tuple[str, dict[str, str], Path | None]:
+    """The run's name, its tags (where it came from, how TensorFlow ran, its sweep) and
+    Hydra's output folder."""
+    from fashion_exp import runtime, tracking
+
     run_name, tags, output_dir = run_name_and_tags(cfg)
     tags |= {"git_commit": tracking.git_commit(), "data_source": str(splits.source),
              "tf_threads": str(threads or "auto"), "tf_onednn": runtime.onednn_state()}
     child_name, child_tags = sweeps.child_name_and_tags(cfg)  # set in a multirun only
-    run_name, tags = child_name or run_name, tags | child_tags
-    if resumed:
-        tags["resumed_from_epoch"] = str(resumed["epochs_done"])
+    if saved is not None:
+        tags["resumed_from_epoch"] = str(saved.state["epochs_done"])
+    return child_name or run_name, tags | child_tags, output_dir
 
-    run_id = resumed["run_id"] if resumed else None
-    try:
-        with tracking.tracked_run(run_name, tags, cfg.tracking, run_id) as run:
-            run_id = run.info.run_id
-            if cfg.trainer.checkpoint and not resumed:
-                ckpt = checkpoints.root(cfg.trainer.checkpoint_dir, uri) / run_id
-            if not resumed:  # a resumed run has its params already: MLflow keeps them once
-                tracking.log_config(cfg, output_dir)
-                if ckpt:
-                    checkpoints.start(ckpt, cfg, uri, run_id)
 
-            # --- Model and optimizer ---------------------------------------------------------
-            log.info("Building model <model.name=%s>, optimizer <optimizer.name=%s lr=%g>",
-                     cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr)
-            steps_per_epoch = math.ceil(len(splits.x_train) / cfg.trainer.batch_size)
-            with training.distribution(cfg.trainer).scope():
-                model = models.build_model(cfg.model, cfg.augment)
-                optimizer = optim.build_optimizer(cfg.optimizer, cfg.schedule, steps_per_epoch,
-                                                  cfg.trainer.epochs)
-                training.compile_model(model, optimizer, cfg.trainer, cfg.model,
-                                       augmented=models.augments(cfg.augment))
-                if resumed and resumed["epochs_done"]:  # none if stopped in its first epoch
-                    checkpoints.restore(ckpt, model)
-            if not resumed:
-                tracking.log_model_info(model)
+def log_objective(cfg: DictConfig, history: dict[str, list[float]], result: Evaluation,
+                  last_epoch: int) -> tuple[str, float]:
+    """The value a sweep optimizes (optimized_metric), logged as best_<metric> beside the test
+    metrics at the last epoch's step; returns (its MLflow name, the value)."""
+    from fashion_exp import tracking, training
 
-            # --- Train ------------------------------------------------------------------------
-            log.info("Training <trainer.epochs=%d trainer.batch_size=%d schedule.name=%s "
-                     "augment: shift=%g flip=%s erasing=%g>", cfg.trainer.epochs,
-                     cfg.trainer.batch_size, cfg.schedule.name, cfg.augment.shift,
-                     cfg.augment.flip, cfg.augment.erasing)
-            before = resumed["history"] if resumed else {}
-            extra = [optim.plateau_callback(cfg.schedule, cfg.optimizer.lr),
-                     training.CheckpointSaver(ckpt, before) if ckpt else None]
-            history = training.fit(model, splits, cfg.trainer, [c for c in extra if c], before)
+    test = {"test_loss": result.loss, "test_accuracy": result.accuracy}
+    value = training.best_value(history, test, cfg.optimized_metric)
+    objective = metrics.objective_metric(cfg.optimized_metric)
+    if objective != cfg.optimized_metric:  # a test metric is logged already
+        tracking.log_metrics({objective: value}, last_epoch)
+    return objective, value
 
-            # --- Evaluate ---------------------------------------------------------------------
-            log.info("Evaluating on %d test images", len(splits.x_test))
-            result = training.evaluate(model, splits)
-            test = {"test_loss": result.loss, "test_accuracy": result.accuracy}
-            tracking.log_evaluation(result, epochs_trained=len(history["loss"]))
 
-            # The value a sweep optimizes, beside the test metrics at the last epoch's step.
-            value = training.best_value(history, test, cfg.optimized_metric)
-            last_epoch = len(history["loss"])
-            objective = metrics.objective_metric(cfg.optimized_metric)
-            if objective != cfg.optimized_metric:  # a test metric is logged already
-                tracking.log_metrics({objective: value}, last_epoch)
-
-            # --- Figures and model ------------------------------------------------------------
-            if cfg.tracking.figures:
-                log.info("Logging figures <tracking.figures=true>")
-                tracking.log_figures({
-                    "curves.png": plots.curves(history),
-                    "confusion_matrix.png": plots.confusion(result.confusion),
-                    "predictions.png": plots.predictions(splits.x_test, splits.y_test,
-                                                         result.probs),
-                    "dataset_sample.png": plots.dataset_sample(splits.x_train, splits.y_train),
-                })
-            if cfg.tracking.log_model:
-                log.info("Logging the model <tracking.log_model=true>")
-                tracking.log_model(model, cfg.tracking.registered_model_name, last_epoch)
-    except BaseException:
-        if ckpt is not None and (ckpt / checkpoints.WEIGHTS_FILE).is_file():
-            done = checkpoints.load_state(ckpt)["epochs_done"]
-            print(f"fashion-exp-train: run {run_id} stopped; its checkpoint after epoch {done} "
-                  f"is kept: resume with  fashion-exp-train trainer.resume={run_id}",
-                  file=sys.stderr, flush=True)
-        raise
-    if ckpt is not None:
-        checkpoints.remove(ckpt)  # finished: the model is logged
-
-    print(f"test_accuracy={result.accuracy:.4f}  {objective}={value:.4f}  "
-          f"run_id={run_id}  view: {tracking.ui_hint(uri, exp_id, run_id)}", flush=True)
-    return value
+def figures(plots: ModuleType, history: dict[str, list[float]], result: Evaluation,
+            splits: Splits) -> dict[str, Figure]:
+    """The run's figures by file name."""
+    return {
+        "curves.png": plots.curves(history),
+        "confusion_matrix.png": plots.confusion(result.confusion),
+        "predictions.png": plots.predictions(splits.x_test, splits.y_test, result.probs),
+        "dataset_sample.png": plots.dataset_sample(splits.x_train, splits.y_train),
+    }
 
 
 register_configs()

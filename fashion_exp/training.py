@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from fashion_exp import checkpoints, interrupts, tracking
+from fashion_exp import checkpoints, interrupts
 from fashion_exp.data import CLASSES, Splits
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,18 @@ def compile_model(model: keras.Model, optimizer: keras.optimizers.Optimizer,
                   jit_compile=use_xla(cfg, model_cfg, augmented))
 
 
+# Where each epoch's values go: (metrics, epoch counted from 1); the runner passes the run's
+# recorder, so that the training loop knows nothing of MLflow.
+EpochSink = Callable[[dict[str, float], int], None]
+
+
 class EpochLogger(keras.callbacks.Callback):
-    """Logs the Keras epoch metrics, the learning rate and the epoch's seconds, at step = the
-    epoch counted from 1 (Keras counts from 0)."""
+    """Hands the Keras epoch metrics, the learning rate and the epoch's seconds to `sink`, with
+    the epoch counted from 1 (Keras counts from 0)."""
+
+    def __init__(self, sink: EpochSink) -> None:
+        super().__init__()
+        self.sink = sink
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._start = time.perf_counter()
@@ -102,7 +112,7 @@ class EpochLogger(keras.callbacks.Callback):
         lr = self.model.optimizer.learning_rate
         metrics["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
         metrics["epoch_seconds"] = round(time.perf_counter() - self._start, 3)
-        tracking.log_epoch(metrics, epoch + 1)
+        self.sink(metrics, epoch + 1)
 
 
 class CheckpointSaver(keras.callbacks.Callback):
@@ -119,10 +129,11 @@ class CheckpointSaver(keras.callbacks.Callback):
         checkpoints.save(self.folder, self.model, epoch + 1, self.history)
 
 
-def callbacks(cfg: DictConfig, extra: list[keras.callbacks.Callback] | None = None,
+def callbacks(cfg: DictConfig, sink: EpochSink,
+              extra: list[keras.callbacks.Callback] | None = None,
               ) -> list[keras.callbacks.Callback]:
     """Log every epoch, stop on NaN; early stopping (restoring the best weights) if asked."""
-    found = [EpochLogger(), keras.callbacks.TerminateOnNaN(), *(extra or [])]
+    found = [EpochLogger(sink), keras.callbacks.TerminateOnNaN(), *(extra or [])]
     if cfg.early_stopping:
         found.append(keras.callbacks.EarlyStopping(
             monitor=cfg.monitor, patience=cfg.patience, restore_best_weights=True))
@@ -136,17 +147,17 @@ def targets(labels: np.ndarray, cfg: DictConfig) -> np.ndarray:
     return labels
 
 
-def fit(model: keras.Model, splits: Splits, cfg: DictConfig,
+def fit(model: keras.Model, splits: Splits, cfg: DictConfig, sink: EpochSink,
         extra: list[keras.callbacks.Callback] | None = None,
         history: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
-    """Train on in-memory arrays, after the epochs of `history` if resuming; returns the
-    per-epoch history of all epochs."""
+    """Train on in-memory arrays, after the epochs of `history` if resuming, handing each
+    epoch's values to `sink`; returns the per-epoch history of all epochs."""
     done = len((history or {}).get("loss", []))
     new = model.fit(
         splits.x_train, targets(splits.y_train, cfg),
         validation_data=(splits.x_val, targets(splits.y_val, cfg)),
         epochs=cfg.epochs, initial_epoch=done, batch_size=cfg.batch_size, shuffle=True,
-        callbacks=callbacks(cfg, extra), verbose=cfg.verbose,
+        callbacks=callbacks(cfg, sink, extra), verbose=cfg.verbose,
     ).history
     history = {key: list((history or {}).get(key, [])) + [float(v) for v in values]
                for key, values in new.items()} if new else dict(history or {})

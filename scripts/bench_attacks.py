@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from fashion_exp import servers
+from devtools import servers
 
 
 def big_png(side: int = 6324) -> bytes:

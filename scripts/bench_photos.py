@@ -21,7 +21,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from fashion_exp import data, servers, tracking
+from devtools import servers
+from fashion_exp import data, tracking
 from fashion_exp.preprocess import render_product_photo
 
 BATCH = 16  # images per request: the service's default max_images

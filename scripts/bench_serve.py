@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fashion_exp import data, servers, tracking
+from devtools import servers
+from fashion_exp import data, tracking
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}  # wrk latency units, to milliseconds
 LOADS = ((1, 1), (8, 2))  # (connections, wrk threads)

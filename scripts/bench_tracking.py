@@ -21,7 +21,7 @@ from pathlib import Path
 
 import mlflow
 
-from fashion_exp import team
+from devtools import team
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from fashion_exp import team
+from devtools import team
 
 
 def main(argv: list[str] | None = None) -> int:

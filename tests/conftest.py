@@ -87,7 +87,7 @@ def team_stack():
     """A real team stack (PostgreSQL + mlflow server) for the session, stopped at the end.
     Its folder is under /tmp: when the tests run as root, PostgreSQL runs as `postgres`,
     which cannot enter pytest's private temporary folders."""
-    from fashion_exp import team
+    from devtools import team
 
     folder = Path(tempfile.mkdtemp(prefix="fashion-exp-team-"))
     stack = team.start(folder)

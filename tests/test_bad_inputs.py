@@ -204,7 +204,7 @@ def test_evaluate_refuses_added_keys(added, store, tmp_path) -> None:
 
 
 def test_unreachable_tracking_server(store, tmp_path) -> None:
-    from fashion_exp.servers import free_port
+    from devtools.servers import free_port
 
     port = free_port()
     before = snapshot(store)

@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from fashion_exp import preprocess, serve, servers
+from devtools import servers
+from fashion_exp import preprocess, serve
 from fashion_exp.config import ServiceSettings
 from fashion_exp.logged_models import ModelRef
 from fashion_exp.service import ServedModel, create_app

@@ -10,7 +10,7 @@ import sys
 import mlflow
 import pytest
 
-from fashion_exp import servers
+from devtools import servers
 
 from .conftest import REPO, requires_real_data, run_cli
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fashion_exp import data, servers
+from devtools import servers
+from fashion_exp import data
 from fashion_exp.preprocess import render_product_photo
 from fashion_exp.service import Batcher
 

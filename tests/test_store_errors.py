@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.servers import free_port
 from fashion_exp import stores
-from fashion_exp.servers import free_port
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
 ENV.pop("MLFLOW_TRACKING_URI", None)

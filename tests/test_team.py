@@ -16,7 +16,7 @@ import mlflow
 import optuna
 import pytest
 
-from fashion_exp import team
+from devtools import team
 from fashion_exp.offline import JOURNAL
 
 from .conftest import REPO, requires_real_data, run_cli

@@ -19,11 +19,11 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fashion_exp.servers import free_port, wait_until_up
+from devtools.servers import free_port, wait_until_up
+from fashion_exp.stores import server_up
 
 STATE_FILE = "stack.json"
 DATABASES = ("mlflow", "optuna")  # one for the tracking server, one for Optuna studies
@@ -167,15 +167,6 @@ def load(stack_dir: Path) -> Stack | None:
     """The stack recorded in a folder, running or not; None if none was started there."""
     state = stack_dir.resolve() / STATE_FILE
     return Stack(**json.loads(state.read_text())) if state.is_file() else None
-
-
-def server_up(url: str, timeout: float = 5.0) -> bool:
-    """Whether an MLflow tracking server answers on its /health endpoint."""
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
 
 
 def status(stack_dir: Path) -> Stack | None:
