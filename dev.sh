@@ -2,7 +2,9 @@
 # Set up everything fashion_exp needs, then run something with it.
 #
 #   ./dev.sh run [overrides]   set up, then train (default: the original experiment's set-up)
-#   ./dev.sh test [pytest args] set up, then ruff check and the whole test suite
+#   ./dev.sh test [pytest args] set up, then ruff check and the whole test suite (what CI runs)
+#   ./dev.sh test-fast [args]   set up, then ruff check and the fast tier (tests not marked
+#                               slow or browser: a few minutes, for the inner loop)
 #   ./dev.sh serve [overrides] set up, then serve the best model (http://127.0.0.1:8000/)
 #   ./dev.sh ui                 set up, then open the MLflow UI on the local store
 #   ./dev.sh setup              only set up
@@ -99,7 +101,8 @@ case "$cmd" in
   setup) setup ;;
   run)   setup; exec fashion-exp-train "$@" ;;
   test)  setup; ruff check . && exec pytest "$@" ;;
+  test-fast) setup; ruff check . && exec pytest -m "not slow and not browser" "$@" ;;
   serve) setup; exec fashion-exp-serve "$@" ;;
   ui)    setup; exec mlflow ui --backend-store-uri "sqlite:///$PWD/mlruns/mlflow.db" "$@" ;;
-  *)     echo "dev.sh: unknown command '$cmd'; use run, test, serve, ui or setup" >&2; exit 2 ;;
+  *)     echo "dev.sh: unknown command '$cmd'; use run, test, test-fast, serve, ui or setup" >&2; exit 2 ;;
 esac

@@ -11,7 +11,6 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -19,8 +18,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from fashion_exp.logged_models import FORMS as MODEL_FORMS
 from fashion_exp.logged_models import MODEL_SCHEMES
+from fashion_exp.paths import PACKAGE_PARENT, project_root
+from fashion_exp.stores import URI_SCHEMES, shown
 
-PACKAGE_PARENT = Path(__file__).resolve().parents[1]
 # conf/ sits beside the package in the repository (the package is installed editable).
 CONF_DIR = PACKAGE_PARENT / "conf"
 
@@ -33,11 +33,6 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 STRATEGIES = ("default", "mirrored")
 # Metrics the runner can hand back to a sweeper.
 OPTIMIZABLE = ("val_accuracy", "val_loss", "accuracy", "loss", "test_accuracy", "test_loss")
-
-
-def project_root() -> Path:
-    """The repository this package lives in (editable install), else the working directory."""
-    return PACKAGE_PARENT if (PACKAGE_PARENT / "pyproject.toml").is_file() else Path.cwd()
 
 
 class ConfigError(ValueError):
@@ -255,8 +250,6 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         _one_of("mode", self.mode, TRACKING_MODES)
         scheme = (self.uri or "").split("://", 1)[0] if "://" in (self.uri or "") else ""
-        from fashion_exp.stores import shown  # stores imports this module: here, not above
-
         uri = shown(self.uri) if self.uri else self.uri  # a password in it is not printed
         _check(not scheme or scheme.split("+")[0] in URI_SCHEMES, "uri", uri,
                f"use a path or a URI of scheme {', '.join(URI_SCHEMES)}")
@@ -287,7 +280,6 @@ class Config:
 
 TRACKING_MODES = ("local", "server")
 # Stores MLflow can log to: SQL databases, a legacy file store, a tracking server.
-URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -506,3 +498,18 @@ def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
                 raise err.prefixed(str(group)) from None
     OmegaConf.to_object(cfg)
     return cfg
+
+
+def flatten(cfg: DictConfig) -> dict[str, str]:
+    """The resolved config as MLflow params with dot keys: {'optimizer.lr': '0.02', ...}."""
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+        else:
+            flat[prefix] = "null" if node is None else str(node)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat

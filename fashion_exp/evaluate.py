@@ -66,26 +66,25 @@ def evaluate(cfg: DictConfig) -> float:
     except (mlflow.exceptions.MlflowException, OSError, ValueError) as err:
         raise ConfigError("model_uri", cfg.model_uri,
                           f"{str(err).splitlines()[0]} (tracking store {uri})") from None
-    uri, exp_id = tracking.setup(uri, cfg.tracking.experiment_name,
-                                 cfg.tracking.connect_timeout)
+    exp_id = tracking.setup(uri, cfg.tracking.experiment_name, checked=True)[1]
 
     source = ref.run_id
     tags = {"model_uri": cfg.model_uri, "source_run_id": source, "evaluation": "true"}
-    with tracking.tracked_run(f"evaluate {cfg.model_uri}", tags) as run:
+    with tracking.tracked_run(exp_id, f"evaluate {cfg.model_uri}", tags) as run:
         probs = model.predict(splits.x_test, batch_size=cfg.batch_size, verbose=0)
         result = training.score(probs, splits.y_test)
-        tracking.log_evaluation(result, epochs_trained=0)
+        run.log_evaluation(result, epochs_trained=0)
         pairs = training.most_confused(result.confusion)
         lines = [f"{true} predicted as {pred}: {count}" for true, pred, count in pairs]
-        mlflow.log_text("\n".join(lines) + "\n", "confused_pairs.txt")
-        tracking.log_figures({
+        run.log_text("\n".join(lines) + "\n", "confused_pairs.txt")
+        run.log_figures({
             "confusion_matrix.png": plots.confusion(result.confusion),
             "misclassified.png": plots.predictions(splits.x_test, splits.y_test, result.probs,
                                                    n=0, n_wrong=cfg.gallery_size),
         })
     print(f"test_accuracy={result.accuracy:.4f}  test_loss={result.loss:.4f}  most confused: "
-          f"{'; '.join(lines[:3])}  run_id={run.info.run_id}  source_run_id={source}  view: "
-          f"{tracking.ui_hint(uri, exp_id, run.info.run_id)}", flush=True)
+          f"{'; '.join(lines[:3])}  run_id={run.run_id}  source_run_id={source}  view: "
+          f"{tracking.ui_hint(uri, exp_id, run.run_id)}", flush=True)
     return result.accuracy
 
 

@@ -52,6 +52,38 @@ def _sent(folder: Path) -> int:
     return int((folder / SENT).read_text()) if (folder / SENT).is_file() else 0
 
 
+def apply(client: MlflowClient, run_id: str, folder: Path, entry: dict[str, Any]) -> None:
+    """Make one logging call of a run: a journal entry, whose files are under `folder`. The
+    recorder's live calls and the journal's replay both come through here."""
+    kind = entry["kind"]
+    if kind == "metrics":
+        client.log_batch(run_id, metrics=[
+            Metric(key, value, entry["timestamp"], entry["step"])
+            for key, value in entry["metrics"].items()])
+    elif kind == "params":
+        client.log_batch(run_id, params=[Param(k, v) for k, v in entry["params"].items()])
+    elif kind == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in entry["tags"].items()])
+    elif kind == "artifact":
+        path = folder / entry["file"]
+        if path.is_dir():  # a folder's files go under artifact_path itself
+            client.log_artifacts(run_id, str(path), entry["artifact_path"])
+        else:
+            client.log_artifact(run_id, str(path), entry["artifact_path"])
+    elif kind == "model":  # needs TensorFlow: imported only when a model is logged
+        import mlflow
+
+        from fashion_exp import logged_models
+
+        mlflow.set_tracking_uri(client.tracking_uri)  # MLflow logs models to the global URI
+        logged_models.log_saved_keras(str(folder / entry["file"]), run_id,
+                                      entry["registered_name"], entry.get("step", 0))
+    elif kind == "end":
+        client.set_terminated(run_id, entry["status"])
+    else:
+        raise ValueError(f"unknown journal entry {kind!r}")
+
+
 def replay(folder: Path) -> int:
     """Send an offline folder's remaining entries to its server, in order; returns how many.
     The folder is removed once everything is sent."""
@@ -60,30 +92,7 @@ def replay(folder: Path) -> int:
     entries = pending(folder)
     sent = _sent(folder)
     for entry in entries:
-        kind = entry["kind"]
-        if kind == "metrics":
-            client.log_batch(run_id, metrics=[
-                Metric(key, value, entry["timestamp"], entry["step"])
-                for key, value in entry["metrics"].items()])
-        elif kind == "params":
-            client.log_batch(run_id, params=[Param(k, v) for k, v in entry["params"].items()])
-        elif kind == "tags":
-            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in entry["tags"].items()])
-        elif kind == "artifact":
-            path = folder / entry["file"]
-            if path.is_dir():  # a folder's files go under artifact_path itself
-                client.log_artifacts(run_id, str(path), entry["artifact_path"])
-            else:
-                client.log_artifact(run_id, str(path), entry["artifact_path"])
-        elif kind == "model":  # needs TensorFlow: imported only when a model was kept
-            from fashion_exp.tracking import log_saved_model
-
-            log_saved_model(folder / entry["file"], {**entry, "run_id": run_id,
-                                                     "tracking_uri": info["tracking_uri"]})
-        elif kind == "end":
-            client.set_terminated(run_id, entry["status"])
-        else:
-            raise ValueError(f"unknown journal entry {kind!r} in {folder / JOURNAL}")
+        apply(client, run_id, folder, entry)
         sent += 1
         (folder / SENT).write_text(str(sent))
     shutil.rmtree(folder)

@@ -4,7 +4,7 @@ Every entry point calls `check_store` with the store it is about to use. It answ
 resolved URI, or raises `StoreError` with one line that names the store, where its URI came
 from and what to do:
 
-- the URI: a scheme of config.URI_SCHEMES, `sqlite:///` with three slashes;
+- the URI: a scheme of URI_SCHEMES, `sqlite:///` with three slashes;
 - a SQLite store: there (unless the command may create it), a SQLite file (its header), not
   cut short (the header's page count against the file's size), `PRAGMA quick_check` within a
   time budget, MLflow's tables present; opened read-only (`mode=ro`), so asking never writes;
@@ -27,7 +27,10 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from fashion_exp.config import URI_SCHEMES, project_root
+from fashion_exp.paths import project_root
+
+# Tracking URI schemes MLflow takes (a path without one is a local folder).
+URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql")
 
 ENV_VAR = "MLFLOW_TRACKING_URI"
 SQLITE_HEADER = b"SQLite format 3\x00"

@@ -23,7 +23,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from fashion_exp import procs, views
+from fashion_exp.config import flatten
 from fashion_exp.locks import file_lock
+from fashion_exp.paths import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +198,9 @@ def _is_sweep(override: str) -> bool:
 def parent_tags(cfg: DictConfig, keys: list[str] | None, sweep_dir: Path) -> dict[str, str]:
     """What the parent run says of its sweep: the command's overrides, what was swept and what
     was fixed, where it ran from (MLflow's source tags) and the metric it optimizes."""
-    from fashion_exp import tracking
 
     task = list(cfg.hydra.overrides.task) if "hydra" in cfg else []
-    commit = tracking.git_commit()
+    commit = git_commit()
     return {"sweep_dir": str(sweep_dir), "sweep": "parent",
             "optimized_metric": cfg.optimized_metric, "git_commit": commit,
             "overrides": " ".join(task),
@@ -217,7 +218,6 @@ def describe_parent(client: Any, run_id: str, cfg: DictConfig, keys: list[str] |
     Hydra callback, which knows the swept keys."""
     from mlflow.entities import Param
 
-    from fashion_exp import tracking
 
     if not keys or "hydra" not in cfg:
         return
@@ -225,7 +225,7 @@ def describe_parent(client: Any, run_id: str, cfg: DictConfig, keys: list[str] |
 
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     try:
-        params = tracking.flatten(job)
+        params = flatten(job)
     except Exception as err:  # noqa: BLE001 - an unresolvable value: name the swept keys only
         log.warning("sweep parent: config not logged as params: %s", err)
         params = {}

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # loaded when a run needs them: a bad config costs a second, 
     from matplotlib.figure import Figure
 
     from fashion_exp.data import Splits
+    from fashion_exp.recorder import Recorder
     from fashion_exp.training import Evaluation
 
 log = logging.getLogger("fashion_exp")
@@ -62,14 +63,14 @@ def train(cfg: DictConfig) -> float:
     threads = start_tensorflow(cfg.trainer)
     from fashion_exp import models, optim, plots, training
 
-    exp_id = tracking.setup(uri, cfg.tracking.experiment_name, cfg.tracking.connect_timeout)[1]
+    exp_id = tracking.setup(uri, cfg.tracking.experiment_name, checked=True)[1]
     run_name, tags, output_dir = describe_run(cfg, splits, threads, saved)
     ckpt = saved or RunCheckpoints(cfg, uri)
-    with ckpt.kept_if_stopped(), tracking.tracked_run(run_name, tags, cfg.tracking,
+    with ckpt.kept_if_stopped(), tracking.tracked_run(exp_id, run_name, tags, cfg.tracking,
                                                       ckpt.run_id) as run:
         if not ckpt.resumed:  # a resumed run has its params already: MLflow keeps them once
-            tracking.log_config(cfg, output_dir)
-            ckpt.begin(run.info.run_id)
+            run.log_config(cfg, output_dir)
+            ckpt.begin(run.run_id)
 
         log.info("Building model <model.name=%s>, optimizer <optimizer.name=%s lr=%g>",
                  cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr)
@@ -82,32 +83,32 @@ def train(cfg: DictConfig) -> float:
                                    augmented=models.augments(cfg.augment))
             ckpt.restore(model)
         if not ckpt.resumed:
-            tracking.log_model_info(model)
+            run.log_model_info(model)
 
         log.info("Training <trainer.epochs=%d trainer.batch_size=%d schedule.name=%s "
                  "augment: shift=%g flip=%s erasing=%g>", cfg.trainer.epochs,
                  cfg.trainer.batch_size, cfg.schedule.name, cfg.augment.shift,
                  cfg.augment.flip, cfg.augment.erasing)
         extra = [optim.plateau_callback(cfg.schedule, cfg.optimizer.lr), ckpt.saver()]
-        history = training.fit(model, splits, cfg.trainer, tracking.log_epoch,
+        history = training.fit(model, splits, cfg.trainer, run.log_epoch,
                                [c for c in extra if c], ckpt.history)
 
         log.info("Evaluating on %d test images", len(splits.x_test))
         result = training.evaluate(model, splits)
         last_epoch = len(history["loss"])
-        tracking.log_evaluation(result, epochs_trained=last_epoch)
-        objective, value = log_objective(cfg, history, result, last_epoch)
+        run.log_evaluation(result, epochs_trained=last_epoch)
+        objective, value = log_objective(run, cfg, history, result, last_epoch)
 
         if cfg.tracking.figures:
             log.info("Logging figures <tracking.figures=true>")
-            tracking.log_figures(figures(plots, history, result, splits))
+            run.log_figures(figures(plots, history, result, splits))
         if cfg.tracking.log_model:
             log.info("Logging the model <tracking.log_model=true>")
-            tracking.log_model(model, cfg.tracking.registered_model_name, last_epoch)
+            run.log_model(model, cfg.tracking.registered_model_name, last_epoch)
     ckpt.finish()  # the model is logged: its checkpoints are no longer needed
 
     print(f"test_accuracy={result.accuracy:.4f}  {objective}={value:.4f}  "
-          f"run_id={run.info.run_id}  view: {tracking.ui_hint(uri, exp_id, run.info.run_id)}",
+          f"run_id={run.run_id}  view: {tracking.ui_hint(uri, exp_id, run.run_id)}",
           flush=True)
     return value
 
@@ -178,8 +179,9 @@ def resume_point(cfg: DictConfig) -> tuple[DictConfig, RunCheckpoints | None]:
     if not cfg.trainer.resume:
         return cfg, None
     from fashion_exp import checkpoints, tracking
+    from fashion_exp.stores import resolve_uri
 
-    uri = tracking.resolve_uri(cfg.tracking.uri)
+    uri = resolve_uri(cfg.tracking.uri)
     folder = checkpoints.find(checkpoints.root(cfg.trainer.checkpoint_dir, uri),
                               cfg.trainer.resume, tracking.resumable)
     saved, state = checkpoints.saved_config(folder), checkpoints.load_state(folder)
@@ -218,10 +220,11 @@ def describe_run(cfg: DictConfig, splits: Splits, threads: int, saved: RunCheckp
                  ) -> tuple[str, dict[str, str], Path | None]:
     """The run's name, its tags (where it came from, how TensorFlow ran, its sweep) and
     Hydra's output folder."""
-    from fashion_exp import runtime, tracking
+    from fashion_exp import runtime
+    from fashion_exp.paths import git_commit
 
     run_name, tags, output_dir = run_name_and_tags(cfg)
-    tags |= {"git_commit": tracking.git_commit(), "data_source": str(splits.source),
+    tags |= {"git_commit": git_commit(), "data_source": str(splits.source),
              "tf_threads": str(threads or "auto"), "tf_onednn": runtime.onednn_state()}
     child_name, child_tags = sweeps.child_name_and_tags(cfg)  # set in a multirun only
     if saved is not None:
@@ -229,17 +232,17 @@ def describe_run(cfg: DictConfig, splits: Splits, threads: int, saved: RunCheckp
     return child_name or run_name, tags | child_tags, output_dir
 
 
-def log_objective(cfg: DictConfig, history: dict[str, list[float]], result: Evaluation,
-                  last_epoch: int) -> tuple[str, float]:
+def log_objective(run: Recorder, cfg: DictConfig, history: dict[str, list[float]],
+                  result: Evaluation, last_epoch: int) -> tuple[str, float]:
     """The value a sweep optimizes (optimized_metric), logged as best_<metric> beside the test
     metrics at the last epoch's step; returns (its MLflow name, the value)."""
-    from fashion_exp import tracking, training
+    from fashion_exp import training
 
     test = {"test_loss": result.loss, "test_accuracy": result.accuracy}
     value = training.best_value(history, test, cfg.optimized_metric)
     objective = metrics.objective_metric(cfg.optimized_metric)
     if objective != cfg.optimized_metric:  # a test metric is logged already
-        tracking.log_metrics({objective: value}, last_epoch)
+        run.log_metrics({objective: value}, last_epoch)
     return objective, value
 
 

@@ -168,9 +168,9 @@ def main() -> None:
 
     import mlflow
 
-    from fashion_exp import tracking
+    from fashion_exp import stores, tracking
 
-    uri = tracking.resolve_uri(args.tracking_uri)
+    uri = stores.resolve_uri(args.tracking_uri)
     model_uri = args.model_uri or tracking.best_model_uri(mlflow.MlflowClient(uri),
                                                           "fashion_exp")
     if model_uri is None:

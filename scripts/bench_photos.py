@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 
 from devtools import servers
-from fashion_exp import data, tracking
+from fashion_exp import data, stores, tracking
 from fashion_exp.preprocess import render_product_photo
 
 BATCH = 16  # images per request: the service's default max_images
@@ -45,7 +45,7 @@ def main() -> None:
 
     import mlflow
 
-    uri = tracking.resolve_uri(args.tracking_uri)
+    uri = stores.resolve_uri(args.tracking_uri)
     model_uri = args.model_uri or tracking.best_model_uri(mlflow.MlflowClient(uri),
                                                           args.experiment)
     if model_uri is None:

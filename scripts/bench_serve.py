@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from devtools import servers
-from fashion_exp import data, tracking
+from fashion_exp import data, stores, tracking
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}  # wrk latency units, to milliseconds
 LOADS = ((1, 1), (8, 2))  # (connections, wrk threads)
@@ -83,7 +83,7 @@ def main() -> None:
 
     import mlflow
 
-    uri = tracking.resolve_uri(args.tracking_uri)
+    uri = stores.resolve_uri(args.tracking_uri)
     model_uri = args.model_uri or tracking.best_model_uri(mlflow.MlflowClient(uri),
                                                           args.experiment)
     if model_uri is None:

@@ -21,10 +21,8 @@ import numpy as np
 import pytest
 
 from .conftest import real_data_dir, requires_real_data, write_dataset, write_idx
-from .test_serve import BAD_REQUESTS
+from .helpers import BAD_REQUESTS, CLI_ENV
 
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-ENV.pop("MLFLOW_TRACKING_URI", None)
 UNKNOWN_RUN = "0123456789abcdef0123456789abcdef"
 
 
@@ -47,7 +45,7 @@ def store(tmp_path_factory) -> Path:
 def cli(module: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """Run one of the project's entry points (python -m <module>) in tmp_path."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path,
-                          capture_output=True, text=True, env=ENV, timeout=300)
+                          capture_output=True, text=True, env=CLI_ENV, timeout=300)
 
 
 def snapshot(folder: Path) -> tuple:
@@ -152,6 +150,7 @@ DATA_CASES = [
 ]
 
 
+@pytest.mark.slow  # a subprocess per case
 @requires_real_data
 @pytest.mark.parametrize("case,how,message", DATA_CASES, ids=[c[0] for c in DATA_CASES])
 def test_bad_data_files(case, how, message, store, tmp_path) -> None:
@@ -177,6 +176,7 @@ MODEL_URI_CASES = [
 ]
 
 
+@pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize("case,uri,message", MODEL_URI_CASES,
                          ids=[c[0] for c in MODEL_URI_CASES])
 def test_bad_model_uri(case, uri, message, store, tmp_path) -> None:
@@ -216,14 +216,7 @@ def test_unreachable_tracking_server(store, tmp_path) -> None:
     assert snapshot(store) == before
 
 
-@pytest.mark.parametrize("tool", ["fashion_exp.runs", "fashion_exp.compare"])
-def test_missing_tracking_store(tool, tmp_path) -> None:
-    missing = tmp_path / "nowhere" / "mlflow.db"
-    args = ["interrupted"] if tool == "fashion_exp.runs" else []
-    result = cli(tool, "--tracking-uri", f"sqlite:///{missing}", *args, tmp_path=tmp_path)
-    assert result.returncode == 2
-    assert f"no tracking store at sqlite:///{missing}" in result.stderr.strip()
-    assert not missing.parent.exists()  # not created by asking
+# A missing, corrupt, read-only or unreachable store: tests/test_store_errors.py, every CLI.
 
 
 def test_resume_of_an_unknown_run(store, tmp_path) -> None:
@@ -237,7 +230,7 @@ def test_resume_of_an_unknown_run(store, tmp_path) -> None:
     assert snapshot(store) == before
 
 
-# The service's table of bad requests (tests/test_serve.py), here with the store checked too.
+# The service's table of bad requests (tests/helpers.py), each with the store checked unchanged.
 @requires_real_data
 @pytest.mark.parametrize("case,request_args,status,detail", BAD_REQUESTS,
                          ids=[c[0] for c in BAD_REQUESTS])
@@ -253,6 +246,6 @@ def test_bad_service_request(case, request_args, status, detail, served_app) -> 
 
 
 def test_the_table_covers_at_least_thirty_inputs() -> None:
-    cases = (len(TRAIN_CASES) + len(DATA_CASES) + len(MODEL_URI_CASES) + 2 + 1 + 2 + 1
+    cases = (len(TRAIN_CASES) + len(DATA_CASES) + len(MODEL_URI_CASES) + 2 + 1 + 1
              + len(BAD_REQUESTS))
     assert cases >= 30, cases

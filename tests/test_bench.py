@@ -19,6 +19,7 @@ def bench_runner():
     return module
 
 
+@pytest.mark.slow  # trains the preset's network
 def test_bare_script_trains_the_preset_with_the_overrides(tmp_path) -> None:
     bench = bench_runner()
     cfg = bench.preset_config("cnn_best", 1, ["augment.shift=0.1", "augment.flip=true",

@@ -14,7 +14,7 @@ from devtools import servers
 
 from .conftest import REPO, requires_real_data, run_cli
 
-pytestmark = [pytest.mark.slow, requires_real_data]
+pytestmark = [pytest.mark.slow, pytest.mark.browser, requires_real_data]
 
 # UPDATE_SCREENSHOTS=1 writes the README's screenshot, docs/mlflow_sweep.png.
 UPDATE_SCREENSHOTS = bool(os.environ.get("UPDATE_SCREENSHOTS"))

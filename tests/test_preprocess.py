@@ -21,6 +21,7 @@ from fashion_exp.preprocess import (
 )
 
 from .conftest import real_data_dir, requires_real_data
+from .helpers import encode, framing_error, huge_png
 
 LIMIT_BYTES, LIMIT_PIXELS = 5_000_000, 20_000_000
 
@@ -32,26 +33,6 @@ def garment(height: int = 28, width: int = 14) -> np.ndarray:
     texture = 150 + 100 * np.sin(np.arange(height * width).reshape(height, width) / 3.0)
     image[top:top + height, left:left + width] = texture.clip(60, 255).astype(np.uint8)
     return image
-
-
-def encode(image: Image.Image, fmt: str, **options) -> bytes:
-    out = io.BytesIO()
-    image.save(out, fmt, **options)
-    return out.getvalue()
-
-
-def huge_png(width: int, height: int) -> bytes:
-    """A small PNG file whose header claims width x height pixels (a decompression bomb)."""
-    png = bytearray(encode(Image.new("L", (8, 8)), "PNG"))
-    png[16:24] = struct.pack(">II", width, height)
-    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
-    return bytes(png)
-
-
-def framing_error(seen: np.ndarray, original: np.ndarray) -> float:
-    """Mean absolute pixel difference, allowing a one-pixel shift (odd widths centre either way)."""
-    return min(np.abs(np.roll(seen.astype(int), (dy, dx), (0, 1)) - original).mean()
-               for dy in (-1, 0, 1) for dx in (-1, 0, 1))
 
 
 def test_product_photo_is_framed_back_like_the_original() -> None:

@@ -4,7 +4,6 @@ listing interrupted runs, and resuming into the same MLflow run."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,27 +17,26 @@ from fashion_exp import checkpoints
 from fashion_exp.checkpoints import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
 
 from .conftest import requires_real_data
+from .helpers import CLI_ENV
 
 pytestmark = [pytest.mark.slow, requires_real_data]
 EPOCHS = 6
 FAST = ["debug=fast", "data.limit=600", "tracking.figures=false", "model.activation=elu",
         "tracking.experiment_name=resume", "trainer.steps_per_execution=1", "trainer.verbose=2",
         f"trainer.epochs={EPOCHS}"]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-ENV.pop("MLFLOW_TRACKING_URI", None)
 
 
 def train(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     log = open(tmp_path / "train.log", "a")
     return subprocess.Popen([sys.executable, "-m", "fashion_exp.train", *overrides,
                              f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=tmp_path,
-                            stdout=log, stderr=subprocess.STDOUT, env=ENV)
+                            stdout=log, stderr=subprocess.STDOUT, env=CLI_ENV)
 
 
 def runs_cli(tmp_path: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fashion_exp.runs", "--tracking-uri", uri,
                            "--experiment", "resume", *args], cwd=tmp_path, capture_output=True,
-                          text=True, env=ENV, timeout=600)
+                          text=True, env=CLI_ENV, timeout=600)
 
 
 def stop_after_epochs(tmp_path: Path, uri: str, sig: signal.Signals, epochs: int = 2,
@@ -99,7 +97,7 @@ def test_stopped_run_is_killed_with_a_checkpoint_and_resumes(sig, tmp_path, trac
     resumed = subprocess.run(
         [sys.executable, "-m", "fashion_exp.train", f"trainer.resume={run_id}",
          f"tracking.uri={tracking_uri}", f"hydra.run.dir={tmp_path / 'hydra2'}"],
-        cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=600)
+        cwd=tmp_path, capture_output=True, text=True, env=CLI_ENV, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"run_id={run_id}" in resumed.stdout
     assert_complete(tracking_uri, run_id, params)
@@ -146,7 +144,7 @@ def test_a_running_run_is_not_marked_or_resumed(tmp_path, tracking_uri) -> None:
         again = subprocess.run(
             [sys.executable, "-m", "fashion_exp.train", "trainer.resume=latest",
              f"tracking.uri={tracking_uri}", f"hydra.run.dir={tmp_path / 'h2'}"],
-            cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=600)
+            cwd=tmp_path, capture_output=True, text=True, env=CLI_ENV, timeout=600)
         assert again.returncode == 1
         assert "no stopped run with a checkpoint" in again.stderr.strip().splitlines()[-1]
     finally:

@@ -32,6 +32,7 @@ def probe(arg: str, env_value: str | None) -> list[str]:
     return out.split()
 
 
+@pytest.mark.slow  # a fresh interpreter per case
 @pytest.mark.parametrize(("arg", "env_value", "expected"), [
     ("True", None, ["1", "True"]),
     ("True", "0", ["1", "True"]),  # the config wins over the environment

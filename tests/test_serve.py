@@ -20,7 +20,7 @@ from fashion_exp.preprocess import render_product_photo
 from fashion_exp.service import Batcher
 
 from .conftest import real_data_dir
-from .test_preprocess import encode, framing_error, huge_png
+from .helpers import encode, framing_error
 
 
 @pytest.fixture(scope="module")
@@ -151,71 +151,7 @@ def test_page_is_served_without_outside_assets(client) -> None:
 # --- Bad input: a 4xx with a reason, and the service goes on ----------------------------------
 
 GOOD = np.zeros((28, 28), int).tolist()
-BAD_REQUESTS = [
-    ("27 rows", {"json": {"images": [GOOD[:27]]}}, 422, "images.0: List should have at least 28"),
-    ("floats", {"json": {"images": [[[0.5] * 28] * 28]}}, 422, "valid integer"),
-    ("pixel 256", {"json": {"images": [[[256] * 28] * 28]}}, 422, "less than or equal to 255"),
-    ("negative", {"json": {"images": [[[-1] * 28] * 28]}}, 422, "greater than or equal to 0"),
-    ("strings", {"json": {"images": [[["1"] * 28] * 28]}}, 422, "valid integer"),
-    ("not JSON", {"content": b"{images: nope", "headers": {"Content-Type": "application/json"}},
-     422, "Invalid JSON"),
-    ("no images key", {"json": {"image": GOOD}}, 422, "images: Field required"),
-    ("empty list", {"json": {"images": []}}, 422, "at least 1 item"),
-    ("flat array", {"json": {"images": [0] * 784}}, 422, "images.0: Input should be a valid list"),
-    ("5 images", {"json": {"images": [GOOD] * 5}}, 413, "5 images in one request: the limit is 4"),
-    ("plain text", {"content": b"hello", "headers": {"Content-Type": "text/plain"}}, 415,
-     "send multipart/form-data"),
-    ("no files field", {"files": {"photo": ("a.png", b"x", "image/png")}}, 400, "no image found"),
-    ("not an image", {"files": {"files": ("notes.txt", b"hello world", "text/plain")}}, 415,
-     "notes.txt: not a readable image"),
-    ("empty file", {"files": {"files": ("empty.png", b"", "image/png")}}, 400,
-     "empty.png: empty upload"),
-    ("truncated", {"files": {"files": ("cut.jpg", encode(Image.new("RGB", (300, 300), "red"),
-                                                         "JPEG")[:700], "image/jpeg")}},
-     400, "cut.jpg: corrupt or truncated"),
-    ("bomb", {"files": {"files": ("bomb.png", huge_png(30000, 30000), "image/png")}}, 413,
-     "bomb.png: image too large"),
-    ("pixels", {"files": {"files": ("big.png", huge_png(3000, 3000), "image/png")}}, 413,
-     "9000000 pixels is over the limit of 4000000"),
-    ("bytes", {"files": {"files": ("big.bin", b"\xff" * 2_500_000, "image/jpeg")}}, 413,
-     "over the limit of 2000000 bytes"),
-    ("body", {"files": [("files", (f"{i}.bin", b"0" * 1_000_000, "image/png")) for i in range(4)]},
-     413, "over the limit of 3000000 bytes"),
-    ("unknown run", {"params": {"model": "runs:/0123456789abcdef/model"},
-                     "json": {"images": [GOOD]}},
-     404, "is not a model of this tracking store"),
-    ("unknown version", {"params": {"model": "models:/fashion_serve/99"},
-                         "json": {"images": [GOOD]}}, 404, "models:/fashion_serve/99"),
-    ("not a model URI", {"params": {"model": "/etc/passwd"}, "json": {"images": [GOOD]}}, 404,
-     "use runs:/<run_id>/model"),
-    ("model path escape", {"params": {"model": f"runs:/{'0' * 32}/../../../../etc"},
-                           "json": {"images": [GOOD]}}, 404, "is not a model of this tracking"),
-    ("model file URI", {"params": {"model": "file:///etc"}, "json": {"images": [GOOD]}}, 404,
-     "is not a model of this tracking"),
-    ("5 files", {"files": [("files", (f"{i}.png", b"x", "image/png")) for i in range(5)]}, 413,
-     "Too many files"),
-    ("deep JSON", {"content": b"[" * 50_000, "headers": {"Content-Type": "application/json"}},
-     422, "Invalid JSON"),
-    ("newline in a key", {"json": {"images": [GOOD], "x\ny": 1}}, 422, "x\\ny"),
-    ("thin image", {"files": {"files": ("thin.png", encode(Image.new("L", (2, 300)), "PNG"),
-                                        "image/png")}}, 422, "image of 2x300 is too thin"),
-    ("JSON body size", {"content": b'{"images": [' + b"0, " * 100_000 + b"0]}",
-                        "headers": {"Content-Type": "application/json"}}, 413,
-     "over the limit of"),
-    ("top_k 0", {"params": {"top_k": 0}, "json": {"images": [GOOD]}}, 422, "top_k"),
-    ("top_k 11", {"params": {"top_k": 11}, "json": {"images": [GOOD]}}, 422,
-     "less than or equal to 10"),
-]
-
-
-@pytest.mark.parametrize("what,request_args,status,message", BAD_REQUESTS,
-                         ids=[case[0] for case in BAD_REQUESTS])
-def test_bad_requests_get_a_clear_4xx(client, what, request_args, status, message) -> None:
-    answer = client.post("/predict", **request_args)
-    assert answer.status_code == status, answer.text
-    detail = answer.json()["detail"]
-    assert isinstance(detail, str) and "\n" not in detail and message in detail, detail
-    assert client.get("/health").json()["status"] == "ok"
+# The table of bad requests is tests/helpers.py's BAD_REQUESTS, run by tests/test_bad_inputs.py.
 
 
 def test_unknown_model_info_is_404(client) -> None:
@@ -302,6 +238,7 @@ def serve_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize("args,message", [
     (["model_uri=runs:/0123456789abcdef/model"], "is not a model of this tracking store"),
     (["model_uri=models:/fashion_serve/42"], "is not a model of this tracking store"),

@@ -20,6 +20,8 @@ from fashion_exp.preprocess import render_product_photo
 
 from .conftest import REPO, real_data_dir
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Headless, no sandbox (tests may run as root), and no calls home: the machine may be offline.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -25,8 +25,8 @@ import pytest
 from devtools.servers import free_port
 from fashion_exp import stores
 
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-ENV.pop("MLFLOW_TRACKING_URI", None)
+from .helpers import CLI_ENV
+
 BIN = Path(sys.executable).parent  # the console scripts of this environment
 UNKNOWN_RUN = "0123456789abcdef0123456789abcdef"
 UNREACHABLE = "postgresql://nobody@127.0.0.1:1/db"  # nothing listens on port 1
@@ -94,7 +94,7 @@ def command(tool: str, uri: str | None, tmp: Path, runs_command: str = "interrup
 
 def run(cmd: list[str], tmp: Path, env: dict[str, str] | None = None,
         ) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=env or ENV,
+    return subprocess.run(cmd, cwd=tmp, capture_output=True, text=True, env=env or CLI_ENV,
                           timeout=120)
 
 
@@ -154,7 +154,8 @@ def test_mistyped_scheme_flag(tool, tmp_path) -> None:
 
 @pytest.mark.parametrize("tool", TOOLS)
 def test_mistyped_scheme_environment(tool, tmp_path) -> None:
-    result = run(command(tool, None, tmp_path), tmp_path, {**ENV, "MLFLOW_TRACKING_URI": MISTYPED})
+    result = run(command(tool, None, tmp_path), tmp_path,
+                 {**CLI_ENV, "MLFLOW_TRACKING_URI": MISTYPED})
     assert_refused(result, tool, STATUS[tool], f"MLFLOW_TRACKING_URI='{MISTYPED}'",
                    "unknown scheme 'sqlit'")
     assert_nothing_made(tmp_path)
@@ -219,6 +220,7 @@ def test_read_only_store_refused_by_writers(tool, runs_command, ro_store, tmp_pa
     assert_nothing_made(tmp_path)
 
 
+@pytest.mark.slow  # a subprocess per case
 @pytest.mark.parametrize("tool,expected", [
     ("runs", "no interrupted runs"),  # exit 0: listed
     ("compare", "1 runs (all)"),  # exit 0: compared (into --out, not into the store)
@@ -268,7 +270,7 @@ def test_refused_before_tensorflow_and_mlflow_load(uri, store, tmp_path) -> None
     if uri == "bad":
         uri = f"sqlite:///{half_cut(store, tmp_path)}"
     result = subprocess.run([sys.executable, "-c", DRIVER, uri, str(free_port())],
-                            cwd=tmp_path, capture_output=True, text=True, env=ENV, timeout=120)
+                            cwd=tmp_path, capture_output=True, text=True, env=CLI_ENV, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     expected = dict(STATUS) | ({"train": 2} if uri == MISTYPED else {})
@@ -410,7 +412,7 @@ def test_two_runs_started_together_get_their_own_folders(tmp_path) -> None:
     procs = [subprocess.Popen(
         [str(BIN / "fashion-exp-train"), f"trainer.seed={seed}", f"data.dir={tmp_path / 'none'}",
          "data.download=false", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"],
-        cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cwd=tmp_path, env=CLI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for seed in (1, 2)]
     for proc in procs:
         _, err = proc.communicate(timeout=120)

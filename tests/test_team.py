@@ -20,13 +20,12 @@ from devtools import team
 from fashion_exp.offline import JOURNAL
 
 from .conftest import REPO, requires_real_data, run_cli
+from .helpers import CLI_ENV
 
 pytestmark = [pytest.mark.slow, requires_real_data]
 FAST = ["debug=fast", "data.limit=600", "tracking.figures=false", "model.activation=elu"]
 # Outage tests: ~30 epochs of 0.5-1 s, so the server is gone while the run still trains.
 SLOWER = ["data.limit=4000", "trainer.batch_size=32"]
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
-ENV.pop("MLFLOW_TRACKING_URI", None)
 
 
 def client_of(stack: team.Stack) -> mlflow.MlflowClient:
@@ -47,7 +46,7 @@ def start_training(tmp_path: Path, *overrides: str) -> tuple[subprocess.Popen, P
            f"hydra.run.dir={tmp_path / 'hydra'}"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
-                                env=ENV)
+                                env=CLI_ENV)
     return proc, log
 
 
@@ -169,7 +168,7 @@ def test_server_that_never_returns_leaves_the_run_on_disk_for_upload(team_stack,
     (run,) = runs_in(stack.tracking_uri, "never")
     assert run.info.status == "RUNNING"  # the server never heard the end
     upload = subprocess.run([sys.executable, "-m", "fashion_exp.runs", "upload", str(folder)],
-                            capture_output=True, text=True, env=ENV, cwd=tmp_path)
+                            capture_output=True, text=True, env=CLI_ENV, cwd=tmp_path)
     assert upload.returncode == 0, upload.stderr[-3000:]
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
@@ -194,7 +193,7 @@ def test_two_workers_share_one_study_and_one_sweep(team_stack, tmp_path) -> None
         workers.append((subprocess.Popen(
             [sys.executable, "-m", "fashion_exp.train", *common,
              f"hydra.sweep.dir={folder / 'sweep'}"], cwd=folder, stdout=log,
-            stderr=subprocess.STDOUT, env=ENV), folder))
+            stderr=subprocess.STDOUT, env=CLI_ENV), folder))
     for proc, folder in workers:
         assert proc.wait(timeout=900) == 0, (folder / "log.txt").read_text()[-3000:]
 

@@ -10,26 +10,27 @@ import mlflow
 import pytest
 from omegaconf import OmegaConf
 
-from fashion_exp import tracking
+from fashion_exp import stores, tracking
+from fashion_exp.config import flatten
 
 
 def test_flatten_uses_dot_keys_and_resolves() -> None:
     cfg = OmegaConf.create({"optimizer": {"lr": 0.02}, "model": {"hidden": [256, 128]},
                             "data": {"dir": None, "n": "${optimizer.lr}"}})
-    assert tracking.flatten(cfg) == {"optimizer.lr": "0.02", "model.hidden": "[256, 128]",
+    assert flatten(cfg) == {"optimizer.lr": "0.02", "model.hidden": "[256, 128]",
                                      "data.dir": "null", "data.n": "0.02"}
 
 
 def test_relative_uris_become_absolute(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert tracking.resolve_uri("sqlite:///rel/m.db") == f"sqlite:///{tmp_path}/rel/m.db"
-    assert tracking.resolve_uri("store") == (tmp_path / "store").as_uri()
-    assert tracking.resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
-    default = tracking.resolve_uri(None)
-    assert default == f"sqlite:///{Path(tracking.__file__).parents[1] / 'mlruns' / 'mlflow.db'}"
+    assert stores.resolve_uri("sqlite:///rel/m.db") == f"sqlite:///{tmp_path}/rel/m.db"
+    assert stores.resolve_uri("store") == (tmp_path / "store").as_uri()
+    assert stores.resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    default = stores.resolve_uri(None)
+    assert default == f"sqlite:///{Path(stores.__file__).parents[1] / 'mlruns' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
-    assert tracking.resolve_uri(None) == f"sqlite:///{tmp_path}/env.db"
+    assert stores.resolve_uri(None) == f"sqlite:///{tmp_path}/env.db"
 
 
 @pytest.fixture
@@ -52,15 +53,17 @@ def test_artifacts_live_beside_the_database(tracking_uri, store) -> None:
 
 
 def test_finished(store) -> None:
-    with tracking.tracked_run("ok", {"k": "v"}):
-        mlflow.log_metric("m", 1.0)
+    with tracking.tracked_run(store, "ok", {"k": "v"}) as run:
+        run.log_metrics({"m": 1.0}, 0)
     run = _only_run(store)
     assert (run.info.status, run.info.run_name, run.data.tags["k"]) == ("FINISHED", "ok", "v")
+    assert run.data.metrics["m"] == 1.0
+    assert run.data.tags["mlflow.source.type"] == "LOCAL"  # MLflow's own run-context tags
 
 
 def test_failed_records_the_error(store) -> None:
     with pytest.raises(ZeroDivisionError):
-        with tracking.tracked_run("bad", {}):
+        with tracking.tracked_run(store, "bad", {}):
             1 / 0  # noqa: B018
     run = _only_run(store)
     assert run.info.status == "FAILED"
@@ -74,12 +77,13 @@ def test_sigterm_ends_killed(store, monkeypatch) -> None:
 
     monkeypatch.setattr(interrupts, "_requested", None)
     with pytest.raises(KeyboardInterrupt):
-        with tracking.tracked_run("term", {}):
+        with tracking.tracked_run(store, "term", {}):
             os.kill(os.getpid(), signal.SIGTERM)
             signal.sigtimedwait([], 0)  # let the handler run
     assert _only_run(store).info.status == "KILLED"
 
 
+@pytest.mark.slow  # four processes
 def test_parallel_first_use_of_a_fresh_store_does_not_corrupt_it(tmp_path) -> None:
     import subprocess
     import sys
