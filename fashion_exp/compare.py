@@ -9,6 +9,9 @@
 Writes leaderboard.csv, leaderboard.md, val_accuracy.png, metric_vs_params.png (and
 seeds.csv / seeds.md when runs differ only by seed) into --out (default
 outputs/compare/<what>), and prints the leaderboard.
+
+Flags (argparse), not Hydra overrides like the entry points that train, evaluate or serve: it
+only reads a store and has no experiment config to compose.
 """
 
 from __future__ import annotations

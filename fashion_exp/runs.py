@@ -10,6 +10,9 @@
 A process killed with SIGKILL (or a machine that lost power) cannot end its run: the run stays
 RUNNING. Each run records its process (host, pid, start time), so a run whose process is gone
 is recognised on the host that ran it; runs of other hosts are listed as unknown.
+
+Flags (argparse), not Hydra overrides like the entry points that train, evaluate or serve: it
+acts on runs of a store and has no experiment config to compose.
 """
 
 from __future__ import annotations
