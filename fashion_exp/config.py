@@ -343,6 +343,24 @@ class ServeConfig(ServiceSettings):
         _one_of("log_level", self.log_level, LOG_LEVELS)
 
 
+@dataclass
+class EvaluateConfig:
+    """fashion-exp-evaluate (conf/evaluate.yaml): a logged model scored on the test set."""
+
+    model_uri: str = MISSING
+    batch_size: int = 1024
+    gallery_size: int = 40
+    task_name: str = "evaluate"
+    data: DataConfig = MISSING
+    tracking: TrackingConfig = MISSING
+
+    def __post_init__(self) -> None:
+        _check(self.model_uri.startswith(MODEL_SCHEMES), "model_uri", self.model_uri,
+               f"use {MODEL_FORMS}")
+        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
+        _check(self.gallery_size >= 1, "gallery_size", self.gallery_size, "must be >= 1")
+
+
 GROUP_SCHEMAS = {"data": DataConfig, "optimizer": OptimizerConfig,
                  "schedule": ScheduleConfig, "augment": AugmentConfig,
                  "trainer": TrainerConfig, "tracking": TrackingConfig}
@@ -360,6 +378,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="serve_schema", node=ServeConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema)
     for name, schema in MODEL_SCHEMAS.items():
@@ -478,7 +497,8 @@ def precheck(overrides: list[str], multirun: bool = False) -> list[DictConfig]:
 def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose conf/<config_name>.yaml with overrides and check every value of its schema.
 
-    For entry points that run no Hydra job (the service): raises ConfigError in one line."""
+    For the entry points other than training (evaluate, serve): raises ConfigError in one
+    line, before Hydra makes an output folder."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -489,6 +509,8 @@ def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
             cfg = compose(config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
+    for key in sorted(OmegaConf.missing_keys(cfg)):
+        raise ConfigError(key, "???", f"required: give {key}=... on the command line")
     refuse_added_keys(cfg)
     for group, node in cfg.items():  # building the dataclasses runs their range checks
         if isinstance(node, DictConfig):

@@ -18,31 +18,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_exp import interrupts
-from fashion_exp.config import (
-    CONF_DIR,
-    ConfigError,
-    one_line,
-    refuse_added_keys,
-    register_configs,
-)
-from fashion_exp.logged_models import FORMS, MODEL_SCHEMES
+from fashion_exp.config import CONF_DIR, ConfigError, compose_checked, register_configs
 from fashion_exp.stores import StoreError, check_store
 
 if TYPE_CHECKING:
     from fashion_exp.logged_models import ModelRef
 
 log = logging.getLogger("fashion_exp")
-
-
-def check(cfg: DictConfig) -> None:
-    """Raise ConfigError for a missing or malformed model_uri or bad numbers."""
-    if OmegaConf.is_missing(cfg, "model_uri"):
-        raise ConfigError("model_uri", "???", f"required: {FORMS}")
-    if not str(cfg.model_uri).startswith(MODEL_SCHEMES):
-        raise ConfigError("model_uri", cfg.model_uri, f"use {FORMS}")
-    for key in ("batch_size", "gallery_size"):
-        if int(cfg[key]) < 1:
-            raise ConfigError(key, cfg[key], "must be >= 1")
 
 
 def evaluate(cfg: DictConfig) -> float:
@@ -101,33 +83,18 @@ def _exit(err: ConfigError | StoreError) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="evaluate")
 def _hydra_main(cfg: DictConfig) -> float:
     try:
-        check(cfg)
+        OmegaConf.to_object(cfg)  # the schema's checks, when Hydra's flags skipped precheck
         return evaluate(cfg)
     except (ConfigError, StoreError) as err:
         _exit(err)
 
 
 def precheck(overrides: list[str]) -> DictConfig:
-    """The config of these command-line overrides, its values and its tracking store checked
-    (ConfigError, StoreError) before Hydra makes an output folder or TensorFlow loads."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("evaluate", [o for o in overrides
+    """The config of these command-line overrides, its values (the schema's checks) and its
+    tracking store checked (ConfigError, StoreError) before Hydra makes an output folder or
+    TensorFlow loads."""
+    cfg = compose_checked("evaluate", [o for o in overrides
                                        if not o.lstrip("+~").startswith("hydra")])
-            base = compose("evaluate", [])
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
-    refuse_added_keys(cfg, base)
-    for group in ("data", "tracking"):  # building the dataclasses runs their range checks
-        try:
-            OmegaConf.to_object(cfg[group])
-        except ConfigError as err:
-            raise err.prefixed(group) from None
-    check(cfg)
     uri = check_store(cfg.tracking.uri, write=True, connect_timeout=cfg.tracking.connect_timeout)
     model_ref(uri, cfg.model_uri)  # MLflow, not TensorFlow yet
     return cfg

@@ -116,3 +116,18 @@ def test_multirun_overrides_are_checked_before_the_sweep() -> None:
         precheck(["optimizer.lr=-1,0.1"], multirun=True)
     with pytest.raises(ConfigError, match=r"optimized_metric='acc'"):
         precheck(["trainer.seed=0,1", "optimized_metric=acc"], multirun=True)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ([], "model_uri='???': required: give model_uri=... on the command line"),
+    (["model_uri=s3://bucket/model"], "model_uri='s3://bucket/model': use runs:/<run_id>/model"),
+    (["model_uri=runs:/x/model", "batch_size=0"], "batch_size=0: must be >= 1"),
+    (["model_uri=runs:/x/model", "gallery_size=0"], "gallery_size=0: must be >= 1"),
+    (["model_uri=runs:/x/model", "+foo=1"], "foo=1: no such key"),
+])
+def test_evaluate_checks_its_schema_like_the_other_entry_points(overrides, message) -> None:
+    from fashion_exp import evaluate
+
+    with pytest.raises(ConfigError) as err:
+        evaluate.precheck(overrides)
+    assert str(err.value).startswith(message), err.value
