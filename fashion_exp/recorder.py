@@ -43,11 +43,12 @@ class Recorder:
         def now() -> None:
             if live is not None:
                 live()
-                return
-            with tempfile.TemporaryDirectory() as tmp:
-                if write is not None:
+            elif write is None:  # params, tags, metrics, the end: nothing on disk
+                apply(self.client, self.run_id, Path(), entry)
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
                     write(Path(tmp))
-                apply(self.client, self.run_id, Path(tmp), entry)
+                    apply(self.client, self.run_id, Path(tmp), entry)
 
         def kept(folder: Path) -> dict[str, Any]:
             if write is not None:
