@@ -28,11 +28,10 @@ from typing import Any
 
 from fashion_exp import views
 from fashion_exp.config import TrackingConfig, project_root
-from fashion_exp.metrics import epoch_metric, objective_metric
+from fashion_exp.metrics import epoch_metric, key_metrics, objective_metric
 from fashion_exp.stores import StoreError, check_store, connect_seconds
 
 SEED_KEYS = ("trainer.seed", "data.shuffle_seed")
-TEST_METRICS = ("test_accuracy", "test_loss")
 CURVE = "val_accuracy"  # the per-epoch metric drawn for every run (val_accuracy.png)
 
 
@@ -111,11 +110,8 @@ def _value(run: Any, metric: str) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def metric_columns(metric: str) -> list[str]:
-    """The leaderboard's metric columns: the optimized value first (objective_metric of the
-    config's optimized_metric, e.g. best_val_accuracy), then the test metrics."""
-    first = objective_metric(metric)
-    return [first, *(m for m in TEST_METRICS if m != first)]
+# The leaderboard's metric columns: the optimized value first, then the test metrics.
+metric_columns = key_metrics
 
 
 def rows_of(runs: list, varied: list[str], metric: str) -> list[dict[str, Any]]:

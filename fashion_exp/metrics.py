@@ -33,3 +33,13 @@ def tidy(value: float) -> float:
     value = float(value)
     single = np.float32(value)
     return float(str(single)) if np.isfinite(single) and float(single) == value else value
+
+TEST_METRICS = ("test_accuracy", "test_loss")
+
+
+def key_metrics(metric: str) -> list[str]:
+    """The metrics that sum a run up for a sweep optimizing `metric` (a config
+    optimized_metric): its optimized value first (e.g. best_val_accuracy), then the test
+    metrics. The leaderboard's columns and a sweep view's."""
+    first = objective_metric(metric)
+    return [first, *(m for m in TEST_METRICS if m != first)]

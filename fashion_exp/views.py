@@ -17,12 +17,11 @@ import json
 from typing import Any
 from urllib.parse import urlencode
 
-from fashion_exp.metrics import objective_metric
+from fashion_exp.metrics import key_metrics
 
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 SHARE_KEY_PARAM = "viewStateShareKey"
 MODEL_TRAINING = "workflowType=machine_learning"
-TEST_COLUMNS = ("test_accuracy", "test_loss")
 
 
 def column(kind: str, key: str) -> str:
@@ -35,8 +34,8 @@ def sweep_state(parent_id: str, swept: list[str], metric: str) -> dict[str, Any]
     """The view of one sweep: its jobs' runs, best first (the parent, which repeats the best
     one's values, left out); columns: the swept params, the optimized value (e.g.
     best_val_accuracy), the test metrics, the logged model."""
-    objective = objective_metric(metric)
-    metrics = [objective, *(m for m in TEST_COLUMNS if m != objective)]
+    metrics = key_metrics(metric)
+    objective = metrics[0]
     return {
         "searchFilter": f"tags.sweep_id = '{parent_id}' and tags.sweep = 'child'",
         "orderByKey": column("metrics", objective),
