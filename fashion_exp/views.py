@@ -49,7 +49,7 @@ def sweep_state(parent_id: str, swept: list[str], metric: str) -> dict[str, Any]
         # Wide enough for the metric names (MLflow's 100 px cut best_val_accuracy off), the
         # model link narrower: the swept params stay on a laptop's screen.
         "columnWidths": {column("metrics", m): max(100, 7 * len(m) + 30) for m in metrics}
-        | {column("attributes", "Models"): 100, "runDateAndNestInfo": 130},
+        | {column("attributes", "Models"): 100, "runDateAndNestInfo": 150},
     }
 
 
