@@ -16,10 +16,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fashion_exp.logged_models import FORMS as MODEL_FORMS
-from fashion_exp.logged_models import MODEL_SCHEMES
 from fashion_exp.paths import PACKAGE_PARENT, project_root
-from fashion_exp.stores import URI_SCHEMES, shown
+from fashion_exp.uris import MODEL_FORMS, MODEL_SCHEMES, URI_SCHEMES, shown
 
 # conf/ sits beside the package in the repository (the package is installed editable).
 CONF_DIR = PACKAGE_PARENT / "conf"
@@ -286,7 +284,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 @dataclass
 class ServiceSettings:
-    """What the prediction service itself needs (fashion_exp/service.py)."""
+    """What the prediction service itself needs (fashion_exp/serving/service.py)."""
 
     top_k: int = 5
     max_batch: int = 64

@@ -168,10 +168,10 @@ def main() -> None:
 
     import mlflow
 
-    from fashion_exp import stores, tracking
+    from fashion_exp.tracking import store, store_checks
 
-    uri = stores.resolve_uri(args.tracking_uri)
-    model_uri = args.model_uri or tracking.best_model_uri(mlflow.MlflowClient(uri),
+    uri = store_checks.resolve_uri(args.tracking_uri)
+    model_uri = args.model_uri or store.best_model_uri(mlflow.MlflowClient(uri),
                                                           "fashion_exp")
     if model_uri is None:
         sys.exit("bench_attacks: no model in the store: train one first or pass --model-uri")

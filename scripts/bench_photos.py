@@ -5,7 +5,7 @@
 
 Every test image is rendered as a large RGB product photo (enlarged 6-15x, dark garment in
 colour on an off-white background, off-centre in a bigger frame, JPEG quality 70-91) with
-`fashion_exp.preprocess.render_product_photo`, uploaded to a real fashion-exp-serve on
+`fashion_exp.core.preprocess.render_product_photo`, uploaded to a real fashion-exp-serve on
 127.0.0.1, and the answers are compared with the true labels and with the answers for the
 original 28x28 arrays sent as JSON.
 """
@@ -22,8 +22,9 @@ import httpx
 import numpy as np
 
 from devtools import servers
-from fashion_exp import data, stores, tracking
-from fashion_exp.preprocess import render_product_photo
+from fashion_exp.core import data
+from fashion_exp.core.preprocess import render_product_photo
+from fashion_exp.tracking import store, store_checks
 
 BATCH = 16  # images per request: the service's default max_images
 
@@ -45,8 +46,8 @@ def main() -> None:
 
     import mlflow
 
-    uri = stores.resolve_uri(args.tracking_uri)
-    model_uri = args.model_uri or tracking.best_model_uri(mlflow.MlflowClient(uri),
+    uri = store_checks.resolve_uri(args.tracking_uri)
+    model_uri = args.model_uri or store.best_model_uri(mlflow.MlflowClient(uri),
                                                           args.experiment)
     if model_uri is None:
         sys.exit(f"bench_photos: no run with a model in {uri}: train one first")

@@ -29,8 +29,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from fashion_exp.data import locate
-from fashion_exp.runtime import ONEDNN_VAR
+from fashion_exp.core.data import locate
+from fashion_exp.core.runtime import ONEDNN_VAR
 
 # The experiment as a user would write it by hand in one Keras file: float inputs scaled in
 # NumPy, validation_split, default fit settings. The model and optimizer follow the preset's
@@ -156,7 +156,7 @@ def run_bare(folder: Path, cfg: dict, seed: int, out: Path, onednn: bool = False
 def run_framework(preset: str, epochs: int, seed: int, uri: str, out: Path,
                   extra: list[str]) -> dict:
     """Run `fashion-exp-train experiment=<preset>` in a fresh process, logging to `uri`."""
-    cmd = [sys.executable, "-m", "fashion_exp.train", f"experiment={preset}",
+    cmd = [sys.executable, "-m", "fashion_exp.cli.train", f"experiment={preset}",
            f"trainer.epochs={epochs}", f"trainer.seed={seed}", "trainer.verbose=2",
            f"tracking.uri={uri}", f"hydra.run.dir={out / f'hydra_{seed}'}", *extra]
     start = time.perf_counter()

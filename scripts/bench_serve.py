@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from devtools import servers
-from fashion_exp import data, stores, tracking
+from fashion_exp.core import data
+from fashion_exp.tracking import store, store_checks
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}  # wrk latency units, to milliseconds
 LOADS = ((1, 1), (8, 2))  # (connections, wrk threads)
@@ -83,8 +84,8 @@ def main() -> None:
 
     import mlflow
 
-    uri = stores.resolve_uri(args.tracking_uri)
-    model_uri = args.model_uri or tracking.best_model_uri(mlflow.MlflowClient(uri),
+    uri = store_checks.resolve_uri(args.tracking_uri)
+    model_uri = args.model_uri or store.best_model_uri(mlflow.MlflowClient(uri),
                                                           args.experiment)
     if model_uri is None:
         sys.exit(f"bench_serve: no run with a model in {uri}: train one first")

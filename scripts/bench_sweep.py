@@ -20,7 +20,7 @@ from pathlib import Path
 
 def run_sweep(out: Path, epochs: int, launcher: list[str]) -> float:
     """Wall seconds of one 4-seed sweep; exits with the error if a job failed."""
-    cmd = [sys.executable, "-m", "fashion_exp.train", "-m", *launcher, "experiment=original",
+    cmd = [sys.executable, "-m", "fashion_exp.cli.train", "-m", *launcher, "experiment=original",
            "trainer.seed=0,1,2,3", f"trainer.epochs={epochs}", "trainer.verbose=0",
            f"tracking.uri=sqlite:///{out / 'mlruns' / 'mlflow.db'}",
            f"hydra.sweep.dir={out / 'sweep'}"]

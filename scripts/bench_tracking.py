@@ -40,7 +40,7 @@ def per_call_ms(uri: str, calls: int) -> float:
 
 def whole_run_seconds(tracking: list[str], epochs: int, folder: Path) -> float:
     """Wall time of one fashion-exp-train run of the original experiment."""
-    cmd = [sys.executable, "-m", "fashion_exp.train", "experiment=original",
+    cmd = [sys.executable, "-m", "fashion_exp.cli.train", "experiment=original",
            f"trainer.epochs={epochs}", "trainer.verbose=0", *tracking,
            f"trainer.checkpoint_dir={folder / 'ckpt'}", f"hydra.run.dir={folder / 'hydra'}"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fashion_exp.data import DEBIAN_DIR, FILES, KERAS_CACHE
+from fashion_exp.core.data import DEBIAN_DIR, FILES, KERAS_CACHE
 
 REPO = Path(__file__).resolve().parents[1]
 # TensorFlow loads in this process before any in-process run could choose its CPU kernels:
@@ -74,7 +74,7 @@ def run_cli(*overrides: str, tmp_path: Path, script: str | None = None,
             timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the training entry point in a subprocess, outputs under tmp_path."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    cmd = [script] if script else [sys.executable, "-m", "fashion_exp.train"]
+    cmd = [script] if script else [sys.executable, "-m", "fashion_exp.cli.train"]
     cmd += [*overrides, f"hydra.run.dir={tmp_path / 'hydra'}"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -126,7 +126,7 @@ def served_app(served_store):
     store's folder, the model's run id). One per test module: no state shared between them."""
     from fastapi.testclient import TestClient
 
-    from fashion_exp import serve
+    from fashion_exp.cli import serve
     from fashion_exp.config import compose_checked
 
     uri, run_id = served_store

@@ -126,8 +126,9 @@ TRAIN_CASES = [
 def test_bad_training_config(case, args, message, store, tmp_path) -> None:
     before = snapshot(store)
     # The store and a short run first (were a case accepted), then the bad override.
-    result = cli("fashion_exp.train", "debug=fast", f"tracking.uri=sqlite:///{store / 'mlflow.db'}",
-                 *args, f"hydra.run.dir={tmp_path / 'h'}", f"hydra.sweep.dir={tmp_path / 's'}",
+    result = cli("fashion_exp.cli.train", "debug=fast",
+                 f"tracking.uri=sqlite:///{store / 'mlflow.db'}", *args,
+                 f"hydra.run.dir={tmp_path / 'h'}", f"hydra.sweep.dir={tmp_path / 's'}",
                  tmp_path=tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-2000:]
@@ -157,7 +158,7 @@ def test_bad_data_files(case, how, message, store, tmp_path) -> None:
     folder = md5_mismatch(tmp_path) if how == "md5" else broken_data(tmp_path, how)
     checks = [] if how == "md5" else ["data.verify_checksums=false"]
     before = snapshot(store)
-    result = cli("fashion_exp.train", f"data.dir={folder}", *checks, "data.download=false",
+    result = cli("fashion_exp.cli.train", f"data.dir={folder}", *checks, "data.download=false",
                  f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'h'}",
                  tmp_path=tmp_path)
     last = result.stderr.strip().splitlines()[-1]
@@ -181,7 +182,7 @@ MODEL_URI_CASES = [
                          ids=[c[0] for c in MODEL_URI_CASES])
 def test_bad_model_uri(case, uri, message, store, tmp_path) -> None:
     before = snapshot(store)
-    result = cli("fashion_exp.evaluate", f"model_uri={uri}",
+    result = cli("fashion_exp.cli.evaluate", f"model_uri={uri}",
                  f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'h'}",
                  tmp_path=tmp_path)
     last = result.stderr.strip().splitlines()[-1]
@@ -194,7 +195,7 @@ def test_bad_model_uri(case, uri, message, store, tmp_path) -> None:
 @pytest.mark.parametrize("added", ["+foo=1", "+tracking.foo=1"])
 def test_evaluate_refuses_added_keys(added, store, tmp_path) -> None:
     before = snapshot(store)
-    result = cli("fashion_exp.evaluate", f"model_uri=runs:/{UNKNOWN_RUN}/model", added,
+    result = cli("fashion_exp.cli.evaluate", f"model_uri=runs:/{UNKNOWN_RUN}/model", added,
                  f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'h'}",
                  tmp_path=tmp_path)
     assert result.returncode == 2
@@ -208,7 +209,7 @@ def test_unreachable_tracking_server(store, tmp_path) -> None:
 
     port = free_port()
     before = snapshot(store)
-    result = cli("fashion_exp.train", "tracking=server", f"tracking.uri=http://127.0.0.1:{port}",
+    result = cli("fashion_exp.cli.train", "tracking=server", f"tracking.uri=http://127.0.0.1:{port}",
                  f"hydra.run.dir={tmp_path / 'h'}", tmp_path=tmp_path)
     assert result.returncode == 1
     assert f"the tracking server http://127.0.0.1:{port} does not answer" in (
@@ -221,7 +222,7 @@ def test_unreachable_tracking_server(store, tmp_path) -> None:
 
 def test_resume_of_an_unknown_run(store, tmp_path) -> None:
     before = snapshot(store)
-    result = cli("fashion_exp.train", f"trainer.resume={UNKNOWN_RUN}",
+    result = cli("fashion_exp.cli.train", f"trainer.resume={UNKNOWN_RUN}",
                  f"tracking.uri=sqlite:///{store / 'mlflow.db'}", f"hydra.run.dir={tmp_path / 'h'}",
                  tmp_path=tmp_path)
     last = result.stderr.strip().splitlines()[-1]

@@ -89,7 +89,8 @@ def test_validation_does_not_import_tensorflow() -> None:
     import sys
 
     code = ("import sys; from fashion_exp.config import precheck; precheck(['model=cnn']); "
-            "import fashion_exp.train; print('tensorflow' in sys.modules, 'mlflow' in sys.modules)")
+            "import fashion_exp.cli.train; "
+            "print('tensorflow' in sys.modules, 'mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
 
@@ -126,7 +127,7 @@ def test_multirun_overrides_are_checked_before_the_sweep() -> None:
     (["model_uri=runs:/x/model", "+foo=1"], "foo=1: no such key"),
 ])
 def test_evaluate_checks_its_schema_like_the_other_entry_points(overrides, message) -> None:
-    from fashion_exp import evaluate
+    from fashion_exp.cli import evaluate
 
     with pytest.raises(ConfigError) as err:
         evaluate.precheck(overrides)

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fashion_exp import data
-from fashion_exp.data import FILES, DataError, load_arrays, read_idx
+from fashion_exp.core import data
+from fashion_exp.core.data import FILES, DataError, load_arrays, read_idx
 
 from .conftest import real_data_dir, requires_real_data, write_dataset, write_idx
 

@@ -27,10 +27,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from devtools import servers
-from fashion_exp import preprocess, serve
+from fashion_exp.cli import serve
 from fashion_exp.config import ServiceSettings
-from fashion_exp.logged_models import ModelRef
-from fashion_exp.service import ServedModel, create_app
+from fashion_exp.core import preprocess
+from fashion_exp.serving.service import ServedModel, create_app
+from fashion_exp.tracking.logged_models import ModelRef
 
 GOOD = np.zeros((28, 28), int).tolist()
 
@@ -108,7 +109,7 @@ def test_every_spelling_of_a_model_is_one_model(served) -> None:
 def test_a_deleted_runs_model_is_gone_under_every_name(served_store, tmp_path) -> None:
     import mlflow
 
-    from fashion_exp import logged_models
+    from fashion_exp.tracking import logged_models
 
     uri, run_id = served_store
     folder = Path(uri.removeprefix("sqlite:///")).parent
@@ -223,7 +224,7 @@ def test_api_docs_work_offline(served) -> None:
 def serve_process(served_store, tmp_path, *overrides: str):
     uri, run_id = served_store
     port = servers.free_port()
-    command = [sys.executable, "-m", "fashion_exp.serve", f"model_uri=runs:/{run_id}/model",
+    command = [sys.executable, "-m", "fashion_exp.cli.serve", f"model_uri=runs:/{run_id}/model",
                f"port={port}", f"tracking.uri={uri}", "samples=false", "log_level=info",
                *overrides]
     return port, servers.running(command, f"http://127.0.0.1:{port}/health",
@@ -279,7 +280,7 @@ def test_connections_that_stall_or_swell_are_cut(served_store, tmp_path) -> None
 def test_non_local_hosts_are_warned_about_and_empty_ones_refused(served_store, tmp_path) -> None:
     uri, run_id = served_store
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    base = [sys.executable, "-m", "fashion_exp.serve", f"model_uri=runs:/{run_id}/model",
+    base = [sys.executable, "-m", "fashion_exp.cli.serve", f"model_uri=runs:/{run_id}/model",
             f"tracking.uri={uri}", "samples=false"]
     empty = subprocess.run([*base, "host="], capture_output=True, text=True, env=env,
                            timeout=120)
@@ -299,7 +300,7 @@ def test_non_local_hosts_are_warned_about_and_empty_ones_refused(served_store, t
 
 
 def test_a_logged_model_that_cannot_be_served_is_a_422_without_details() -> None:
-    from fashion_exp.service import ModelUnusable
+    from fashion_exp.serving.service import ModelUnusable
 
     default_ref = ModelRef("runs:/d/model", "d", "m-d", "file:///d")
     other = ModelRef("runs:/o/model", "o", "m-o", "file:///secret/path")

@@ -15,8 +15,8 @@ from fashion_exp.config import (
     ScheduleConfig,
     TrainerConfig,
 )
-from fashion_exp.models import build_model
-from fashion_exp.optim import build_optimizer, learning_rate, plateau_callback
+from fashion_exp.core.models import build_model
+from fashion_exp.core.optim import build_optimizer, learning_rate, plateau_callback
 
 
 def cfg_of(schema, **values):
@@ -80,7 +80,7 @@ def test_optimizer_builder(name, decay, cls) -> None:
 
 
 def test_score_matches_keras_and_counts_confusions() -> None:
-    from fashion_exp.training import most_confused, score
+    from fashion_exp.core.training import most_confused, score
 
     rng = np.random.default_rng(0)
     probs = rng.dirichlet(np.ones(10), 200).astype(np.float32)
@@ -107,7 +107,7 @@ def test_score_matches_keras_and_counts_confusions() -> None:
     ({"name": "mlp", "dropout": 0.0}, False, False),
 ])
 def test_xla_by_default_only_where_it_is_faster(model, forced, expected) -> None:
-    from fashion_exp.training import use_xla
+    from fashion_exp.core.training import use_xla
 
     trainer = OmegaConf.create({"jit_compile": forced})
     assert use_xla(trainer, OmegaConf.create(model)) is expected
@@ -158,8 +158,8 @@ def test_augmentation_runs_in_training_only() -> None:
 def tiny_fit(trainer: dict, model_cfg=None) -> dict:
     """Compile and fit a tiny model for one epoch the way the runner does; what the epoch
     logger hands on is collected."""
-    from fashion_exp import training
-    from fashion_exp.data import Splits
+    from fashion_exp.core import training
+    from fashion_exp.core.data import Splits
 
     cfg = cfg_of(TrainerConfig, epochs=1, batch_size=16, verbose=0, **trainer)
     training.configure_runtime(cfg, threads=0)
@@ -183,7 +183,7 @@ def tiny_fit(trainer: dict, model_cfg=None) -> dict:
 
 
 def test_label_smoothing_trains_on_one_hot_targets() -> None:
-    from fashion_exp.training import targets
+    from fashion_exp.core.training import targets
 
     cfg = cfg_of(TrainerConfig, label_smoothing=0.1)
     assert targets(np.array([3, 0], np.uint8), cfg).tolist()[0][3] == 1.0

@@ -18,8 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 from PIL import Image
 
-from fashion_exp import plots
-from fashion_exp.data import CLASSES
+from fashion_exp.core import plots
+from fashion_exp.core.data import CLASSES
 
 PREVIEW = 750  # px: the width MLflow's run page shows an image at
 MIN_PX = 11  # px: the smallest text one reads comfortably there

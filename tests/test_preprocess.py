@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fashion_exp import data
-from fashion_exp.preprocess import (
+from fashion_exp.core import data
+from fashion_exp.core.preprocess import (
     ADAM7,
     ImageRejected,
     open_image,

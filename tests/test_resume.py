@@ -13,8 +13,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from fashion_exp import checkpoints
-from fashion_exp.checkpoints import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
+from fashion_exp.core import checkpoints
+from fashion_exp.core.checkpoints import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
 
 from .conftest import requires_real_data
 from .helpers import CLI_ENV
@@ -28,13 +28,13 @@ FAST = ["debug=fast", "data.limit=600", "tracking.figures=false", "model.activat
 
 def train(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     log = open(tmp_path / "train.log", "a")
-    return subprocess.Popen([sys.executable, "-m", "fashion_exp.train", *overrides,
+    return subprocess.Popen([sys.executable, "-m", "fashion_exp.cli.train", *overrides,
                              f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=tmp_path,
                             stdout=log, stderr=subprocess.STDOUT, env=CLI_ENV)
 
 
 def runs_cli(tmp_path: Path, uri: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fashion_exp.runs", "--tracking-uri", uri,
+    return subprocess.run([sys.executable, "-m", "fashion_exp.cli.runs", "--tracking-uri", uri,
                            "--experiment", "resume", *args], cwd=tmp_path, capture_output=True,
                           text=True, env=CLI_ENV, timeout=600)
 
@@ -95,7 +95,7 @@ def test_stopped_run_is_killed_with_a_checkpoint_and_resumes(sig, tmp_path, trac
 
     params = run.data.params
     resumed = subprocess.run(
-        [sys.executable, "-m", "fashion_exp.train", f"trainer.resume={run_id}",
+        [sys.executable, "-m", "fashion_exp.cli.train", f"trainer.resume={run_id}",
          f"tracking.uri={tracking_uri}", f"hydra.run.dir={tmp_path / 'hydra2'}"],
         cwd=tmp_path, capture_output=True, text=True, env=CLI_ENV, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -142,7 +142,7 @@ def test_a_running_run_is_not_marked_or_resumed(tmp_path, tracking_uri) -> None:
         assert row.split()[1:3] == ["RUNNING", "running"]
         assert folder.name not in runs_cli(tmp_path, tracking_uri, "mark-failed").stdout
         again = subprocess.run(
-            [sys.executable, "-m", "fashion_exp.train", "trainer.resume=latest",
+            [sys.executable, "-m", "fashion_exp.cli.train", "trainer.resume=latest",
              f"tracking.uri={tracking_uri}", f"hydra.run.dir={tmp_path / 'h2'}"],
             cwd=tmp_path, capture_output=True, text=True, env=CLI_ENV, timeout=600)
         assert again.returncode == 1

@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from fashion_exp import runtime
+from fashion_exp.core import runtime
 
 # Prints what TensorFlow reports after use_onednn(<arg>) ran before its import.
 PROBE = """
 import os, sys
-from fashion_exp import runtime
+from fashion_exp.core import runtime
 runtime.use_onednn({arg})
 import tensorflow as tf
 from tensorflow.python.util import _pywrap_util_port
@@ -47,7 +47,7 @@ def test_setting_after_tensorflow_loaded_warns_and_changes_nothing(monkeypatch, 
     import tensorflow  # noqa: F401  (loaded, as in a later job of an in-process sweep)
 
     monkeypatch.setenv(runtime.ONEDNN_VAR, "1")
-    with caplog.at_level(logging.WARNING, logger="fashion_exp.runtime"):
+    with caplog.at_level(logging.WARNING, logger="fashion_exp.core.runtime"):
         runtime.use_onednn(True)  # the same as loaded: silent
         assert not caplog.records
         runtime.use_onednn(False)

@@ -11,7 +11,7 @@ import mlflow
 import optuna
 import pytest
 
-from fashion_exp import compare
+from fashion_exp.cli import compare
 
 from .conftest import requires_real_data, run_cli
 
@@ -107,7 +107,7 @@ def test_optuna_search_killed_after_one_trial_resumes_to_three(tmp_path, trackin
             f"tracking.uri={tracking_uri}", f"hydra.sweep.dir={tmp_path / 'search'}",
             f"hydra.run.dir={tmp_path / 'hydra'}"]
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen([sys.executable, "-m", "fashion_exp.train", *args], cwd=tmp_path,
+    first = subprocess.Popen([sys.executable, "-m", "fashion_exp.cli.train", *args], cwd=tmp_path,
                              stdout=log, stderr=log)
     try:
         deadline = time.time() + 300

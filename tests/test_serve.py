@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from devtools import servers
-from fashion_exp import data
-from fashion_exp.preprocess import render_product_photo
-from fashion_exp.service import Batcher
+from fashion_exp.core import data
+from fashion_exp.core.preprocess import render_product_photo
+from fashion_exp.serving.service import Batcher
 
 from .conftest import real_data_dir
 from .helpers import encode, framing_error
@@ -234,8 +234,8 @@ def test_a_failing_model_call_fails_only_its_requests() -> None:
 # --- The command line and real servers ---------------------------------------------------------
 
 def serve_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fashion_exp.serve", *args], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "fashion_exp.cli.serve", *args],
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.slow  # a subprocess per case
@@ -290,8 +290,8 @@ def test_same_answer_as_mlflow_models_serve(served_store, test_set, tmp_path) ->
 def test_models_are_loaded_once_per_model_and_the_least_recent_dropped() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from fashion_exp.logged_models import ModelRef, UnknownModel
-    from fashion_exp.service import Models, ServedModel, Settings
+    from fashion_exp.serving.service import Models, ServedModel, Settings
+    from fashion_exp.tracking.logged_models import ModelRef, UnknownModel
 
     loads: list[str] = []
     # Two spellings of model a: a run URI and a registered version.

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from devtools import servers
-from fashion_exp import data
-from fashion_exp.preprocess import render_product_photo
+from fashion_exp.core import data
+from fashion_exp.core.preprocess import render_product_photo
 
 from .conftest import REPO, real_data_dir
 

@@ -4,7 +4,7 @@ non-zero exit, no output folder, nothing written to the store, TensorFlow never 
 Stores: a SQLite file cut in half, a file that is not SQLite, a database server that does not
 answer, a mistyped scheme (flag and $MLFLOW_TRACKING_URI), a read-only store (the tools that
 write runs refuse it, the tools that read keep working), and no store at all. The check
-itself (fashion_exp/stores.py) is tested in-process below the command-line table.
+itself (fashion_exp/tracking/store_checks.py) is tested in-process below the command-line table.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from devtools.servers import free_port
-from fashion_exp import stores
+from fashion_exp.tracking import store_checks
 
 from .helpers import CLI_ENV
 
@@ -240,7 +240,7 @@ def test_read_only_store_read_by_readers(tool, expected, ro_store, tmp_path) -> 
 
 DRIVER = """
 import json, sys
-from fashion_exp import compare, evaluate, runs, serve, train
+from fashion_exp.cli import compare, evaluate, runs, serve, train
 
 uri, port = sys.argv[1], sys.argv[2]
 codes = {}
@@ -282,7 +282,7 @@ def test_refused_before_tensorflow_and_mlflow_load(uri, store, tmp_path) -> None
 # --- The check itself ----------------------------------------------------------------------
 
 def check(uri: str, **kwargs) -> str:
-    return stores.check_store(uri, connect_timeout=5, **kwargs)
+    return store_checks.check_store(uri, connect_timeout=5, **kwargs)
 
 
 def test_a_good_store_passes_read_only_and_unchanged(store) -> None:
@@ -299,7 +299,7 @@ def test_corrupt_pages_are_found(store, tmp_path) -> None:
     data[page:] = b"\xa5" * (len(data) - page)
     bad = tmp_path / "mlflow.db"
     bad.write_bytes(bytes(data))
-    with pytest.raises(stores.StoreError, match="is corrupt"):
+    with pytest.raises(store_checks.StoreError, match="is corrupt"):
         check(f"sqlite:///{bad}", write=False)
 
 
@@ -314,8 +314,8 @@ def test_a_big_store_is_checked_within_the_time_budget(store, tmp_path, monkeypa
                      "WHERE i < 200000) INSERT INTO metrics (key, value, timestamp, run_uuid, "
                      "step, is_nan) SELECT 'm' || (i % 50), i * 0.5, i, ?, i, 0 FROM n", (run,))
     stopped = []
-    monkeypatch.setattr(stores, "QUICK_CHECK_SECONDS", 0.005)
-    monkeypatch.setattr(stores, "_interrupt", lambda conn: stopped.append(conn.interrupt()))
+    monkeypatch.setattr(store_checks, "QUICK_CHECK_SECONDS", 0.005)
+    monkeypatch.setattr(store_checks, "_interrupt", lambda conn: stopped.append(conn.interrupt()))
     assert check(f"sqlite:///{big}", write=False)
     assert len(stopped) == 1
 
@@ -324,27 +324,29 @@ def test_databases_that_are_not_mlflow_stores(tmp_path) -> None:
     other = tmp_path / "optuna.db"
     with sqlite3.connect(other) as conn:
         conn.execute("CREATE TABLE studies (study_id INTEGER)")
-    with pytest.raises(stores.StoreError, match=r"not an MLflow store \(its tables: studies\)"):
+    with pytest.raises(store_checks.StoreError,
+                       match=r"not an MLflow store \(its tables: studies\)"):
         check(f"sqlite:///{other}", write=True, create=True)  # MLflow would add its tables
     half = tmp_path / "half.db"
     with sqlite3.connect(half) as conn:
         conn.execute("CREATE TABLE experiments (experiment_id INTEGER)")
-    with pytest.raises(stores.StoreError, match="lacks MLflow's tables alembic_version, runs"):
+    with pytest.raises(store_checks.StoreError,
+                       match="lacks MLflow's tables alembic_version, runs"):
         check(f"sqlite:///{half}", write=False)
     empty = tmp_path / "empty.db"
     empty.touch()
     assert check(f"sqlite:///{empty}", write=True, create=True)  # training starts it
-    with pytest.raises(stores.StoreError, match="empty database"):
+    with pytest.raises(store_checks.StoreError, match="empty database"):
         check(f"sqlite:///{empty}", write=False)
 
 
 def test_a_read_only_store_for_writers(ro_store) -> None:
     with read_only(ro_store, ro_store.parent):
         assert check(f"sqlite:///{ro_store}", write=False)
-        with pytest.raises(stores.StoreError, match="is not writable"):
+        with pytest.raises(store_checks.StoreError, match="is not writable"):
             check(f"sqlite:///{ro_store}", write=True)
     new = ro_store.parent / "sub" / "new.db"  # a store to be created in a read-only folder
-    with read_only(ro_store.parent), pytest.raises(stores.StoreError, match="not writable"):
+    with read_only(ro_store.parent), pytest.raises(store_checks.StoreError, match="not writable"):
         check(f"sqlite:///{new}", write=True, create=True)
 
 
@@ -353,7 +355,7 @@ def test_a_read_only_store_for_writers(ro_store) -> None:
                                  "postgresql://mlflow:s3cret@[::1/mlflow",
                                  "http://mlflow:s3cret@127.0.0.1:1"])
 def test_uris_are_shown_without_passwords(uri) -> None:
-    with pytest.raises(stores.StoreError) as err:
+    with pytest.raises(store_checks.StoreError) as err:
         check(uri, write=False)
     assert "s3" not in str(err.value) and "mlflow:***@" in str(err.value)
 
@@ -369,7 +371,7 @@ def test_uris_are_shown_without_passwords(uri) -> None:
 ])
 def test_other_malformed_uris(uri, message, monkeypatch) -> None:
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # the file store's own checks
-    with pytest.raises(stores.StoreError, match=re.escape(message)) as err:
+    with pytest.raises(store_checks.StoreError, match=re.escape(message)) as err:
         check(uri, write=False)
     assert "\n" not in str(err.value) and len(str(err.value)) < 500
 
@@ -377,7 +379,7 @@ def test_other_malformed_uris(uri, message, monkeypatch) -> None:
 def test_a_path_to_a_database_is_not_a_file_store(store, monkeypatch) -> None:
     # A plain path means a file store (a folder); a SQLite file there needs sqlite:///.
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    with pytest.raises(stores.StoreError, match=f"use tracking.uri=sqlite:///{store}"):
+    with pytest.raises(store_checks.StoreError, match=f"use tracking.uri=sqlite:///{store}"):
         check(str(store), write=False)
 
 
@@ -426,7 +428,7 @@ def test_two_runs_started_together_get_their_own_folders(tmp_path) -> None:
 @pytest.mark.parametrize("uri", ["/some/folder", "file:///some/folder"])
 def test_file_stores_are_refused_as_mlflow_3_refuses_them(uri, monkeypatch) -> None:
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
-    with pytest.raises(stores.StoreError, match="names a file store"):
+    with pytest.raises(store_checks.StoreError, match="names a file store"):
         check(uri, write=False)
 
 
@@ -440,7 +442,7 @@ def test_paths_mlflow_would_read_differently_are_refused(store, tmp_path) -> Non
                          (f"sqlite:///{store}?cache=shared", "query strings and %-escapes"),
                          (f"sqlite:///{tmp_path}/p%70/mlflow.db", "query strings and %-escapes")):
         for write in (False, True):
-            with pytest.raises(stores.StoreError, match=message):
+            with pytest.raises(store_checks.StoreError, match=message):
                 check(uri, write=write, create=write)
 
 

@@ -7,7 +7,7 @@ import json
 import mlflow
 import pytest
 
-from fashion_exp.sweeps import STATE_FILE
+from fashion_exp.sweeps.multirun import STATE_FILE
 
 from .conftest import requires_real_data, run_cli
 

@@ -17,7 +17,7 @@ import optuna
 import pytest
 
 from devtools import team
-from fashion_exp.offline import JOURNAL
+from fashion_exp.tracking.offline import JOURNAL
 
 from .conftest import REPO, requires_real_data, run_cli
 from .helpers import CLI_ENV
@@ -42,7 +42,7 @@ def start_training(tmp_path: Path, *overrides: str) -> tuple[subprocess.Popen, P
     """The runner in the background; returns the process and its log file."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     log = tmp_path / "train.log"
-    cmd = [sys.executable, "-m", "fashion_exp.train", *overrides,
+    cmd = [sys.executable, "-m", "fashion_exp.cli.train", *overrides,
            f"hydra.run.dir={tmp_path / 'hydra'}"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
@@ -167,7 +167,7 @@ def test_server_that_never_returns_leaves_the_run_on_disk_for_upload(team_stack,
             f"{folder}") in out
     (run,) = runs_in(stack.tracking_uri, "never")
     assert run.info.status == "RUNNING"  # the server never heard the end
-    upload = subprocess.run([sys.executable, "-m", "fashion_exp.runs", "upload", str(folder)],
+    upload = subprocess.run([sys.executable, "-m", "fashion_exp.cli.runs", "upload", str(folder)],
                             capture_output=True, text=True, env=CLI_ENV, cwd=tmp_path)
     assert upload.returncode == 0, upload.stderr[-3000:]
     run = client.get_run(run.info.run_id)
@@ -191,7 +191,7 @@ def test_two_workers_share_one_study_and_one_sweep(team_stack, tmp_path) -> None
         folder.mkdir()
         log = open(folder / "log.txt", "w")
         workers.append((subprocess.Popen(
-            [sys.executable, "-m", "fashion_exp.train", *common,
+            [sys.executable, "-m", "fashion_exp.cli.train", *common,
              f"hydra.sweep.dir={folder / 'sweep'}"], cwd=folder, stdout=log,
             stderr=subprocess.STDOUT, env=CLI_ENV), folder))
     for proc, folder in workers:

@@ -10,8 +10,9 @@ import mlflow
 import pytest
 from omegaconf import OmegaConf
 
-from fashion_exp import stores, tracking
 from fashion_exp.config import flatten
+from fashion_exp.paths import PACKAGE_PARENT
+from fashion_exp.tracking import store, store_checks
 
 
 def test_flatten_uses_dot_keys_and_resolves() -> None:
@@ -24,18 +25,18 @@ def test_flatten_uses_dot_keys_and_resolves() -> None:
 def test_relative_uris_become_absolute(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert stores.resolve_uri("sqlite:///rel/m.db") == f"sqlite:///{tmp_path}/rel/m.db"
-    assert stores.resolve_uri("store") == (tmp_path / "store").as_uri()
-    assert stores.resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
-    default = stores.resolve_uri(None)
-    assert default == f"sqlite:///{Path(stores.__file__).parents[1] / 'mlruns' / 'mlflow.db'}"
+    assert store_checks.resolve_uri("sqlite:///rel/m.db") == f"sqlite:///{tmp_path}/rel/m.db"
+    assert store_checks.resolve_uri("store") == (tmp_path / "store").as_uri()
+    assert store_checks.resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    default = store_checks.resolve_uri(None)
+    assert default == f"sqlite:///{PACKAGE_PARENT / 'mlruns' / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
-    assert stores.resolve_uri(None) == f"sqlite:///{tmp_path}/env.db"
+    assert store_checks.resolve_uri(None) == f"sqlite:///{tmp_path}/env.db"
 
 
 @pytest.fixture
-def store(tracking_uri: str) -> str:
-    uri, exp_id = tracking.setup(tracking_uri, "statuses")
+def experiment(tracking_uri: str) -> str:
+    uri, exp_id = store.setup(tracking_uri, "statuses")
     yield exp_id
     while mlflow.active_run():
         mlflow.end_run()
@@ -47,40 +48,40 @@ def _only_run(exp_id: str):
     return runs[0]
 
 
-def test_artifacts_live_beside_the_database(tracking_uri, store) -> None:
-    location = mlflow.get_experiment(store).artifact_location
+def test_artifacts_live_beside_the_database(tracking_uri, experiment) -> None:
+    location = mlflow.get_experiment(experiment).artifact_location
     assert location == (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
 
 
-def test_finished(store) -> None:
-    with tracking.tracked_run(store, "ok", {"k": "v"}) as run:
+def test_finished(experiment) -> None:
+    with store.tracked_run(experiment, "ok", {"k": "v"}) as run:
         run.log_metrics({"m": 1.0}, 0)
-    run = _only_run(store)
+    run = _only_run(experiment)
     assert (run.info.status, run.info.run_name, run.data.tags["k"]) == ("FINISHED", "ok", "v")
     assert run.data.metrics["m"] == 1.0
     assert run.data.tags["mlflow.source.type"] == "LOCAL"  # MLflow's own run-context tags
 
 
-def test_failed_records_the_error(store) -> None:
+def test_failed_records_the_error(experiment) -> None:
     with pytest.raises(ZeroDivisionError):
-        with tracking.tracked_run(store, "bad", {}):
+        with store.tracked_run(experiment, "bad", {}):
             1 / 0  # noqa: B018
-    run = _only_run(store)
+    run = _only_run(experiment)
     assert run.info.status == "FAILED"
     assert run.data.tags["error"] == "ZeroDivisionError: division by zero"
     text = mlflow.artifacts.load_text(f"{run.info.artifact_uri}/error.txt")
     assert "1 / 0" in text
 
 
-def test_sigterm_ends_killed(store, monkeypatch) -> None:
+def test_sigterm_ends_killed(experiment, monkeypatch) -> None:
     from fashion_exp import interrupts
 
     monkeypatch.setattr(interrupts, "_requested", None)
     with pytest.raises(KeyboardInterrupt):
-        with tracking.tracked_run(store, "term", {}):
+        with store.tracked_run(experiment, "term", {}):
             os.kill(os.getpid(), signal.SIGTERM)
             signal.sigtimedwait([], 0)  # let the handler run
-    assert _only_run(store).info.status == "KILLED"
+    assert _only_run(experiment).info.status == "KILLED"
 
 
 @pytest.mark.slow  # four processes
@@ -89,8 +90,8 @@ def test_parallel_first_use_of_a_fresh_store_does_not_corrupt_it(tmp_path) -> No
     import sys
 
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
-    code = ("import sys, mlflow; from fashion_exp import tracking; "
-            "tracking.setup(sys.argv[1], 'shared'); "
+    code = ("import sys, mlflow; from fashion_exp.tracking import store; "
+            "store.setup(sys.argv[1], 'shared'); "
             "mlflow.start_run(); mlflow.log_metric('m', 1); mlflow.end_run()")
     procs = [subprocess.Popen([sys.executable, "-c", code, uri], stderr=subprocess.PIPE,
                               text=True) for _ in range(4)]

@@ -152,7 +152,7 @@ def test_missing_data_fails_before_any_run(tmp_path, tracking_uri) -> None:
 
 
 def test_ctrl_c_ends_the_run_killed(tmp_path, tracking_uri) -> None:
-    cmd = [sys.executable, "-m", "fashion_exp.train", *FAST, "trainer.epochs=500",
+    cmd = [sys.executable, "-m", "fashion_exp.cli.train", *FAST, "trainer.epochs=500",
            "trainer.steps_per_execution=1", f"tracking.uri={tracking_uri}",
            f"hydra.run.dir={tmp_path / 'hydra'}"]
     log = open(tmp_path / "log.txt", "w")
@@ -178,7 +178,7 @@ def test_ctrl_c_ends_the_run_killed(tmp_path, tracking_uri) -> None:
 
 
 def run_evaluate(*overrides: str, tmp_path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fashion_exp.evaluate", *overrides,
+    return subprocess.run([sys.executable, "-m", "fashion_exp.cli.evaluate", *overrides,
                            f"hydra.run.dir={tmp_path / 'eval'}"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)
 

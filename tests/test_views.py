@@ -8,7 +8,10 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 import pytest
 
-from fashion_exp import compare, metrics, sweeps, views
+from fashion_exp.cli import compare
+from fashion_exp.core import metrics
+from fashion_exp.sweeps import leaderboard, multirun
+from fashion_exp.tracking import views
 
 
 def test_float32_values_are_written_as_their_shortest_decimal() -> None:
@@ -36,19 +39,20 @@ def test_metric_names_put_the_learning_curves_in_the_first_section() -> None:
     (["size", "model.size"], ["size", "model.size"]),
 ])
 def test_swept_keys_are_shortened_only_as_far_as_they_stay_distinct(keys, short) -> None:
-    assert list(sweeps.short_keys(keys).values()) == short
+    assert list(multirun.short_keys(keys).values()) == short
 
 
 def test_child_run_names_show_what_varies_briefly() -> None:
     keys = ["optimizer.lr", "model.hidden"]
-    assert sweeps.child_run_name(["debug=fast", "optimizer.lr=0.05", "model.hidden=[64]"],
+    assert multirun.child_run_name(["debug=fast", "optimizer.lr=0.05", "model.hidden=[64]"],
                                  keys) == "lr=0.05 hidden=[64]"
     # A sampler's float is cut to 4 significant digits; integers and words stay whole.
-    assert sweeps.child_run_name(["optimizer.lr=0.012345678", "model.hidden=[128,32]"],
+    assert multirun.child_run_name(["optimizer.lr=0.012345678", "model.hidden=[128,32]"],
                                  keys) == "lr=0.01235 hidden=[128,32]"
-    assert sweeps.child_run_name(["+trainer.seed=12345678"], ["trainer.seed"]) \
+    assert multirun.child_run_name(["+trainer.seed=12345678"], ["trainer.seed"]) \
         == "seed=12345678"
-    assert sweeps.short_value("1000000000.0") == "1e+09" and sweeps.short_value("adam") == "adam"
+    assert multirun.short_value("1000000000.0") == "1e+09"
+    assert multirun.short_value("adam") == "adam"
 
 
 def test_a_sweep_view_shows_swept_params_and_key_metrics_best_first() -> None:
@@ -79,11 +83,11 @@ def test_links_open_the_model_training_pages() -> None:
 
 def test_leaderboard_cells_have_at_most_four_decimals_and_no_trailing_zeros() -> None:
     rows = [{"run": "a", "best_val_accuracy": 0.6949999928474426, "duration_s": 4.9}]
-    table = compare.markdown(rows)
+    table = leaderboard.markdown(rows)
     assert "| a | 0.695 | 4.9 |" in table
-    assert compare.metric_columns("val_accuracy") == ["best_val_accuracy", "test_accuracy",
+    assert leaderboard.metric_columns("val_accuracy") == ["best_val_accuracy", "test_accuracy",
                                                       "test_loss"]
-    assert compare.metric_columns("test_accuracy") == ["test_accuracy", "test_loss"]
+    assert leaderboard.metric_columns("test_accuracy") == ["test_accuracy", "test_loss"]
 
 
 def test_metric_against_params_names_the_metric_and_colours_the_other_param() -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
-from fashion_exp.search import resume, trials_record_their_process
+from fashion_exp.sweeps.optuna_study import resume, trials_record_their_process
 
 
 class ResumableOptunaSweeper(OptunaSweeper):

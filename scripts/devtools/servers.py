@@ -62,7 +62,7 @@ def running(command: list[str], health_url: str, log: Path, env: dict[str, str] 
 
 def serve_command(model_uri: str, port: int, tracking_uri: str, *overrides: str) -> list[str]:
     """fashion-exp-serve for one model on 127.0.0.1:port."""
-    return [sys.executable, "-m", "fashion_exp.serve", f"model_uri={model_uri}", f"port={port}",
+    return [sys.executable, "-m", "fashion_exp.cli.serve", f"model_uri={model_uri}", f"port={port}",
             f"tracking.uri={tracking_uri}", "log_level=warning", *overrides]
 
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from devtools.servers import free_port, wait_until_up
-from fashion_exp.stores import server_up
+from fashion_exp.tracking.store_checks import server_up
 
 STATE_FILE = "stack.json"
 DATABASES = ("mlflow", "optuna")  # one for the tracking server, one for Optuna studies

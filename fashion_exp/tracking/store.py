@@ -13,13 +13,14 @@ import mlflow
 from mlflow.tracking.context.registry import resolve_tags
 from omegaconf import DictConfig
 
-from fashion_exp import interrupts, procs, views
+from fashion_exp import interrupts, procs
 from fashion_exp.config import project_root
 from fashion_exp.locks import file_lock
-from fashion_exp.logged_models import MODEL_ARTIFACT
-from fashion_exp.offline import Outbox
-from fashion_exp.recorder import Recorder
-from fashion_exp.stores import check_store, server_up, sqlite_path
+from fashion_exp.tracking import views
+from fashion_exp.tracking.logged_models import MODEL_ARTIFACT
+from fashion_exp.tracking.offline import Outbox
+from fashion_exp.tracking.recorder import Recorder
+from fashion_exp.tracking.store_checks import check_store, server_up, sqlite_path
 
 
 class TrackingUnavailable(RuntimeError):

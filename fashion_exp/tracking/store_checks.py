@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import sqlite3
 import threading
 import urllib.parse
@@ -28,15 +27,12 @@ import urllib.request
 from pathlib import Path
 
 from fashion_exp.paths import project_root
-
-# Tracking URI schemes MLflow takes (a path without one is a local folder).
-URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql")
+from fashion_exp.uris import DATABASES, URI_SCHEMES, scheme, shown
 
 ENV_VAR = "MLFLOW_TRACKING_URI"
 SQLITE_HEADER = b"SQLite format 3\x00"
 # MLflow's core tables: a store without them is not MLflow's (or was never finished).
 MLFLOW_TABLES = ("alembic_version", "experiments", "runs", "metrics", "params", "tags")
-DATABASES = ("postgresql", "mysql", "mssql")
 # Most seconds spent on PRAGMA quick_check; a bigger store gets the rest of the checks only.
 QUICK_CHECK_SECONDS = 0.25
 
@@ -61,29 +57,6 @@ def sqlite_path(uri: str) -> Path | None:
     """The database file of a resolved sqlite:/// URI; None for any other store."""
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
-
-def scheme(uri: str) -> str:
-    """The scheme of a URI without its driver ('postgresql+psycopg://' -> 'postgresql');
-    '' for a path."""
-    return uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
-
-
-def shown(uri: str, limit: int = 300) -> str:
-    """A URI as it may be printed: a password in it replaced by ***, at most `limit`
-    characters."""
-    secret = r"^([A-Za-z][\w+.-]*://[^:/@]*:)[^@]*@"  # user:<password>@, as SQLAlchemy reads it
-    if scheme(uri) in DATABASES:
-        uri = re.sub(secret, r"\1***@", uri)
-    else:
-        try:
-            parts = urllib.parse.urlsplit(uri)
-            if parts.password is not None:
-                netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-                uri = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-        except ValueError:  # not a parsable URL (e.g. "http://[oops")
-            uri = re.sub(secret, r"\1***@", uri)
-    uri = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], uri)  # one line
-    return uri if len(uri) <= limit else uri[:limit - 3] + "..."
 
 
 def connect_seconds(text: str) -> float:

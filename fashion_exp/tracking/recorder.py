@@ -3,7 +3,7 @@
 Every call is one journal entry (offline.apply makes it live). On a local store it is made at
 once; on a tracking server it goes through the run's outbox, which keeps it on disk while the
 server does not answer and sends it when the server is back. A recorder belongs to one run
-(tracking.tracked_run makes it) and is handed to whoever logs: no module-level state.
+(store.tracked_run makes it) and is handed to whoever logs: no module-level state.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_exp.config import flatten
-from fashion_exp.metrics import PER_CLASS_PREFIX, epoch_metric, tidy
-from fashion_exp.offline import Outbox, apply
+from fashion_exp.core.metrics import PER_CLASS_PREFIX, epoch_metric, tidy
+from fashion_exp.tracking.offline import Outbox, apply
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class Recorder:
     def log_model(self, model: Any, registered_name: str | None, step: int) -> None:
         """The model under 'model' (and registered); MLflow links to it the run's metrics at
         `step` (the last epoch's, and the test metrics logged there)."""
-        from fashion_exp import logged_models
+        from fashion_exp.tracking import logged_models
 
         self._send({"kind": "model", "file": "model.keras", "registered_name": registered_name,
                     "step": step},

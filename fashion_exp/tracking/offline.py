@@ -22,7 +22,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from fashion_exp.stores import server_up
+from fashion_exp.tracking.store_checks import server_up
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ def apply(client: MlflowClient, run_id: str, folder: Path, entry: dict[str, Any]
     elif kind == "model":  # needs TensorFlow: imported only when a model is logged
         import mlflow
 
-        from fashion_exp import logged_models
+        from fashion_exp.tracking import logged_models
 
         mlflow.set_tracking_uri(client.tracking_uri)  # MLflow logs models to the global URI
         logged_models.log_saved_keras(str(folder / entry["file"]), run_id,

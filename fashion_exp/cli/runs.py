@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fashion_exp.config import TrackingConfig
-from fashion_exp.stores import connect_seconds
+from fashion_exp.tracking.store_checks import connect_seconds
 
 STATUSES = ("RUNNING", "KILLED", "FAILED")
 
@@ -32,8 +32,8 @@ STATUSES = ("RUNNING", "KILLED", "FAILED")
 def interrupted(client: Any, experiment: str, checkpoint_root: Path) -> list[dict[str, Any]]:
     """Runs not ended properly or stopped with a checkpoint, newest first, each with its state:
     orphaned (process gone), running, unknown (other host), or stopped (KILLED/FAILED)."""
-    from fashion_exp.checkpoints import WEIGHTS_FILE, load_state
-    from fashion_exp.tracking import orphaned, owner
+    from fashion_exp.core.checkpoints import WEIGHTS_FILE, load_state
+    from fashion_exp.tracking.store import orphaned, owner
 
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -86,7 +86,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def upload(folders: list[Path]) -> list[tuple[Path, str]]:
     """Replay offline folders into their tracking servers; (folder, outcome) for each."""
-    from fashion_exp.offline import replay
+    from fashion_exp.tracking.offline import replay
 
     outcomes = []
     for folder in folders:
@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                       help="offline run folders (default: all in <repo>/mlruns/offline)")
     args = parser.parse_args(argv)
 
-    from fashion_exp import checkpoints
     from fashion_exp.config import project_root
-    from fashion_exp.stores import StoreError, check_store, resolve_uri
+    from fashion_exp.core import checkpoints
+    from fashion_exp.tracking.store_checks import StoreError, check_store, resolve_uri
 
     uri = resolve_uri(args.tracking_uri)
     if args.command in ("interrupted", "mark-failed"):
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     ckpt_root = checkpoints.root(args.checkpoint_dir, uri)
     if args.command == "resume":
-        os.execvp(sys.executable, [sys.executable, "-m", "fashion_exp.train",
+        os.execvp(sys.executable, [sys.executable, "-m", "fashion_exp.cli.train",
                                    f"trainer.resume={args.run}", f"tracking.uri={uri}",
                                    f"trainer.checkpoint_dir={ckpt_root}"])
     if args.command == "upload":

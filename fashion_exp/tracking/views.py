@@ -17,7 +17,7 @@ import json
 from typing import Any
 from urllib.parse import urlencode
 
-from fashion_exp.metrics import key_metrics
+from fashion_exp.core.metrics import key_metrics
 
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 SHARE_KEY_PARAM = "viewStateShareKey"

@@ -22,11 +22,11 @@ from omegaconf import DictConfig
 
 from fashion_exp.config import CONF_DIR, ConfigError, compose_checked
 from fashion_exp.config import ServiceSettings as Settings
-from fashion_exp.stores import StoreError, check_store, first_line
+from fashion_exp.tracking.store_checks import StoreError, check_store, first_line
 
 if TYPE_CHECKING:
-    from fashion_exp.logged_models import ModelRef
-    from fashion_exp.service import ServedModel
+    from fashion_exp.serving.service import ServedModel
+    from fashion_exp.tracking.logged_models import ModelRef
 
 log = logging.getLogger("fashion_exp")
 LISTED_RUNS = 20  # best runs offered by the page's model picker
@@ -35,8 +35,8 @@ LISTED_RUNS = 20  # best runs offered by the page's model picker
 def resolve(client: Any, uri: str) -> ModelRef:
     """A request's model reference looked up in the store: UnknownModel if it names no
     model there, StoreUnavailable if the store does not answer."""
-    from fashion_exp import logged_models
-    from fashion_exp.service import StoreUnavailable
+    from fashion_exp.serving.service import StoreUnavailable
+    from fashion_exp.tracking import logged_models
 
     try:
         return logged_models.resolve(client, uri)
@@ -52,8 +52,8 @@ def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
     import numpy as np
     import tensorflow as tf
 
-    from fashion_exp import logged_models
-    from fashion_exp.service import ModelUnusable, ServedModel
+    from fashion_exp.serving.service import ModelUnusable, ServedModel
+    from fashion_exp.tracking import logged_models
 
     try:
         model = logged_models.load_keras(ref)
@@ -82,7 +82,7 @@ def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
 def model_metrics(client: Any, ref: Any) -> dict[str, float]:
     """The logged model's own metrics (those of its run at the step it was logged), without
     the per-class ones: test_accuracy, test_loss, epoch/val_accuracy, best_val_accuracy..."""
-    from fashion_exp.metrics import PER_CLASS_PREFIX
+    from fashion_exp.core.metrics import PER_CLASS_PREFIX
 
     logged = client.get_logged_model(ref.model_id)
     return {m.key: m.value for m in logged.metrics or []
@@ -107,10 +107,10 @@ def model_choices(client: Any, experiment_name: str, default: ServedModel,
                         "label": f"{version.name} v{version.version}"})
     from itertools import islice
 
-    from fashion_exp import tracking
+    from fashion_exp.tracking import store
 
-    for run in islice(tracking.runs_with_models(client, experiment_name), LISTED_RUNS):
-        choices.append({"uri": f"runs:/{run.info.run_id}/{tracking.MODEL_ARTIFACT}",
+    for run in islice(store.runs_with_models(client, experiment_name), LISTED_RUNS):
+        choices.append({"uri": f"runs:/{run.info.run_id}/{store.MODEL_ARTIFACT}",
                         "label": f"{run.info.run_name} "
                                  f"(test {run.data.metrics['test_accuracy']:.4f})"})
     seen: set[str] = set()  # a URI listed twice keeps its first label
@@ -140,7 +140,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def test_images(cfg: DictConfig) -> tuple[Any, Any] | None:
     """Test images and labels for the page's random samples; None when the data is missing."""
-    from fashion_exp import data
+    from fashion_exp.core import data
 
     if not cfg.samples:
         return None
@@ -161,13 +161,14 @@ def build(cfg: DictConfig) -> tuple[Any, str]:
     import mlflow
     import tensorflow as tf
 
-    from fashion_exp import logged_models, service, tracking
+    from fashion_exp.serving import service
+    from fashion_exp.tracking import logged_models, store
 
     if cfg.threads:
         tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
     client = mlflow.MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
-    default_uri = cfg.model_uri or tracking.best_model_uri(client, cfg.tracking.experiment_name)
+    default_uri = cfg.model_uri or store.best_model_uri(client, cfg.tracking.experiment_name)
     if default_uri is None:
         raise ConfigError("model_uri", None, "no finished run with a logged model in experiment "
                           f"{cfg.tracking.experiment_name!r} of {uri}: train one first or pass "
@@ -212,7 +213,7 @@ def main() -> None:
         sys.exit(2)
     import uvicorn
 
-    from fashion_exp.connections import limited_protocol
+    from fashion_exp.serving.connections import limited_protocol
 
     base = f"http://{f'[{cfg.host}]' if ':' in cfg.host else cfg.host}:{cfg.port}"
     print(f"Serving {default_uri} on {base}/ (page), {base}/docs (API)", flush=True)

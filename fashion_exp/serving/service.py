@@ -3,7 +3,7 @@
     POST /predict          photos (multipart field "files") or {"images": [28x28 ints]}, batched
     GET  /model, /models   the model a request would use; the models one can pick
     GET  /samples/random   a test-set image with its label, for the page's "try one" button
-    GET  /health, /        liveness; the web page (fashion_exp/web/index.html)
+    GET  /health, /        liveness; the web page (fashion_exp/serving/web/index.html)
     GET  /docs, /redoc     the API description, with its assets served here (works offline)
 
 Requests that arrive while the model is busy are answered by one model call together
@@ -40,10 +40,10 @@ from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from fashion_exp import preprocess
 from fashion_exp.config import ServiceSettings as Settings
-from fashion_exp.data import CLASSES
-from fashion_exp.logged_models import ModelRef, UnknownModel
+from fashion_exp.core import preprocess
+from fashion_exp.core.data import CLASSES
+from fashion_exp.tracking.logged_models import ModelRef, UnknownModel
 
 log = logging.getLogger(__name__)
 
@@ -462,7 +462,8 @@ def create_app(default: ServedModel, resolver: Callable[[str], ModelRef],
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files("fashion_exp").joinpath("web/index.html").read_text())
+        page = resources.files("fashion_exp.serving").joinpath("web/index.html")
+        return HTMLResponse(page.read_text())
 
     @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:

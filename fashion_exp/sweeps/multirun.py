@@ -22,10 +22,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from fashion_exp import procs, views
+from fashion_exp import procs
 from fashion_exp.config import flatten
 from fashion_exp.locks import file_lock
 from fashion_exp.paths import git_commit
+from fashion_exp.tracking import views
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
     and a worker that created another one in the meantime deletes it."""
     from mlflow import MlflowClient
 
-    from fashion_exp import tracking
+    from fashion_exp.tracking import store
 
     state = sweep_dir / STATE_FILE
     with file_lock(sweep_dir / ".mlflow_sweep.lock"):
@@ -149,14 +150,14 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
                     client.update_run(info["run_id"], status="RUNNING")
                     log.info("Reopened sweep parent run %s", info["run_id"])
             return info["run_id"]
-        uri, exp_id = tracking.setup(cfg.tracking.uri, cfg.tracking.experiment_name,
+        uri, exp_id = store.setup(cfg.tracking.uri, cfg.tracking.experiment_name,
                                      cfg.tracking.connect_timeout)
         client = MlflowClient(uri)
         key = group_key(sweeper if sweeper is not None else HydraConfig.get().sweeper)
         shared = _shared_parent(client, exp_id, key) if key else None
         if shared is None:
             run = client.create_run(
-                exp_id, run_name=tracking.fit_run_name(parent_name(cfg, keys, sweep_dir)),
+                exp_id, run_name=store.fit_run_name(parent_name(cfg, keys, sweep_dir)),
                 tags=parent_tags(cfg, keys, sweep_dir)
                 | ({"sweep_key": key} if key else {})
                 | {f"process.{k}": v for k, v in procs.this_process().items()},
@@ -242,14 +243,14 @@ def describe_result(client: Any, parent: Any, rows: list[dict[str, Any]],
                     best: dict[str, Any] | None, metric: str) -> None:
     """The parent's description (MLflow's run page shows it first): what was swept, what was
     fixed, and the best job."""
-    from fashion_exp import compare
+    from fashion_exp.sweeps import leaderboard
 
     tags = parent.data.tags
     lines = [f"Sweep of `{tags.get('swept') or 'the config'}`"
              + (f" with `{tags['fixed']}` fixed" if tags.get("fixed") else "") + ": "
              + f"{len(rows)} runs, {sum(r['status'] != 'FINISHED' for r in rows)} failed."]
     if best is not None:
-        column = compare.metric_columns(metric)[0]
+        column = leaderboard.metric_columns(metric)[0]
         lines.append(f"Best: **{best['run']}**, {column} {best[column]:.4f}"
                      + (f", test_accuracy {best['test_accuracy']:.4f}"
                         if best.get("test_accuracy") is not None else "") + ".")
@@ -275,7 +276,7 @@ def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    from fashion_exp import compare
+    from fashion_exp.sweeps import leaderboard
 
     state = sweep_dir / STATE_FILE
     if not state.is_file():
@@ -291,8 +292,8 @@ def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
     children = client.search_runs([info["experiment_id"]],
                                   filter_string=f"tags.sweep_id = '{info['run_id']}'"
                                   " and tags.sweep = 'child'", max_results=5000)
-    rows = compare.rows_of(children, compare.varied_params(children), metric)
-    objective = compare.metric_columns(metric)[0]
+    rows = leaderboard.rows_of(children, leaderboard.varied_params(children), metric)
+    objective = leaderboard.metric_columns(metric)[0]
     finished = [r for r in rows if r["status"] == "FINISHED" and r[objective] is not None]
     if finished:
         # The best job's values under the children's names: the parent's row in the runs
@@ -300,7 +301,7 @@ def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
         best = finished[0]
         now = int(time.time() * 1000)
         client.log_batch(info["run_id"], metrics=[
-            Metric(m, best[m], now, 0) for m in compare.metric_columns(metric)
+            Metric(m, best[m], now, 0) for m in leaderboard.metric_columns(metric)
             if best[m] is not None])
         client.set_tag(info["run_id"], "best_run_id", best["run_id"])
         client.set_tag(info["run_id"], "best_run_name", best["run"])
@@ -309,8 +310,8 @@ def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
     client.set_tag(info["run_id"], "jobs_total", str(len(rows)))
     client.set_tag(info["run_id"], "jobs_failed",
                    str(sum(r["status"] != "FINISHED" for r in rows)))
-    client.log_text(info["run_id"], compare.csv_text(rows), "leaderboard.csv")
-    client.log_text(info["run_id"], compare.markdown(rows), "leaderboard.md")
+    client.log_text(info["run_id"], leaderboard.csv_text(rows), "leaderboard.csv")
+    client.log_text(info["run_id"], leaderboard.markdown(rows), "leaderboard.md")
     status = "KILLED" if interrupted else ("FINISHED" if finished else "FAILED")
     client.set_terminated(info["run_id"], status)
     log.info("Sweep %s ended %s: %d jobs, best %s", info["run_id"], status, len(rows),

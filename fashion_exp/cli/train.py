@@ -1,11 +1,11 @@
 """The runner: config -> data -> model -> training -> evaluation -> one MLflow run.
 
     fashion-exp-train [overrides]          e.g. fashion-exp-train experiment=original trainer.seed=1
-    python -m fashion_exp.train [overrides]
+    python -m fashion_exp.cli.train [overrides]
 
-The config and the tracking store (fashion_exp/stores.py) are checked before TensorFlow or
-MLflow are imported and before Hydra makes an output folder, so a bad value costs a second,
-not a run.
+The config and the tracking store (fashion_exp/tracking/store_checks.py) are checked before
+TensorFlow or MLflow are imported and before Hydra makes an output folder, so a bad value costs
+a second, not a run.
 """
 
 from __future__ import annotations
@@ -23,17 +23,19 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fashion_exp import interrupts, metrics, sweeps
+from fashion_exp import interrupts
 from fashion_exp.config import CONF_DIR, ConfigError, precheck, register_configs, validate
-from fashion_exp.stores import StoreError, check_store
+from fashion_exp.core import metrics
+from fashion_exp.sweeps import multirun
+from fashion_exp.tracking.store_checks import StoreError, check_store
 
 if TYPE_CHECKING:  # loaded when a run needs them: a bad config costs a second, not a minute
     import keras
     from matplotlib.figure import Figure
 
-    from fashion_exp.data import Splits
-    from fashion_exp.recorder import Recorder
-    from fashion_exp.training import Evaluation
+    from fashion_exp.core.data import Splits
+    from fashion_exp.core.training import Evaluation
+    from fashion_exp.tracking.recorder import Recorder
 
 log = logging.getLogger("fashion_exp")
 
@@ -55,18 +57,18 @@ def train(cfg: DictConfig) -> float:
     """Train and evaluate one model as `cfg` says, logged as one MLflow run; returns the value
     of cfg.optimized_metric. With trainer.resume, continue a stopped run with its own config."""
     interrupts.check()  # a sweep stopped during the previous job starts no new one
-    from fashion_exp import tracking  # MLflow, not TensorFlow yet
+    from fashion_exp.tracking import store  # MLflow, not TensorFlow yet
 
     cfg, saved = resume_point(cfg)
-    uri = tracking.connect(cfg.tracking)  # the store answers before anything is trained
+    uri = store.connect(cfg.tracking)  # the store answers before anything is trained
     splits = load_data(cfg)
     threads = start_tensorflow(cfg.trainer)
-    from fashion_exp import models, optim, plots, training
+    from fashion_exp.core import models, optim, plots, training
 
-    exp_id = tracking.setup(uri, cfg.tracking.experiment_name, checked=True)[1]
+    exp_id = store.setup(uri, cfg.tracking.experiment_name, checked=True)[1]
     run_name, tags, output_dir = describe_run(cfg, splits, threads, saved)
     ckpt = saved or RunCheckpoints(cfg, uri)
-    with ckpt.kept_if_stopped(), tracking.tracked_run(exp_id, run_name, tags, cfg.tracking,
+    with ckpt.kept_if_stopped(), store.tracked_run(exp_id, run_name, tags, cfg.tracking,
                                                       ckpt.run_id) as run:
         if not ckpt.resumed:  # a resumed run has its params already: MLflow keeps them once
             run.log_config(cfg, output_dir)
@@ -108,7 +110,7 @@ def train(cfg: DictConfig) -> float:
     ckpt.finish()  # the model is logged: its checkpoints are no longer needed
 
     print(f"test_accuracy={result.accuracy:.4f}  {objective}={value:.4f}  "
-          f"run_id={run.run_id}  view: {tracking.ui_hint(uri, exp_id, run.run_id)}",
+          f"run_id={run.run_id}  view: {store.ui_hint(uri, exp_id, run.run_id)}",
           flush=True)
     return value
 
@@ -130,7 +132,7 @@ class RunCheckpoints:
 
     def begin(self, run_id: str) -> None:
         """A new run: its folder, with its config, when trainer.checkpoint is on."""
-        from fashion_exp import checkpoints
+        from fashion_exp.core import checkpoints
 
         self.run_id = run_id
         if self.cfg.trainer.checkpoint:
@@ -139,21 +141,21 @@ class RunCheckpoints:
 
     def restore(self, model: keras.Model) -> None:
         """A resumed run's weights and optimizer state (none if stopped in its first epoch)."""
-        from fashion_exp import checkpoints
+        from fashion_exp.core import checkpoints
 
         if self.resumed and self.state["epochs_done"]:
             checkpoints.restore(self.folder, model)
 
     def saver(self) -> keras.callbacks.Callback | None:
         """The Keras callback that saves every epoch, or None without checkpoints."""
-        from fashion_exp import training
+        from fashion_exp.core import training
 
         return training.CheckpointSaver(self.folder, self.history) if self.folder else None
 
     @contextmanager
     def kept_if_stopped(self) -> Iterator[None]:
         """On any stop or error, say how to resume when an epoch's checkpoint is there."""
-        from fashion_exp import checkpoints
+        from fashion_exp.core import checkpoints
 
         try:
             yield
@@ -167,7 +169,7 @@ class RunCheckpoints:
 
     def finish(self) -> None:
         """The run finished: remove its checkpoints."""
-        from fashion_exp import checkpoints
+        from fashion_exp.core import checkpoints
 
         if self.folder is not None:
             checkpoints.remove(self.folder)
@@ -178,12 +180,13 @@ def resume_point(cfg: DictConfig) -> tuple[DictConfig, RunCheckpoints | None]:
     ResumeError when there is nothing to resume."""
     if not cfg.trainer.resume:
         return cfg, None
-    from fashion_exp import checkpoints, tracking
-    from fashion_exp.stores import resolve_uri
+    from fashion_exp.core import checkpoints
+    from fashion_exp.tracking import store
+    from fashion_exp.tracking.store_checks import resolve_uri
 
     uri = resolve_uri(cfg.tracking.uri)
     folder = checkpoints.find(checkpoints.root(cfg.trainer.checkpoint_dir, uri),
-                              cfg.trainer.resume, tracking.resumable)
+                              cfg.trainer.resume, store.resumable)
     saved, state = checkpoints.saved_config(folder), checkpoints.load_state(folder)
     log.info("Resuming run %s after epoch %d of %d <trainer.resume>", state["run_id"],
              state["epochs_done"], saved.trainer.epochs)
@@ -193,7 +196,7 @@ def resume_point(cfg: DictConfig) -> tuple[DictConfig, RunCheckpoints | None]:
 def load_data(cfg: DictConfig) -> Splits:
     """The train/validation/test splits (NumPy only: bad files are reported before
     TensorFlow starts)."""
-    from fashion_exp import data
+    from fashion_exp.core import data
 
     seed = cfg.trainer.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed
     splits = data.load(cfg.data.dir, cfg.data.val_split, seed, cfg.data.limit,
@@ -206,12 +209,12 @@ def load_data(cfg: DictConfig) -> Splits:
 def start_tensorflow(trainer: DictConfig) -> int:
     """Load TensorFlow with the chosen CPU kernels, seeds and threads; returns the threads
     (shared out among a sweep's parallel jobs; 0: TensorFlow decides)."""
-    from fashion_exp import runtime
+    from fashion_exp.core import runtime
 
     runtime.use_onednn(trainer.onednn)  # read by TensorFlow when it loads, just below
-    from fashion_exp import training
+    from fashion_exp.core import training
 
-    threads = sweeps.job_threads(trainer.threads)
+    threads = multirun.job_threads(trainer.threads)
     training.configure_runtime(trainer, threads)
     return threads
 
@@ -220,13 +223,13 @@ def describe_run(cfg: DictConfig, splits: Splits, threads: int, saved: RunCheckp
                  ) -> tuple[str, dict[str, str], Path | None]:
     """The run's name, its tags (where it came from, how TensorFlow ran, its sweep) and
     Hydra's output folder."""
-    from fashion_exp import runtime
+    from fashion_exp.core import runtime
     from fashion_exp.paths import git_commit
 
     run_name, tags, output_dir = run_name_and_tags(cfg)
     tags |= {"git_commit": git_commit(), "data_source": str(splits.source),
              "tf_threads": str(threads or "auto"), "tf_onednn": runtime.onednn_state()}
-    child_name, child_tags = sweeps.child_name_and_tags(cfg)  # set in a multirun only
+    child_name, child_tags = multirun.child_name_and_tags(cfg)  # set in a multirun only
     if saved is not None:
         tags["resumed_from_epoch"] = str(saved.state["epochs_done"])
     return child_name or run_name, tags | child_tags, output_dir
@@ -236,7 +239,7 @@ def log_objective(run: Recorder, cfg: DictConfig, history: dict[str, list[float]
                   result: Evaluation, last_epoch: int) -> tuple[str, float]:
     """The value a sweep optimizes (optimized_metric), logged as best_<metric> beside the test
     metrics at the last epoch's step; returns (its MLflow name, the value)."""
-    from fashion_exp import training
+    from fashion_exp.core import training
 
     test = {"test_loss": result.loss, "test_accuracy": result.accuracy}
     value = training.best_value(history, test, cfg.optimized_metric)
@@ -271,13 +274,13 @@ def _hydra_main(cfg: DictConfig) -> float:
     try:
         validate(cfg)
     except ConfigError as err:
-        if sweeps.job_sweep_dir() is not None:
+        if multirun.job_sweep_dir() is not None:
             raise  # one failed job of a sweep; the others go on
         _exit_invalid(err)
     try:
         return train(cfg)
     except Exception as err:
-        if sweeps.job_sweep_dir() is not None or not _user_error(err):
+        if multirun.job_sweep_dir() is not None or not _user_error(err):
             raise
         print(f"fashion-exp-train: error: {err}", file=sys.stderr)
         sys.exit(1)
@@ -286,9 +289,9 @@ def _hydra_main(cfg: DictConfig) -> float:
 def _user_error(err: Exception) -> bool:
     """Errors the user can fix (data, tracking store or server, resume): one line, no
     traceback."""
-    from fashion_exp.checkpoints import ResumeError
-    from fashion_exp.data import DataError
-    from fashion_exp.tracking import TrackingUnavailable
+    from fashion_exp.core.checkpoints import ResumeError
+    from fashion_exp.core.data import DataError
+    from fashion_exp.tracking.store import TrackingUnavailable
 
     return isinstance(err, DataError | TrackingUnavailable | ResumeError | StoreError)
 
@@ -326,12 +329,12 @@ def main() -> None:
     try:
         _hydra_main()
     except KeyboardInterrupt as err:
-        sweeps.finish_open_sweeps(interrupted=True)
+        multirun.finish_open_sweeps(interrupted=True)
         print(f"fashion-exp-train: stopped ({err or 'interrupted'})", file=sys.stderr)
         sys.exit(130)
     finally:
         # A multirun whose job raised never reaches Hydra's on_multirun_end: end its parent.
-        sweeps.finish_open_sweeps()
+        multirun.finish_open_sweeps()
 
 
 if __name__ == "__main__":

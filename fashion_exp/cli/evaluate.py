@@ -19,10 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from fashion_exp import interrupts
 from fashion_exp.config import CONF_DIR, ConfigError, compose_checked, register_configs
-from fashion_exp.stores import StoreError, check_store
+from fashion_exp.tracking.store_checks import StoreError, check_store
 
 if TYPE_CHECKING:
-    from fashion_exp.logged_models import ModelRef
+    from fashion_exp.tracking.logged_models import ModelRef
 
 log = logging.getLogger("fashion_exp")
 
@@ -31,14 +31,14 @@ def evaluate(cfg: DictConfig) -> float:
     """Load the model, score the test set, log the evaluation run; returns test accuracy."""
     import mlflow
 
-    from fashion_exp import logged_models, tracking
+    from fashion_exp.tracking import logged_models, store
 
     # Resolve the model before TensorFlow loads and before anything is written: a bad URI or
     # an unusable store (missing, corrupt, unreachable, read-only) leaves the store as it was.
     uri = check_store(cfg.tracking.uri, write=True, connect_timeout=cfg.tracking.connect_timeout)
     ref = model_ref(uri, cfg.model_uri)
 
-    from fashion_exp import data, plots, training
+    from fashion_exp.core import data, plots, training
 
     splits = data.load(cfg.data.dir, cfg.data.val_split, 0, cfg.data.limit,
                        cfg.data.verify_checksums, cfg.data.download)
@@ -48,11 +48,11 @@ def evaluate(cfg: DictConfig) -> float:
     except (mlflow.exceptions.MlflowException, OSError, ValueError) as err:
         raise ConfigError("model_uri", cfg.model_uri,
                           f"{str(err).splitlines()[0]} (tracking store {uri})") from None
-    exp_id = tracking.setup(uri, cfg.tracking.experiment_name, checked=True)[1]
+    exp_id = store.setup(uri, cfg.tracking.experiment_name, checked=True)[1]
 
     source = ref.run_id
     tags = {"model_uri": cfg.model_uri, "source_run_id": source, "evaluation": "true"}
-    with tracking.tracked_run(exp_id, f"evaluate {cfg.model_uri}", tags) as run:
+    with store.tracked_run(exp_id, f"evaluate {cfg.model_uri}", tags) as run:
         probs = model.predict(splits.x_test, batch_size=cfg.batch_size, verbose=0)
         result = training.score(probs, splits.y_test)
         run.log_evaluation(result, epochs_trained=0)
@@ -66,7 +66,7 @@ def evaluate(cfg: DictConfig) -> float:
         })
     print(f"test_accuracy={result.accuracy:.4f}  test_loss={result.loss:.4f}  most confused: "
           f"{'; '.join(lines[:3])}  run_id={run.run_id}  source_run_id={source}  view: "
-          f"{tracking.ui_hint(uri, exp_id, run.run_id)}", flush=True)
+          f"{store.ui_hint(uri, exp_id, run.run_id)}", flush=True)
     return result.accuracy
 
 
@@ -104,7 +104,7 @@ def model_ref(uri: str, model_uri: str) -> ModelRef:
     """The logged model `model_uri` names in the store at `uri`; ConfigError if none."""
     import mlflow
 
-    from fashion_exp import logged_models
+    from fashion_exp.tracking import logged_models
 
     try:
         return logged_models.resolve(mlflow.MlflowClient(uri), model_uri)

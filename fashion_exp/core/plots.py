@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fashion_exp.data import CLASSES
+from fashion_exp.core.data import CLASSES
 
 RIGHT, WRONG = "tab:green", "tab:red"
 

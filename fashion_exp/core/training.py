@@ -14,8 +14,9 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from fashion_exp import checkpoints, interrupts
-from fashion_exp.data import CLASSES, Splits
+from fashion_exp import interrupts
+from fashion_exp.core import checkpoints
+from fashion_exp.core.data import CLASSES, Splits
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,9 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-MODEL_SCHEMES = ("runs:/", "models:/")
+from fashion_exp.uris import MODEL_FORMS
+
 MODEL_ARTIFACT = "model"  # the name fashion-exp-train logs its model under
-FORMS = ("runs:/<run_id>/model, models:/<name>/<version>, models:/<name>@<alias> or "
-         "models:/m-<model_id>")
 MAX_URI = 512  # characters; longer references are refused without a look-up
 
 # The forms accepted, each matched whole. Names follow MLflow's rules: no '/' in a registered
@@ -32,7 +31,7 @@ _MODEL_ID = re.compile(r"models:/(?P<model_id>m-[0-9a-f]{32})")
 class UnknownModel(LookupError):
     """A reference that names no logged model of this store (the same message for all)."""
 
-    reason = f"is not a model of this tracking store: use {FORMS}"
+    reason = f"is not a model of this tracking store: use {MODEL_FORMS}"
 
     def __init__(self, uri: object) -> None:
         shown = repr(uri) if len(str(uri)) <= 120 else repr(str(uri)[:117] + "...")

@@ -1,0 +1,1 @@
+"""The command-line entry points (fashion-exp-train, -evaluate, -serve, -compare, -runs)."""

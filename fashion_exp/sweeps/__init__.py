@@ -1,0 +1,1 @@
+"""Multirun sweeps and Optuna searches as groups of MLflow runs."""

@@ -1,0 +1,104 @@
+"""A group of runs as a leaderboard: one row per run, best first, and seed groups.
+
+Written by a sweep's parent run when the sweep ends (fashion_exp/sweeps/multirun.py) and by
+fashion-exp-compare.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+from typing import Any
+
+from fashion_exp.core.metrics import key_metrics
+
+SEED_KEYS = ("trainer.seed", "data.shuffle_seed")
+
+
+def varied_params(runs: list) -> list[str]:
+    """Param keys whose value is not the same in every run."""
+    keys = sorted({k for r in runs for k in r.data.params})
+    return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+
+
+def _best(metric: str) -> Any:
+    return min if "loss" in metric else max
+
+
+def _value(run: Any, metric: str) -> float | None:
+    value = run.data.metrics.get(metric)
+    return value if value is not None and math.isfinite(value) else None
+
+
+# The leaderboard's metric columns: the optimized value first, then the test metrics.
+metric_columns = key_metrics
+
+
+def rows_of(runs: list, varied: list[str], metric: str) -> list[dict[str, Any]]:
+    """One leaderboard row per run, sorted by the optimized value of `metric` (a config
+    optimized_metric), best first; failed runs last."""
+    columns = metric_columns(metric)
+    rows = []
+    for r in runs:
+        end = r.info.end_time or r.info.start_time
+        row = {"run": r.info.run_name, "status": r.info.status}
+        row |= {k: r.data.params.get(k) for k in varied}
+        row |= {m: _value(r, m) for m in columns}
+        row |= {"duration_s": round((end - r.info.start_time) / 1000, 1),
+                "run_id": r.info.run_id}
+        rows.append(row)
+    sign = 1 if _best(metric) is min else -1
+    return sorted(rows, key=lambda row: (row[columns[0]] is None,
+                                         sign * (row[columns[0]] or 0.0)))
+
+
+def seed_groups(rows: list[dict[str, Any]], varied: list[str], metric: str,
+                ) -> list[dict[str, Any]]:
+    """Runs that differ only by seed, as groups with mean and std of each metric column."""
+    if not any(k in varied for k in SEED_KEYS):
+        return []
+    keys = [k for k in varied if k not in SEED_KEYS]
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["status"] == "FINISHED":
+            groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    out = []
+    for values, members in groups.items():
+        entry: dict[str, Any] = dict(zip(keys, values, strict=True)) | {"runs": len(members)}
+        for m in metric_columns(metric):
+            xs = [row[m] for row in members if row[m] is not None]
+            if xs:
+                std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+                entry[m] = f"{statistics.mean(xs):.4f} ± {std:.4f}"
+        out.append(entry)
+    return out
+
+
+def _cell(value: Any) -> str:
+    """A table cell: floats to at most four decimals without trailing zeros (4.9, 0.8871)."""
+    if isinstance(value, float):
+        return f"{value:.4f}".rstrip("0").rstrip(".")
+    return "" if value is None else str(value)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of dict rows (columns from the first row)."""
+    if not rows:
+        return "(no runs)\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """Rows as CSV text with a header (empty for no rows)."""
+    if not rows:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
