@@ -1,7 +1,7 @@
 """Which process owns a run or a trial, and whether that process is still alive.
 
-A process is named by host, pid and its start time (from /proc), so that a pid reused by a
-later process is not mistaken for the original owner.
+A process is named by host, pid and its start time (psutil's create_time), so that a pid
+reused by a later process is not mistaken for the original owner.
 """
 
 from __future__ import annotations
@@ -9,14 +9,15 @@ from __future__ import annotations
 import os
 import socket
 
+import psutil
+
 
 def start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (/proc/<pid>/stat); None if gone."""
+    """The process's start time (seconds since the epoch, as text); None if it is gone."""
     try:
-        stat = open(f"/proc/{pid}/stat").read()
-    except OSError:
+        return repr(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after "pid (comm)"
 
 
 def this_process() -> dict[str, str]:

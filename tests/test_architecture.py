@@ -13,7 +13,7 @@ import fashion_exp
 PACKAGE = Path(fashion_exp.__file__).parent
 # Modules every layer may use: the config schema and process plumbing.
 SHARED = {"fashion_exp.config", "fashion_exp.paths", "fashion_exp.interrupts",
-          "fashion_exp.procs", "fashion_exp.locks"}
+          "fashion_exp.procs", "fashion_exp.files"}
 
 
 def module_name(path: Path) -> str:

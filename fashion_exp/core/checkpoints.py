@@ -9,8 +9,6 @@ kill at any moment leaves the previous epoch's checkpoint intact.
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +17,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_exp.config import GROUP_SCHEMAS, project_root
+from fashion_exp.files import atomic_write, read_json, write_json
 
 if TYPE_CHECKING:  # keras is not imported here: listing runs must not start TensorFlow
     import keras
@@ -42,29 +41,22 @@ def root(checkpoint_dir: str | None, tracking_uri: str) -> Path:
     return project_root() / "mlruns" / "checkpoints"
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """write(tmp) then rename over `path`: readers see the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def start(folder: Path, cfg: DictConfig, tracking_uri: str, run_id: str) -> None:
     """Create a run's checkpoint folder with its config (nothing trained yet)."""
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(folder / CONFIG_FILE,
+    atomic_write(folder / CONFIG_FILE,
                   lambda tmp: tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True)))
     save_state(folder, {"run_id": run_id, "tracking_uri": tracking_uri, "epochs_done": 0,
                         "history": {}})
 
 
 def save_state(folder: Path, state: dict[str, Any]) -> None:
-    _atomic_write(folder / STATE_FILE, lambda tmp: tmp.write_text(json.dumps(state)))
+    write_json(folder / STATE_FILE, state)
 
 
 def load_state(folder: Path) -> dict[str, Any]:
     """The state of a checkpoint folder."""
-    return json.loads((folder / STATE_FILE).read_text())
+    return read_json(folder / STATE_FILE)
 
 
 def save(folder: Path, model: keras.Model, epochs_done: int,
@@ -77,7 +69,7 @@ def save(folder: Path, model: keras.Model, epochs_done: int,
         with open(tmp, "wb") as out:  # a file object: np.savez would add ".npz" to the name
             np.savez(out, **arrays)
 
-    _atomic_write(folder / WEIGHTS_FILE, write)
+    atomic_write(folder / WEIGHTS_FILE, write)
     save_state(folder, load_state(folder) | {"epochs_done": epochs_done, "history": history})
 
 

@@ -9,7 +9,6 @@ parent gets the best child, its metric and a leaderboard, and a final status.
 from __future__ import annotations
 
 import getpass
-import json
 import logging
 import os
 import re
@@ -24,7 +23,7 @@ from omegaconf import DictConfig
 
 from fashion_exp import procs
 from fashion_exp.config import flatten
-from fashion_exp.locks import file_lock
+from fashion_exp.files import file_lock, read_json, write_json
 from fashion_exp.paths import git_commit
 from fashion_exp.tracking import views
 
@@ -108,7 +107,7 @@ def child_run_name(overrides: list[str], keys: list[str]) -> str:
 
 
 def _state(sweep_dir: Path) -> dict[str, Any]:
-    return json.loads((sweep_dir / STATE_FILE).read_text())
+    return read_json(sweep_dir / STATE_FILE)
 
 
 def group_key(sweeper: Any) -> str | None:
@@ -174,9 +173,8 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
         elif reopen and shared.info.status != "RUNNING":
             client.update_run(shared.info.run_id, status="RUNNING")
         run_id = shared.info.run_id
-        state.write_text(json.dumps({"run_id": run_id, "tracking_uri": uri,
-                                     "experiment_id": exp_id, "swept_keys": keys or [],
-                                     "shared": bool(key)}))
+        write_json(state, {"run_id": run_id, "tracking_uri": uri, "experiment_id": exp_id,
+                           "swept_keys": keys or [], "shared": bool(key)})
         log.info("Sweep parent run %s for <%s>", run_id, sweep_dir)
         return run_id
 

@@ -22,6 +22,7 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from fashion_exp.files import read_json, write_json
 from fashion_exp.tracking.store_checks import server_up
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def apply(client: MlflowClient, run_id: str, folder: Path, entry: dict[str, Any]
 def replay(folder: Path) -> int:
     """Send an offline folder's remaining entries to its server, in order; returns how many.
     The folder is removed once everything is sent."""
-    info = json.loads((folder / RUN_FILE).read_text())
+    info = read_json(folder / RUN_FILE)
     client, run_id = MlflowClient(info["tracking_uri"]), info["run_id"]
     entries = pending(folder)
     sent = _sent(folder)
@@ -167,6 +168,6 @@ class Outbox:
         self.folder.mkdir(parents=True, exist_ok=True)
         run_file = self.folder / RUN_FILE
         if not run_file.is_file():
-            run_file.write_text(json.dumps({"tracking_uri": self.uri, "run_id": self.run_id}))
+            write_json(run_file, {"tracking_uri": self.uri, "run_id": self.run_id})
         with open(self.folder / JOURNAL, "a") as journal:
             journal.write(json.dumps(line) + "\n")

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from fashion_exp import interrupts, procs
 from fashion_exp.config import project_root
-from fashion_exp.locks import file_lock
+from fashion_exp.files import file_lock
 from fashion_exp.tracking import views
 from fashion_exp.tracking.logged_models import MODEL_ARTIFACT
 from fashion_exp.tracking.offline import Outbox
