@@ -459,7 +459,8 @@ def swept_values(override: Any) -> list[str] | None:
 
 def precheck(overrides: list[str], multirun: bool = False) -> list[DictConfig]:
     """Compose the config for these command-line overrides and validate it; returns the
-    composed configs (one per checked variant of a multirun).
+    composed configs (one per checked variant of a multirun, then, for a multirun, the first
+    variant with Hydra's config, whose hydra.sweeper the caller checks).
 
     Raises ConfigError (one line) for an unknown key or group option, a wrong type or an
     out-of-range value, so that the runner can stop before Hydra starts a job. For a multirun
@@ -487,6 +488,10 @@ def precheck(overrides: list[str], multirun: bool = False) -> list[DictConfig]:
             for variant in variants:
                 configs.append(compose("config", overrides=variant))
                 validate(configs[-1])
+            if multirun:  # the first variant with Hydra's own config: the sweeper's settings
+                hydra_overrides = [o for o in overrides if o not in job_overrides]
+                configs.append(compose("config", overrides=variants[0] + hydra_overrides,
+                                       return_hydra_config=True))
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
     return configs

@@ -25,6 +25,7 @@ from typing import Any
 from fashion_exp.config import TrackingConfig, project_root
 from fashion_exp.core.metrics import epoch_metric, objective_metric
 from fashion_exp.sweeps.leaderboard import (
+    counts,
     csv_text,
     markdown,
     metric_columns,
@@ -178,8 +179,9 @@ def compare(selection: Selection, client: Any, out: Path) -> str:
     params_figure(rows, varied, metric_columns(selection.metric)[0]).savefig(
         out / "metric_vs_params.png", dpi=100)
     shown = [{k: v for k, v in r.items() if k != "run_id"} for r in rows]
-    report = [f"{len(rows)} runs ({selection.name}), sorted by {selection.metric}; "
-              f"varied params: {', '.join(varied) or 'none'}", markdown(shown)]
+    report = [f"{len(rows)} runs ({selection.name}: {counts(rows)}), sorted by "
+              f"{selection.metric}; varied params: {', '.join(varied) or 'none'}",
+              markdown(shown)]
     groups = seed_groups(rows, varied, selection.metric)
     if groups:
         (out / "seeds.csv").write_text(csv_text(groups))

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # loaded when a run needs them: a bad config costs a second, 
 
     from fashion_exp.core.data import Splits
     from fashion_exp.core.training import Evaluation
+    from fashion_exp.sweeps.pruning import JobTrial
     from fashion_exp.tracking.recorder import Recorder
 
 log = logging.getLogger("fashion_exp")
@@ -91,9 +92,15 @@ def train(cfg: DictConfig) -> float:
                  "augment: shift=%g flip=%s erasing=%g>", cfg.trainer.epochs,
                  cfg.trainer.batch_size, cfg.schedule.name, cfg.augment.shift,
                  cfg.augment.flip, cfg.augment.erasing)
-        extra = [optim.plateau_callback(cfg.schedule, cfg.optimizer.lr), ckpt.saver()]
+        trial = search_trial(cfg)  # a trial of a pruned search reports every epoch
+        extra = [optim.plateau_callback(cfg.schedule, cfg.optimizer.lr), ckpt.saver(),
+                 trial and trial.callback()]
         history = training.fit(model, splits, cfg.trainer, run.log_epoch,
                                [c for c in extra if c], ckpt.history)
+        if trial is not None:
+            run.set_tags(trial.tags)  # its trial, and whether and where it was pruned
+            if trial.pruned_at is not None:
+                return end_pruned(run, cfg, history, trial, ckpt)
 
         log.info("Evaluating on %d test images", len(splits.x_test))
         result = training.evaluate(model, splits)
@@ -235,6 +242,31 @@ def describe_run(cfg: DictConfig, splits: Splits, threads: int, saved: RunCheckp
     return child_name or run_name, tags | child_tags, output_dir
 
 
+def search_trial(cfg: DictConfig) -> JobTrial | None:
+    """The Optuna trial this job runs in a pruned search (tagged on its run), else None."""
+    from fashion_exp.sweeps import pruning
+
+    if multirun.job_sweep_dir() is None or cfg.optimized_metric not in pruning.PER_EPOCH:
+        return None
+    return pruning.job_trial(cfg.optimized_metric)
+
+
+def end_pruned(run: Recorder, cfg: DictConfig, history: dict[str, list[float]],
+               trial: JobTrial, ckpt: RunCheckpoints) -> float:
+    """A trial its pruner stopped: the run ends FINISHED with its epochs' metrics, its best
+    value so far and the tags pruned=true, pruned_at_epoch; no test evaluation, no model."""
+    from fashion_exp.core import training
+
+    value = training.best_value(history, {}, cfg.optimized_metric)
+    objective = metrics.objective_metric(cfg.optimized_metric)
+    run.log_metrics({objective: value}, len(history["loss"]))
+    trial.end_pruned()
+    ckpt.finish()
+    print(f"pruned at epoch {trial.pruned_at} (trial {trial.trial.number}): "
+          f"{objective}={value:.4f}  run_id={run.run_id}", flush=True)
+    return value
+
+
 def log_objective(run: Recorder, cfg: DictConfig, history: dict[str, list[float]],
                   result: Evaluation, last_epoch: int) -> tuple[str, float]:
     """The value a sweep optimizes (optimized_metric), logged as best_<metric> beside the test
@@ -296,6 +328,14 @@ def _user_error(err: Exception) -> bool:
     return isinstance(err, DataError | TrackingUnavailable | ResumeError | StoreError)
 
 
+def check_search(cfg: DictConfig) -> None:
+    """An Optuna search's sweeper settings (pruner, budget), before Hydra starts it."""
+    if "pruner" in cfg.hydra.sweeper:
+        from fashion_exp.sweeps import pruning
+
+        pruning.check_search(cfg.hydra.sweeper, cfg.optimized_metric)
+
+
 def _check_stores(configs: list[DictConfig]) -> None:
     """The tracking store of every checked config must take runs, before Hydra makes an
     output folder and before TensorFlow or MLflow loads: one line and exit status 1 if not
@@ -321,6 +361,8 @@ def main() -> None:
     if flags <= {"-m", "--multirun"}:
         try:
             configs = precheck([a for a in args if a not in flags], multirun=bool(flags))
+            if flags:
+                check_search(configs[-1])
         except ConfigError as err:
             _exit_invalid(err)
         _check_stores(configs)

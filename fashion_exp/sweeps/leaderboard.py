@@ -43,15 +43,31 @@ def rows_of(runs: list, varied: list[str], metric: str) -> list[dict[str, Any]]:
     rows = []
     for r in runs:
         end = r.info.end_time or r.info.start_time
-        row = {"run": r.info.run_name, "status": r.info.status}
+        row = {"run": r.info.run_name, "status": status(r)}
         row |= {k: r.data.params.get(k) for k in varied}
         row |= {m: _value(r, m) for m in columns}
         row |= {"duration_s": round((end - r.info.start_time) / 1000, 1),
                 "run_id": r.info.run_id}
         rows.append(row)
     sign = 1 if _best(metric) is min else -1
-    return sorted(rows, key=lambda row: (row[columns[0]] is None,
+    # Finished runs first, best first; then pruned runs (never a best value); then the rest.
+    order = {"FINISHED": 0, "PRUNED": 1}
+    return sorted(rows, key=lambda row: (row[columns[0]] is None, order.get(row["status"], 2),
                                          sign * (row[columns[0]] or 0.0)))
+
+
+def status(run: Any) -> str:
+    """MLflow's status of a run, or PRUNED for a search trial its pruner stopped (such a run
+    ends FINISHED in MLflow, with the tag pruned=true and the metrics of its epochs)."""
+    return "PRUNED" if run.data.tags.get("pruned") == "true" else run.info.status
+
+
+def counts(rows: list[dict[str, Any]]) -> str:
+    """'5 finished, 6 pruned, 1 failed' of leaderboard rows (pruned only when there are)."""
+    finished = sum(r["status"] == "FINISHED" for r in rows)
+    pruned = sum(r["status"] == "PRUNED" for r in rows)
+    failed = len(rows) - finished - pruned
+    return f"{finished} finished, " + (f"{pruned} pruned, " if pruned else "") + f"{failed} failed"
 
 
 def seed_groups(rows: list[dict[str, Any]], varied: list[str], metric: str,

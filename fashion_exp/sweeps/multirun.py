@@ -246,7 +246,7 @@ def describe_result(client: Any, parent: Any, rows: list[dict[str, Any]],
     tags = parent.data.tags
     lines = [f"Sweep of `{tags.get('swept') or 'the config'}`"
              + (f" with `{tags['fixed']}` fixed" if tags.get("fixed") else "") + ": "
-             + f"{len(rows)} runs, {sum(r['status'] != 'FINISHED' for r in rows)} failed."]
+             + f"{len(rows)} runs, " + leaderboard.counts(rows) + "."]
     if best is not None:
         column = leaderboard.metric_columns(metric)[0]
         lines.append(f"Best: **{best['run']}**, {column} {best[column]:.4f}"
@@ -307,7 +307,8 @@ def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
     # Counts are tags: as metrics they would be drawn as single-point charts.
     client.set_tag(info["run_id"], "jobs_total", str(len(rows)))
     client.set_tag(info["run_id"], "jobs_failed",
-                   str(sum(r["status"] != "FINISHED" for r in rows)))
+                   str(sum(r["status"] not in ("FINISHED", "PRUNED") for r in rows)))
+    client.set_tag(info["run_id"], "jobs_pruned", str(sum(r["status"] == "PRUNED" for r in rows)))
     client.log_text(info["run_id"], leaderboard.csv_text(rows), "leaderboard.csv")
     client.log_text(info["run_id"], leaderboard.markdown(rows), "leaderboard.md")
     status = "KILLED" if interrupted else ("FINISHED" if finished else "FAILED")
@@ -320,6 +321,25 @@ def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
                               views.view_link(info["experiment_id"], info["run_id"])),
               flush=True)
     return status
+
+
+def log_search_figures(sweep_dir: Path, figures: dict[str, Any], summary: str) -> None:
+    """A search's pictures (search/<name>.png) and trial counts on the sweep's parent run;
+    they replace the previous ones, so the parent shows the study as it is now."""
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    try:
+        if not (sweep_dir / STATE_FILE).is_file():
+            return
+        info = _state(sweep_dir)
+        client = MlflowClient(info["tracking_uri"])
+        for name, figure in figures.items():
+            client.log_figure(info["run_id"], figure, f"search/{name}")
+        client.set_tag(info["run_id"], "search_trials", summary)
+    finally:
+        for figure in figures.values():
+            plt.close(figure)
 
 
 def finish_open_sweeps(interrupted: bool = False) -> None:

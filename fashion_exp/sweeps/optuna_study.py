@@ -9,10 +9,13 @@ hydra_plugins/fashion_exp_search (Hydra loads plugins from that namespace only).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -23,6 +26,7 @@ from fashion_exp import procs
 log = logging.getLogger(__name__)
 
 INTERRUPTED = "interrupted"  # user attribute of trials whose process died
+OVER_BUDGET = "over_budget"  # user attribute of a trial asked after the budget was spent
 
 
 WORKER = "worker_"  # prefix of the user attributes naming a trial's process
@@ -73,8 +77,8 @@ def create_tables(storage: str, attempts: int = 5) -> None:
 
 
 def resume(impl: Any) -> None:
-    """Before a sweep: close stale trials of the stored study and lower n_trials by the
-    trials already finished (impl: the plugin's OptunaSweeperImpl).
+    """Before a sweep: close stale trials of the stored study (impl: the plugin's
+    OptunaSweeperImpl); the trials already counted lower what is left of the budget.
 
     The sampler's seed makes a new single-machine search repeatable. It is re-drawn when the
     study is shared by workers (a database server: with one seed every worker would propose
@@ -93,10 +97,8 @@ def resume(impl: Any) -> None:
     if study.trials and not shared:
         impl.sampler.reseed_rng()
     closed = close_stale_trials(study)
-    done = finished_trials(study)
-    impl.n_trials = max(0, impl.n_trials - done)
-    log.info("Resuming study %s: %d trials done, %d interrupted, %d to go",
-             impl.study_name, done, closed, impl.n_trials)
+    log.info("Resuming study %s: %d trials done, %d interrupted", impl.study_name,
+             finished_trials(study), closed)
 
 
 @contextmanager
@@ -119,3 +121,100 @@ def trials_record_their_process() -> Iterator[None]:
         yield
     finally:
         optuna.Study.ask = original
+
+
+def counted(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial counts toward the study's budget: every trial asked, running or ended,
+    except those of a stopped process (they run again) and those asked too late."""
+    return not (trial.state == TrialState.FAIL
+                and (trial.user_attrs.get(INTERRUPTED) or trial.user_attrs.get(OVER_BUDGET)))
+
+
+def active_seconds(trials: list[optuna.trial.FrozenTrial]) -> float:
+    """Wall-clock seconds during which at least one trial ran (the union of the trials'
+    start-to-end intervals): the time a search has spent, across workers and resumes,
+    without the pauses between them."""
+    now = datetime.datetime.now()
+    spans = sorted((t.datetime_start, t.datetime_complete or now)
+                   for t in trials if t.datetime_start is not None)
+    total, end = 0.0, None
+    for start, stop in spans:
+        if end is not None and start < end:
+            start = end  # the overlap with earlier spans is counted once
+        if stop > start:
+            total += (stop - start).total_seconds()
+        end = stop if end is None else max(end, stop)
+    return total
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One budget for the whole study, whoever runs it: hydra.sweeper.n_trials trials and
+    hydra.sweeper.timeout seconds (null: no limit)."""
+
+    n_trials: int
+    timeout: float | None
+
+    def spent(self, study: optuna.Study) -> str | None:
+        """Why no new trial may start, or None."""
+        trials = [t for t in study.get_trials(deepcopy=False) if counted(t)]
+        if len(trials) >= self.n_trials:
+            return (f"all {self.n_trials} trials of hydra.sweeper.n_trials are asked "
+                    f"({summary(study)})")
+        if self.timeout is not None and active_seconds(trials) >= self.timeout:
+            return (f"hydra.sweeper.timeout={self.timeout:g} seconds are spent "
+                    f"({summary(study)})")
+        return None
+
+    def admits(self, study: optuna.Study, trial: optuna.Trial) -> bool:
+        """Whether a trial just asked is within the budget: fewer than n_trials counted trials
+        were asked before it (several workers may ask at the same moment). One that is not is
+        ended FAIL with OVER_BUDGET, which no count includes."""
+        before = sum(1 for t in study.get_trials(deepcopy=False)
+                     if t.number < trial.number and counted(t))
+        if before < self.n_trials:
+            return True
+        trial.set_user_attr(OVER_BUDGET, True)
+        study.tell(trial, state=TrialState.FAIL)
+        return False
+
+
+def summary(study: optuna.Study) -> str:
+    """'12 complete, 30 pruned, 1 failed, 2 running' of the study's counted trials."""
+    trials = [t for t in study.get_trials(deepcopy=False) if counted(t)]
+    names = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned",
+             TrialState.FAIL: "failed", TrialState.RUNNING: "running"}
+    counts = {name: sum(1 for t in trials if t.state == state) for state, name in names.items()}
+    return ", ".join(f"{n} {name}" for name, n in counts.items() if n or name != "running")
+
+
+def figures(study: optuna.Study) -> dict[str, Any]:
+    """Optuna's matplotlib pictures of the search, by file name: optimization history,
+    intermediate values (the learning curves pruning acted on), parameter importances and
+    parallel coordinates; a picture that needs more trials than there are is left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as ovm
+
+    drawers = {"optimization_history.png": ovm.plot_optimization_history,
+               "intermediate_values.png": ovm.plot_intermediate_values,
+               "param_importances.png": ovm.plot_param_importances,
+               "parallel_coordinate.png": ovm.plot_parallel_coordinate}
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    found = {}
+    for name, draw in drawers.items():
+        if name == "param_importances.png" and len(complete) < 2:
+            continue  # importances need two complete trials
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna marks these plots experimental
+            try:
+                axes = draw(study)
+            except (ValueError, RuntimeError) as err:
+                log.info("no %s: %s", name, err)
+                continue
+        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        figure.set_size_inches(9, 5.5)
+        figure.tight_layout()
+        found[name] = figure
+    return found

@@ -1,19 +1,57 @@
-"""Hydra plugins of fashion_exp (Hydra loads plugins from the hydra_plugins namespace only)."""
+"""Hydra plugins of fashion_exp (Hydra loads plugins from the hydra_plugins namespace only).
 
-from __future__ import annotations
+The sweeper `hydra/sweeper=optuna_search`: Hydra's Optuna sweeper with a pruner
+(hydra/sweeper/pruner=none|median|successive_halving|hyperband, conf/hydra/sweeper/pruner/),
+one budget for the whole study (n_trials, timeout) and a resumable stored study.
+"""
 
+# No `from __future__ import annotations`: Hydra executes this module while scanning for
+# plugins without registering it in sys.modules, where dataclasses look up string annotations.
+from dataclasses import dataclass, field
 from typing import Any
 
+from hydra.core.config_store import ConfigStore
+from hydra_plugins.hydra_optuna_sweeper.config import OptunaSweeperConf
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
+from omegaconf import MISSING
 
-from fashion_exp.sweeps.optuna_study import resume, trials_record_their_process
+DEFAULT_PRUNER = "successive_halving"
+
+
+@dataclass
+class SearchSweeperConf(OptunaSweeperConf):
+    """hydra.sweeper of a search: Hydra's Optuna sweeper settings, plus a pruner and a
+    wall-clock budget."""
+
+    _target_: str = "hydra_plugins.fashion_exp_search.ResumableOptunaSweeper"
+    defaults: list[Any] = field(default_factory=lambda: [
+        {"sampler": "tpe"}, {"pruner": DEFAULT_PRUNER}])
+    # Optuna's pruner (conf/hydra/sweeper/pruner/<name>.yaml): judges each trial after every
+    # epoch on optimized_metric and stops the ones that cannot win.
+    pruner: Any = MISSING  # filled by the pruner group (its default above)
+    # Seconds the whole study may run (across workers and resumes); null: no limit.
+    timeout: float | None = None
+
+
+ConfigStore.instance().store(group="hydra/sweeper", name="optuna_search",
+                             node=SearchSweeperConf, provider="fashion_exp")
 
 
 class ResumableOptunaSweeper(OptunaSweeper):
-    """Hydra's Optuna sweeper that resumes a stored study instead of starting over, and
-    records each trial's process so that several workers can share one study."""
+    """Hydra's Optuna sweeper that prunes, keeps one budget for the whole study, resumes a
+    stored study instead of starting over, and records each trial's process so that several
+    workers can share one study."""
+
+    def __init__(self, pruner: Any = None, timeout: float | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pruner, self.timeout = pruner, timeout
 
     def sweep(self, arguments: list[str]) -> Any:
-        resume(self.sweeper)
-        with trials_record_their_process():
-            return self.sweeper.sweep(arguments)
+        from fashion_exp.sweeps import optuna_study, search_loop
+        from fashion_exp.sweeps.pruning import build_pruner
+
+        pruner = self.pruner if self.pruner is not None else build_pruner(None)
+        optuna_study.resume(self.sweeper)
+        with optuna_study.trials_record_their_process():
+            return search_loop.run(self.sweeper, arguments, pruner, self.timeout)

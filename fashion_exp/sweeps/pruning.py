@@ -1,0 +1,131 @@
+"""A search trial seen from its job: report every epoch's value to Optuna, stop when pruned.
+
+The search loop (fashion_exp/sweeps/search_loop.py) starts each job with the environment
+variable TRIAL_ENV naming its trial; the job opens the same study with the same pruner (a
+pruner is code, not stored in the study) and, after every epoch, reports the optimized
+metric and asks whether to go on. A pruned trial stops at the end of that epoch and is told
+PRUNED here, by the process that knows the epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import optuna
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from optuna.trial import TrialState
+
+TRIAL_ENV = "FASHION_EXP_OPTUNA_TRIAL"  # the trial id (Optuna's storage key), set per job
+# Metrics a Keras epoch reports, so that a trial can be judged after every epoch.
+PER_EPOCH = ("val_accuracy", "val_loss", "accuracy", "loss")
+
+
+@dataclass
+class JobTrial:
+    """The Optuna trial this job runs, and whether (and when) it was pruned."""
+
+    study: optuna.Study
+    trial: optuna.Trial
+    metric: str
+    pruned_at: int | None = None
+    reported: list[float] = field(default_factory=list)
+
+    @property
+    def tags(self) -> dict[str, str]:
+        """Tags of the job's MLflow run: which trial it is, and where it was pruned."""
+        found = {"optuna_study": self.study.study_name, "optuna_trial": str(self.trial.number)}
+        if self.pruned_at is not None:
+            found |= {"pruned": "true", "pruned_at_epoch": str(self.pruned_at)}
+        return found
+
+    def callback(self) -> keras.callbacks.Callback:
+        """The Keras callback that reports each epoch and stops the fit when pruned."""
+        return _ReportEpochs(self)
+
+    def end_pruned(self) -> None:
+        """Tell the study this trial was pruned (its last reported value is its value)."""
+        self.study.tell(self.trial, state=TrialState.PRUNED, skip_if_finished=True)
+
+
+class _ReportEpochs(keras.callbacks.Callback):
+    def __init__(self, job: JobTrial) -> None:
+        super().__init__()
+        self.job = job
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = float((logs or {})[self.job.metric])
+        self.job.reported.append(value)
+        self.job.trial.report(value, epoch + 1)  # steps are epochs counted from 1, as in MLflow
+        if self.job.trial.should_prune():
+            self.job.pruned_at = epoch + 1
+            self.model.stop_training = True
+
+
+def job_trial(metric: str) -> JobTrial | None:
+    """This job's trial when it runs in a pruned search (None otherwise: a plain run, a sweep,
+    or a search with the `none` pruner)."""
+    found = os.environ.get(TRIAL_ENV)
+    if not found or not HydraConfig.initialized():
+        return None
+    sweeper = HydraConfig.get().sweeper
+    pruner = build_pruner(sweeper.get("pruner"))
+    if isinstance(pruner, optuna.pruners.NopPruner):
+        return None
+    quiet_old_distributions()
+    study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage,
+                              pruner=pruner)
+    # Optuna has no public way to re-open a trial in another process than the one that
+    # asked for it (its distributed examples run the objective where the trial was asked);
+    # Trial(study, trial_id) is what Study.ask itself builds.
+    return JobTrial(study, optuna.Trial(study, int(found)), metric)
+
+
+def build_pruner(conf: Any) -> optuna.pruners.BasePruner:
+    """The pruner of hydra.sweeper.pruner (a config with _target_), NopPruner for none."""
+    if conf is None:
+        return optuna.pruners.NopPruner()
+    return instantiate(conf)
+
+
+def check_search(sweeper: Any, optimized_metric: str) -> None:
+    """hydra.sweeper of a search, before it starts: a pruner Optuna accepts (its settings
+    included), a metric reported after every epoch when pruning, a budget that can be met.
+    ConfigError in one line otherwise."""
+    from omegaconf import OmegaConf
+
+    from fashion_exp.config import ConfigError
+
+    if "pruner" not in sweeper:  # another sweeper than optuna_search
+        return
+    conf = sweeper.pruner
+    try:
+        pruner = build_pruner(conf)
+    except Exception as err:  # noqa: BLE001 - Optuna's own check of the settings, any kind
+        shown = " ".join(f"{k}={v}" for k, v in OmegaConf.to_container(conf).items()
+                         if k != "_target_")
+        cause = err.__cause__ or err  # Hydra wraps the pruner's own error
+        raise ConfigError("hydra.sweeper.pruner", shown,
+                          str(cause).splitlines()[0] if str(cause) else type(cause).__name__,
+                          ) from None
+    if not isinstance(pruner, optuna.pruners.NopPruner) and optimized_metric not in PER_EPOCH:
+        raise ConfigError("optimized_metric", optimized_metric,
+                          "a pruned search judges trials after every epoch: use one of "
+                          f"{', '.join(PER_EPOCH)}, or hydra/sweeper/pruner=none")
+    if sweeper.n_trials < 1:
+        raise ConfigError("hydra.sweeper.n_trials", sweeper.n_trials, "use 1 or more")
+    timeout = sweeper.get("timeout")
+    if timeout is not None and not timeout > 0:
+        raise ConfigError("hydra.sweeper.timeout", timeout,
+                          "use seconds > 0, or null for no limit")
+
+
+def quiet_old_distributions() -> None:
+    """hydra-optuna-sweeper builds its search space from Optuna 2's distribution classes, and
+    Optuna warns each time it reads one back from the storage (every trial, in every
+    process of the search): those warnings are silenced in the processes of a search."""
+    warnings.filterwarnings("ignore", category=FutureWarning, module="optuna.distributions")

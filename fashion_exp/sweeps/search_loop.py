@@ -1,0 +1,179 @@
+"""The loop of an Optuna search: ask a trial, run it as a Hydra job, tell its result.
+
+It replaces the loop of hydra-optuna-sweeper (which asks n_jobs trials, waits for the whole
+batch, and counts n_trials per process) and keeps its search-space syntax. Here:
+
+- the budget (hydra.sweeper.n_trials, hydra.sweeper.timeout) is the study's, checked before
+  every trial against every trial in the storage: several workers and resumed runs share it;
+- with the parallel launcher, a trial that ends (finished, pruned or failed) frees its slot
+  for the next trial at once, not when the slowest job of a batch ends;
+- each job learns its trial from the environment (pruning.TRIAL_ENV) and reports its epochs
+  to it; the pruner decides, the job stops, the trial is PRUNED;
+- when the search ends or is stopped, the study's pictures go to the sweep's parent run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.utils import JobReturn
+from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+from omegaconf import OmegaConf
+from optuna.trial import TrialState
+
+from fashion_exp.sweeps import optuna_study
+from fashion_exp.sweeps.pruning import TRIAL_ENV, quiet_old_distributions
+
+log = logging.getLogger(__name__)
+
+
+class Search:
+    """One process's part of a search: the study, its budget, the trials this process ran."""
+
+    def __init__(self, impl: Any, arguments: list[str], pruner: optuna.pruners.BasePruner,
+                 timeout: float | None) -> None:
+        self.impl = impl
+        impl._process_searchspace_config()  # the plugin's own parsing of the search space
+        space, self.fixed = create_params_from_overrides(
+            impl._parse_sweeper_params_config() + list(arguments))
+        self.space = {k: v for k, v in space.items() if k not in self.fixed}
+        self.study = optuna.create_study(
+            study_name=impl.study_name, storage=impl.storage, sampler=impl.sampler,
+            pruner=pruner, directions=impl._get_directions(), load_if_exists=True)
+        self.budget = optuna_study.Budget(impl.n_trials, timeout)
+        self.failures = self.ended = 0
+        self.running: dict[int, optuna.Trial] = {}  # asked here, not yet told
+
+    def ask(self) -> optuna.Trial | None:
+        """The next trial, or None once the study's budget is spent."""
+        if self.budget.spent(self.study):
+            return None
+        trial = self.study.ask()
+        if not self.budget.admits(self.study, trial):
+            return None
+        self.running[trial.number] = trial
+        return trial
+
+    def overrides(self, trial: optuna.Trial) -> list[str]:
+        """The job's overrides: the trial's values, and the trial it reports to."""
+        [values] = self.impl._configure_trials([trial], self.space, self.fixed)
+        # Optuna's Trial keeps its id private; the job re-opens the trial by it.
+        return [*values, f"++hydra.job.env_set.{TRIAL_ENV}={trial._trial_id}"]
+
+    def tell(self, trial: optuna.Trial, ret: JobReturn) -> None:
+        """Record a job's end: its value, or FAIL; a trial the job pruned stays PRUNED."""
+        self.running.pop(trial.number, None)
+        self.ended += 1
+        try:
+            value = float(ret.return_value)  # raises the job's own error if it failed
+        except Exception as err:  # noqa: BLE001 - any job error is the trial's failure
+            self.failures += 1
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            log.warning("Trial %d failed: %s", trial.number, err)
+            if self.failures / self.ended > self.impl.max_failure_rate:
+                log.error("%d of %d trials failed, more than hydra.sweeper.max_failure_rate="
+                          "%g", self.failures, self.ended, self.impl.max_failure_rate)
+                raise
+            return
+        pruned = self.study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+        if all(t.number != trial.number for t in pruned):  # the job told a pruned trial
+            self.study.tell(trial, value)
+
+    def run_sequential(self) -> None:
+        """One trial after another, each as one launch of the configured launcher."""
+        while (trial := self.ask()) is not None:
+            [ret] = self.impl.launcher.launch([self.overrides(trial)],
+                                              initial_job_idx=self.impl.job_idx)
+            self.impl.job_idx += 1
+            self.tell(trial, ret)
+
+    def run_parallel(self, joblib_cfg: dict[str, Any]) -> None:
+        """n_jobs trials at a time in joblib's worker processes; whenever one ends, the next
+        is asked and started (joblib consumes the task generator one task per free slot)."""
+        from hydra.core.singleton import Singleton
+        from hydra_plugins.hydra_joblib_launcher._core import execute_job
+        from joblib import Parallel, delayed
+
+        launcher = self.impl.launcher
+        Path(str(launcher.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        asked: dict[int, optuna.Trial] = {}
+
+        def tasks() -> Iterator[Any]:
+            while (trial := self.ask()) is not None:
+                idx = self.impl.job_idx
+                self.impl.job_idx += 1
+                asked[idx] = trial
+                yield delayed(_numbered)(idx, execute_job, idx, self.overrides(trial),
+                                         launcher.hydra_context, launcher.config,
+                                         launcher.task_function, Singleton.get_state())
+
+        settings = {k: v for k, v in joblib_cfg.items() if k in ("n_jobs", "verbose")}
+        parallel = Parallel(**settings, backend="loky", batch_size=1, pre_dispatch="n_jobs",
+                            return_as="generator_unordered")
+        for idx, ret in parallel(tasks()):
+            self.tell(asked.pop(idx), ret)
+
+    def close_stopped(self) -> None:
+        """Trials whose jobs were stopped (Ctrl-C): FAIL and interrupted, so that they are not
+        counted and the resumed search runs them again."""
+        for trial in self.running.values():
+            trial.set_user_attr(optuna_study.INTERRUPTED, True)
+            self.study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        self.running.clear()
+
+    def save_results(self, sweep_dir: Path) -> None:
+        """optimization_results.yaml in the sweep folder, as hydra-optuna-sweeper writes it."""
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not complete:
+            return
+        best = self.study.best_trial
+        OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": best.params,
+                                         "best_value": best.value}),
+                       sweep_dir / "optimization_results.yaml")
+        log.info("Best value %g with %s", best.value, best.params)
+
+
+def _numbered(idx: int, function: Any, *args: Any) -> tuple[int, JobReturn]:
+    """function(*args), returned with the job's index (results arrive in any order)."""
+    return idx, function(*args)
+
+
+def parallel_settings(launcher: Any) -> dict[str, Any] | None:
+    """The joblib settings of the parallel launcher when it runs more than one job at once."""
+    settings = getattr(launcher, "joblib", None)
+    if settings is None or int(settings.get("n_jobs") or 1) == 1:
+        return None
+    return dict(settings)
+
+
+def run(impl: Any, arguments: list[str], pruner: optuna.pruners.BasePruner,
+        timeout: float | None) -> None:
+    """The sweeper's sweep: run trials until the study's budget is spent, then draw it."""
+    from fashion_exp.sweeps import multirun
+
+    quiet_old_distributions()
+    search = Search(impl, arguments, pruner, timeout)
+    sweep_dir = Path(str(impl.config.hydra.sweep.dir))
+    if reason := search.budget.spent(search.study):
+        print(f"fashion-exp-train: study {impl.study_name}: {reason}; nothing left to run",
+              flush=True)
+        return
+    log.info("Study %s (%s), pruner %s, sampler %s", impl.study_name,
+             optuna_study.summary(search.study) or "new", type(pruner).__name__,
+             type(impl.sampler).__name__)
+    try:
+        if (settings := parallel_settings(impl.launcher)) is not None:
+            search.run_parallel(settings)
+        else:
+            search.run_sequential()
+    finally:
+        search.close_stopped()
+        multirun.log_search_figures(sweep_dir, optuna_study.figures(search.study),
+                                    optuna_study.summary(search.study))
+        search.save_results(sweep_dir)
+    print(f"fashion-exp-train: study {impl.study_name}: "
+          f"{optuna_study.summary(search.study)}", flush=True)
