@@ -119,6 +119,22 @@ TRAIN_CASES = [
     ("server_not_http", ["tracking=server", "tracking.uri=sqlite:///x.db"],
      "tracking=server needs the server's http"),
     ("bad_sweep_value", ["-m", "trainer.epochs=2,0"], "trainer.epochs=0"),
+    ("unknown_pruner", ["-m", "hparams_search=mlp_optuna", "hydra/sweeper/pruner=asha"],
+     "Could not find 'hydra/sweeper/pruner/asha'"),
+    ("pruner_setting", ["-m", "hparams_search=mlp_optuna",
+                        "hydra.sweeper.pruner.reduction_factor=1"],
+     "hydra.sweeper.pruner='min_resource=1 reduction_factor=1"),
+    ("pruner_setting_type", ["-m", "hparams_search=mlp_optuna", "hydra/sweeper/pruner=median",
+                             "hydra.sweeper.pruner.n_warmup_steps=-1"],
+     "n_warmup_steps=-1"),
+    ("pruner_unknown_setting", ["-m", "hparams_search=mlp_optuna",
+                                "hydra.sweeper.pruner.patience=2"], "patience"),
+    ("pruned_test_metric", ["-m", "hparams_search=mlp_optuna", "optimized_metric=test_accuracy"],
+     "optimized_metric='test_accuracy': a pruned search judges trials after every epoch"),
+    ("search_timeout", ["-m", "hparams_search=mlp_optuna", "hydra.sweeper.timeout=0"],
+     "hydra.sweeper.timeout=0.0: use seconds > 0"),
+    ("search_trials", ["-m", "hparams_search=cnn_optuna", "hydra.sweeper.n_trials=0"],
+     "hydra.sweeper.n_trials=0: use 1 or more"),
 ]
 
 

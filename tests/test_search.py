@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 import time
@@ -103,7 +104,8 @@ def _completed(storage: str, name: str) -> int:
 def test_optuna_search_killed_after_one_trial_resumes_to_three(tmp_path, tracking_uri) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = ["-m", "hparams_search=mlp_optuna", *FAST, "hydra.sweeper.n_trials=3",
-            "hydra.sweeper.study_name=resume_test", f"hydra.sweeper.storage={storage}",
+            "hydra/sweeper/pruner=none", "hydra.sweeper.study_name=resume_test",
+            f"hydra.sweeper.storage={storage}",
             f"tracking.uri={tracking_uri}", f"hydra.sweep.dir={tmp_path / 'search'}",
             f"hydra.run.dir={tmp_path / 'hydra'}"]
     log = open(tmp_path / "first.log", "w")
@@ -136,3 +138,111 @@ def test_optuna_search_killed_after_one_trial_resumes_to_three(tmp_path, trackin
     assert sum(r.info.status == "FINISHED" for r in children) == 3
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
     assert parent.data.metrics["best_val_accuracy"] == pytest.approx(study.best_value)
+
+
+def search(tmp_path: Path, tracking_uri: str, study: str, *extra: str,
+           folder: str = "search") -> list[str]:
+    """The overrides of a short MLP search on 500 images, 3 epochs a trial."""
+    return ["-m", "hparams_search=mlp_optuna", *FAST, "trainer.epochs=3",
+            "trainer.early_stopping=false", f"hydra.sweeper.study_name={study}",
+            f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}",
+            f"tracking.uri={tracking_uri}", f"hydra.sweep.dir={tmp_path / folder}", *extra]
+
+
+def states(tmp_path: Path, study: str) -> list[str]:
+    return [t.state.name for t in optuna.load_study(
+        study_name=study, storage=f"sqlite:///{tmp_path / 'optuna.db'}").trials]
+
+
+@pytest.mark.slow
+@requires_real_data
+def test_a_pruned_search_shows_its_pruned_trials_everywhere_and_resumes(
+        tmp_path, tracking_uri, capsys) -> None:
+    # Successive halving that keeps only the best half at epochs 1 and 2.
+    args = search(tmp_path, tracking_uri, "pruned", "hydra.sweeper.n_trials=6",
+                  "hydra.sweeper.pruner.reduction_factor=2")
+    result = run_cli(*args, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    study = optuna.load_study(study_name="pruned", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    pruned = {t.number: t for t in study.trials if t.state.name == "PRUNED"}
+    assert len(study.trials) == 6 and pruned and len(pruned) < 6
+    assert set(states(tmp_path, "pruned")) <= {"COMPLETE", "PRUNED"}
+    assert "study pruned ends: all 6 trials of hydra.sweeper.n_trials are asked " \
+        f"({6 - len(pruned)} complete, {len(pruned)} pruned, 0 failed)" in result.stdout
+
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("fashion_exp").experiment_id])
+    children = {int(r.data.tags["optuna_trial"]): r for r in runs
+                if r.data.tags.get("sweep") == "child"}
+    assert sorted(children) == list(range(6))
+    for number, run in children.items():
+        assert run.info.status == "FINISHED"  # never FAILED
+        if number in pruned:
+            steps = sorted(pruned[number].intermediate_values)
+            assert run.data.tags["pruned"] == "true"
+            assert run.data.tags["pruned_at_epoch"] == str(steps[-1])
+            assert len(client.get_metric_history(run.info.run_id, "epoch/val_accuracy")) \
+                == steps[-1]  # its epochs so far
+            assert "test_accuracy" not in run.data.metrics and not run.outputs.model_outputs
+        else:
+            assert "pruned" not in run.data.tags and "test_accuracy" in run.data.metrics
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    assert parent.data.tags["jobs_pruned"] == str(len(pruned))
+    assert parent.data.tags["jobs_failed"] == "0"
+    assert "pruned" not in children[int(
+        client.get_run(parent.data.tags["best_run_id"]).data.tags["optuna_trial"])].data.tags
+    assert parent.data.metrics["best_val_accuracy"] == pytest.approx(study.best_value)
+    pictures = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    assert {"search/optimization_history.png", "search/intermediate_values.png"} <= pictures
+    board = client.download_artifacts(parent.info.run_id, "leaderboard.csv", str(tmp_path))
+    statuses = [row["status"] for row in csv.DictReader(open(board))]
+    assert statuses.count("PRUNED") == len(pruned) and statuses[0] == "FINISHED"
+
+    assert compare.main(["--tracking-uri", tracking_uri, "--out", str(tmp_path / "cmp")]) == 0
+    assert f"{6 - len(pruned)} finished, {len(pruned)} pruned, 0 failed" \
+        in capsys.readouterr().out
+
+    # The same search with a larger budget: the pruned trials count, 2 new trials run.
+    more = run_cli(*args[:-2], "hydra.sweeper.n_trials=8",
+                   "hydra.sweeper.pruner.reduction_factor=2", tmp_path=tmp_path)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert len(states(tmp_path, "pruned")) == 8
+    # Once more: the budget is spent, the worker says so and exits 0.
+    again = run_cli(*args[:-2], "hydra.sweeper.n_trials=8",
+                    "hydra.sweeper.pruner.reduction_factor=2", tmp_path=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "all 8 trials of hydra.sweeper.n_trials are asked" in again.stdout
+    assert "nothing left to run" in again.stdout
+    assert len(states(tmp_path, "pruned")) == 8
+
+
+@pytest.mark.slow
+@requires_real_data
+def test_two_workers_share_one_budget(tmp_path, tracking_uri) -> None:
+    workers = []
+    for n in range(2):  # each its own sweep folder and sampler seed: as on two machines
+        args = search(tmp_path, tracking_uri, "shared", "hydra.sweeper.n_trials=5",
+                      "hydra/sweeper/pruner=none", f"hydra.sweeper.sampler.seed={n}",
+                      folder=f"worker{n}")
+        log = open(tmp_path / f"worker{n}.log", "w")
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "fashion_exp.cli.train", *args,
+             f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=tmp_path, stdout=log,
+            stderr=subprocess.STDOUT))
+    for n, proc in enumerate(workers):
+        assert proc.wait(timeout=900) == 0, (tmp_path / f"worker{n}.log").read_text()[-3000:]
+    study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    counted = [t for t in study.trials if not t.user_attrs.get("over_budget")]
+    assert len(counted) == 5 and all(t.state.name == "COMPLETE" for t in counted)
+    assert len({t.user_attrs["worker_pid"] for t in counted}) == 2  # both worked
+
+
+@pytest.mark.slow
+@requires_real_data
+def test_the_timeout_is_the_study_s_wall_clock(tmp_path, tracking_uri) -> None:
+    args = search(tmp_path, tracking_uri, "timed", "hydra.sweeper.n_trials=50",
+                  "hydra.sweeper.timeout=1")
+    result = run_cli(*args, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert states(tmp_path, "timed") == ["COMPLETE"]  # a trial takes more than a second
+    assert "hydra.sweeper.timeout=1 seconds are spent" in result.stdout

@@ -184,7 +184,7 @@ def test_two_workers_share_one_study_and_one_sweep(team_stack, tmp_path) -> None
               "tracking=server", f"tracking.uri={team_stack.tracking_uri}",
               "tracking.experiment_name=distributed",
               f"hydra.sweeper.storage={team_stack.optuna_storage}",
-              f"hydra.sweeper.study_name={study}", "hydra.sweeper.n_trials=2"]
+              f"hydra.sweeper.study_name={study}", "hydra.sweeper.n_trials=4"]  # in all
     workers = []
     for n in range(2):  # separate sweep folders: as on two machines
         folder = tmp_path / f"worker{n}"
@@ -197,8 +197,12 @@ def test_two_workers_share_one_study_and_one_sweep(team_stack, tmp_path) -> None
     for proc, folder in workers:
         assert proc.wait(timeout=900) == 0, (folder / "log.txt").read_text()[-3000:]
 
-    trials = optuna.load_study(study_name=study, storage=team_stack.optuna_storage).trials
-    assert len(trials) == 4 and all(t.state.name == "COMPLETE" for t in trials)
+    trials = [t for t in optuna.load_study(study_name=study,
+                                           storage=team_stack.optuna_storage).trials
+              if not t.user_attrs.get("over_budget")]
+    # One budget for the study: 4 trials between the two workers, each judged by the pruner
+    # against the epochs both workers reported.
+    assert len(trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     assert len({t.user_attrs["worker_pid"] for t in trials}) == 2
 
     runs = runs_in(team_stack.tracking_uri, "distributed")
@@ -213,6 +217,7 @@ def test_two_workers_share_one_study_and_one_sweep(team_stack, tmp_path) -> None
     for trial in trials:
         child = by_lr[trial.params["optimizer.lr"]]
         assert child.data.metrics["best_val_accuracy"] == pytest.approx(trial.value)
+        assert (child.data.tags.get("pruned") == "true") == (trial.state.name == "PRUNED")
     assert parents[0].data.tags["jobs_total"] == "4"
 
 

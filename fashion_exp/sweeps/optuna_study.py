@@ -195,6 +195,7 @@ def figures(study: optuna.Study) -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
+    from matplotlib.ticker import MaxNLocator
     from optuna.visualization import matplotlib as ovm
 
     drawers = {"optimization_history.png": ovm.plot_optimization_history,
@@ -213,7 +214,11 @@ def figures(study: optuna.Study) -> dict[str, Any]:
             except (ValueError, RuntimeError) as err:
                 log.info("no %s: %s", name, err)
                 continue
-        figure = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+        first = axes.flat[0] if hasattr(axes, "flat") else axes
+        if name == "intermediate_values.png":  # the steps are the epochs the trials reported
+            first.set_xlabel("epoch")
+            first.xaxis.set_major_locator(MaxNLocator(integer=True))
+        figure = first.figure
         figure.set_size_inches(9, 5.5)
         figure.tight_layout()
         found[name] = figure

@@ -12,13 +12,15 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import optuna
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from optuna.trial import TrialState
+
+if TYPE_CHECKING:
+    import keras
 
 TRIAL_ENV = "FASHION_EXP_OPTUNA_TRIAL"  # the trial id (Optuna's storage key), set per job
 # Metrics a Keras epoch reports, so that a trial can be judged after every epoch.
@@ -45,25 +47,24 @@ class JobTrial:
 
     def callback(self) -> keras.callbacks.Callback:
         """The Keras callback that reports each epoch and stops the fit when pruned."""
-        return _ReportEpochs(self)
+        import keras  # here: checking a search's config must not load TensorFlow
+
+        job = self
+
+        class ReportEpochs(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                value = float((logs or {})[job.metric])
+                job.reported.append(value)
+                job.trial.report(value, epoch + 1)  # steps: epochs from 1, as in MLflow
+                if job.trial.should_prune():
+                    job.pruned_at = epoch + 1
+                    self.model.stop_training = True
+
+        return ReportEpochs()
 
     def end_pruned(self) -> None:
         """Tell the study this trial was pruned (its last reported value is its value)."""
         self.study.tell(self.trial, state=TrialState.PRUNED, skip_if_finished=True)
-
-
-class _ReportEpochs(keras.callbacks.Callback):
-    def __init__(self, job: JobTrial) -> None:
-        super().__init__()
-        self.job = job
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        value = float((logs or {})[self.job.metric])
-        self.job.reported.append(value)
-        self.job.trial.report(value, epoch + 1)  # steps are epochs counted from 1, as in MLflow
-        if self.job.trial.should_prune():
-            self.job.pruned_at = epoch + 1
-            self.model.stop_training = True
 
 
 def job_trial(metric: str) -> JobTrial | None:

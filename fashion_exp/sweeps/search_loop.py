@@ -47,10 +47,12 @@ class Search:
         self.budget = optuna_study.Budget(impl.n_trials, timeout)
         self.failures = self.ended = 0
         self.running: dict[int, optuna.Trial] = {}  # asked here, not yet told
+        self.stopped_because = ""
 
     def ask(self) -> optuna.Trial | None:
         """The next trial, or None once the study's budget is spent."""
-        if self.budget.spent(self.study):
+        if reason := self.budget.spent(self.study):
+            self.stopped_because = reason
             return None
         trial = self.study.ask()
         if not self.budget.admits(self.study, trial):
@@ -175,5 +177,5 @@ def run(impl: Any, arguments: list[str], pruner: optuna.pruners.BasePruner,
         multirun.log_search_figures(sweep_dir, optuna_study.figures(search.study),
                                     optuna_study.summary(search.study))
         search.save_results(sweep_dir)
-    print(f"fashion-exp-train: study {impl.study_name}: "
-          f"{optuna_study.summary(search.study)}", flush=True)
+    print(f"fashion-exp-train: study {impl.study_name} ends: "
+          f"{search.stopped_because or optuna_study.summary(search.study)}", flush=True)

@@ -1,0 +1,143 @@
+"""The pieces of a pruned search, in-process: the study's budget, a job's trial, the leaderboard
+of pruned runs, the search's pictures."""
+
+from __future__ import annotations
+
+import datetime
+from types import SimpleNamespace
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from fashion_exp.config import ConfigError
+from fashion_exp.sweeps import leaderboard, optuna_study, pruning
+
+T0 = datetime.datetime(2026, 1, 1, 12, 0, 0)
+
+
+def timed(start_s: float, end_s: float | None, state: TrialState = TrialState.COMPLETE,
+          **attrs) -> optuna.trial.FrozenTrial:
+    trial = create_trial(state=state, value=0.5 if state == TrialState.COMPLETE else None,
+                         params={"x": 0.1}, distributions={"x": FloatDistribution(0, 1)},
+                         user_attrs=attrs)
+    trial.datetime_start = T0 + datetime.timedelta(seconds=start_s)
+    trial.datetime_complete = None if end_s is None else T0 + datetime.timedelta(seconds=end_s)
+    return trial
+
+
+def test_active_seconds_count_overlaps_once_and_skip_the_pauses() -> None:
+    # Two workers overlapping (0-10, 5-20), a pause, then a resumed run (100-130).
+    trials = [timed(0, 10), timed(5, 20), timed(100, 130)]
+    assert optuna_study.active_seconds(trials) == pytest.approx(50)
+    assert optuna_study.active_seconds([timed(0, 30), timed(5, 10)]) == pytest.approx(30)
+
+
+def test_the_budget_counts_every_trial_of_the_study_except_interrupted_ones() -> None:
+    study = optuna.create_study(direction="maximize")
+    for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL):
+        study.add_trial(create_trial(state=state, value=0.5 if state.name == "COMPLETE"
+                                     else None, params={}, distributions={}))
+    study.add_trial(create_trial(state=TrialState.FAIL, params={}, distributions={},
+                                 user_attrs={optuna_study.INTERRUPTED: True}))
+    budget = optuna_study.Budget(n_trials=4, timeout=None)
+    assert budget.spent(study) is None  # 3 counted: the interrupted one runs again
+    trial = study.ask()
+    assert budget.admits(study, trial)
+    assert budget.spent(study) == ("all 4 trials of hydra.sweeper.n_trials are asked "
+                                   "(1 complete, 1 pruned, 1 failed, 1 running)")
+    late = study.ask()  # another worker asked at the same moment: over the budget
+    assert not budget.admits(study, late)
+    assert study.trials[-1].state == TrialState.FAIL
+    assert not optuna_study.counted(study.trials[-1])
+    assert optuna_study.Budget(10, timeout=0.001).spent(study) is None  # no time has run yet
+
+
+def test_the_timeout_counts_the_time_trials_ran() -> None:
+    study = optuna.create_study()
+    study.add_trial(timed(0, 40))
+    study.add_trial(timed(30, 70))
+    assert optuna_study.Budget(10, timeout=60).spent(study) == (
+        "hydra.sweeper.timeout=60 seconds are spent (2 complete, 0 pruned, 0 failed)")
+    assert optuna_study.Budget(10, timeout=80).spent(study) is None
+
+
+def test_a_job_reports_each_epoch_and_stops_when_its_trial_is_pruned() -> None:
+    import keras
+
+    study = optuna.create_study(direction="maximize",
+                                pruner=optuna.pruners.ThresholdPruner(lower=0.6))
+    job = pruning.JobTrial(study, study.ask(), "val_accuracy")
+    callback = job.callback()
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    callback.set_model(model)
+    callback.on_epoch_end(0, {"val_accuracy": 0.7, "loss": 1.0})
+    assert job.pruned_at is None and not getattr(model, "stop_training", False)
+    callback.on_epoch_end(1, {"val_accuracy": 0.5, "loss": 0.9})
+    assert job.pruned_at == 2 and model.stop_training
+    job.end_pruned()
+    (trial,) = study.trials
+    assert trial.state == TrialState.PRUNED and trial.intermediate_values == {1: 0.7, 2: 0.5}
+    assert job.tags == {"optuna_study": study.study_name, "optuna_trial": "0",
+                        "pruned": "true", "pruned_at_epoch": "2"}
+
+
+def sweeper(**settings) -> SimpleNamespace:
+    from omegaconf import OmegaConf
+
+    conf = {"pruner": {"_target_": "optuna.pruners.SuccessiveHalvingPruner",
+                       "min_resource": 1, "reduction_factor": 3}, "n_trials": 10,
+            "timeout": None} | settings
+    return OmegaConf.create(conf)
+
+
+@pytest.mark.parametrize(("settings", "metric", "message"), [
+    ({"pruner": {"_target_": "optuna.pruners.SuccessiveHalvingPruner", "reduction_factor": 1}},
+     "val_accuracy", "hydra.sweeper.pruner='reduction_factor=1': The value of `reduction_factor`"),
+    ({}, "test_loss", "optimized_metric='test_loss': a pruned search judges trials after every"),
+    ({"n_trials": 0}, "val_accuracy", "hydra.sweeper.n_trials=0: use 1 or more"),
+    ({"timeout": -5.0}, "val_loss", "hydra.sweeper.timeout=-5.0: use seconds > 0"),
+])
+def test_bad_search_settings_are_refused_in_one_line(settings, metric, message) -> None:
+    with pytest.raises(ConfigError) as err:
+        pruning.check_search(sweeper(**settings), metric)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_search_without_pruning_may_optimize_a_test_metric() -> None:
+    pruning.check_search(sweeper(pruner={"_target_": "optuna.pruners.NopPruner"}),
+                         "test_accuracy")
+
+
+def run(name: str, status: str, value: float | None, pruned: bool = False) -> SimpleNamespace:
+    metrics = {} if value is None else {"best_val_accuracy": value}
+    return SimpleNamespace(
+        info=SimpleNamespace(run_name=name, status=status, start_time=0, end_time=1000,
+                             run_id=name),
+        data=SimpleNamespace(params={}, metrics=metrics,
+                             tags={"pruned": "true"} if pruned else {}))
+
+
+def test_pruned_runs_are_marked_and_never_ranked_above_finished_ones() -> None:
+    runs = [run("a", "FINISHED", 0.80), run("b", "FINISHED", 0.95, pruned=True),
+            run("c", "FAILED", None), run("d", "FINISHED", 0.85)]
+    rows = leaderboard.rows_of(runs, [], "val_accuracy")
+    assert [(r["run"], r["status"]) for r in rows] == [
+        ("d", "FINISHED"), ("a", "FINISHED"), ("b", "PRUNED"), ("c", "FAILED")]
+    assert leaderboard.counts(rows) == "2 finished, 1 pruned, 1 failed"
+    assert leaderboard.counts(rows[:2]) == "2 finished, 0 failed"
+
+
+def test_the_search_pictures_are_drawn_from_the_study() -> None:
+    study = optuna.create_study(direction="maximize")
+    for i in range(4):
+        trial = study.ask({"lr": FloatDistribution(1e-4, 1e-1, log=True),
+                           "dropout": FloatDistribution(0, 0.5)})
+        for epoch in (1, 2):
+            trial.report(0.5 + 0.1 * i + 0.01 * epoch, epoch)
+        study.tell(trial, 0.52 + 0.1 * i)
+    figures = optuna_study.figures(study)
+    assert sorted(figures) == ["intermediate_values.png", "optimization_history.png",
+                               "parallel_coordinate.png", "param_importances.png"]
+    assert all(f.get_size_inches().tolist() == [9, 5.5] for f in figures.values())
