@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fashion_exp.config import TrackingConfig, project_root
+from fashion_exp.cli.options import add_store_options
+from fashion_exp.config import project_root
 from fashion_exp.core.metrics import epoch_metric, objective_metric
 from fashion_exp.sweeps.leaderboard import (
     counts,
@@ -34,7 +35,7 @@ from fashion_exp.sweeps.leaderboard import (
     varied_params,
 )
 from fashion_exp.tracking import views
-from fashion_exp.tracking.store_checks import StoreError, check_store, connect_seconds
+from fashion_exp.tracking.store_checks import StoreError, check_store
 
 CURVE = "val_accuracy"  # the per-epoch metric drawn for every run (val_accuracy.png)
 
@@ -201,13 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--filter", help="an MLflow filter string, e.g. \"params.model.name = "
                                        "'cnn'\"")
     what.add_argument("--all", action="store_true", help="every run of the experiment")
-    parser.add_argument("--experiment", default="fashion_exp", help="MLflow experiment name")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="tracking URI (default: $MLFLOW_TRACKING_URI or the repo's store)")
-    parser.add_argument("--connect-timeout", type=connect_seconds,
-                        default=TrackingConfig.connect_timeout,
-                        help="seconds to wait for the tracking database or server (default: "
-                             "%(default)g, as tracking.connect_timeout)")
+    add_store_options(parser)
     parser.add_argument("--out", type=Path, default=None, help="output folder")
     args = parser.parse_args(argv)
 

@@ -23,8 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from fashion_exp.config import TrackingConfig
-from fashion_exp.tracking.store_checks import connect_seconds
+from fashion_exp.cli.options import add_store_options
 
 STATUSES = ("RUNNING", "KILLED", "FAILED")
 
@@ -102,13 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: fashion-exp-runs."""
     parser = argparse.ArgumentParser(prog="fashion-exp-runs",
                                      description="Find and repair runs that did not end.")
-    parser.add_argument("--experiment", default="fashion_exp", help="MLflow experiment name")
-    parser.add_argument("--tracking-uri", default=None,
-                        help="tracking URI (default: $MLFLOW_TRACKING_URI or the repo's store)")
-    parser.add_argument("--connect-timeout", type=connect_seconds,
-                        default=TrackingConfig.connect_timeout,
-                        help="seconds to wait for the tracking database or server (default: "
-                             "%(default)g, as tracking.connect_timeout)")
+    add_store_options(parser)
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="checkpoints folder (default: beside a SQLite store, else "
                              "<repo>/mlruns/checkpoints)")
