@@ -7,6 +7,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
 from fashion_exp.cli import compare
 from fashion_exp.core import metrics
@@ -66,6 +67,14 @@ def test_a_sweep_view_shows_swept_params_and_key_metrics_best_first() -> None:
     assert (loss["orderByKey"], loss["orderByAsc"]) == ("metrics.`test_loss`", True)
     assert loss["selectedColumns"].count("metrics.`test_loss`") == 1
     json.dumps(state)  # stored as an experiment tag
+    pruned = views.sweep_state("abc", ["optimizer.lr"], "val_accuracy", ("pruned_at_epoch",))
+    assert pruned["selectedColumns"][-2:] == ["tags.`pruned_at_epoch`", "attributes.`Models`"]
+    assert "tags.`pruned_at_epoch`" in pruned["columnOrder"]
+    search = OmegaConf.create({"hydra": {"sweeper": {"pruner": {
+        "_target_": "optuna.pruners.MedianPruner"}}}})
+    assert multirun.view_tags(search) == ("pruned_at_epoch",)
+    search.hydra.sweeper.pruner._target_ = "optuna.pruners.NopPruner"
+    assert multirun.view_tags(search) == () == multirun.view_tags(OmegaConf.create({}))
 
 
 def test_links_open_the_model_training_pages() -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fashion_exp import procs
 from fashion_exp.config import flatten
@@ -127,6 +127,12 @@ def _shared_parent(client: Any, exp_id: str, key: str) -> Any | None:
     return min(runs, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
 
 
+def view_tags(cfg: DictConfig) -> tuple[str, ...]:
+    """Tag columns of a sweep's saved view: where a pruned search stopped each trial."""
+    pruner = OmegaConf.select(cfg, "hydra.sweeper.pruner._target_", default=None)
+    return ("pruned_at_epoch",) if pruner and not pruner.endswith("NopPruner") else ()
+
+
 def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = None,
                   reopen: bool = False, sweeper: Any = None) -> str:
     """The parent run id of this sweep, creating the run (left RUNNING) if it does not exist.
@@ -169,7 +175,7 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
                 client.set_tag(run.info.run_id, "sweep_id", run.info.run_id)
         if keys:
             views.save_sweep_view(client, exp_id, shared.info.run_id, keys,
-                                  cfg.optimized_metric)
+                                  cfg.optimized_metric, view_tags(cfg))
         elif reopen and shared.info.status != "RUNNING":
             client.update_run(shared.info.run_id, status="RUNNING")
         run_id = shared.info.run_id

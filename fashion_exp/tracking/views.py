@@ -30,10 +30,12 @@ def column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"
 
 
-def sweep_state(parent_id: str, swept: list[str], metric: str) -> dict[str, Any]:
+def sweep_state(parent_id: str, swept: list[str], metric: str,
+                tags: tuple[str, ...] = ()) -> dict[str, Any]:
     """The view of one sweep: its jobs' runs, best first (the parent, which repeats the best
     one's values, left out); columns: the swept params, the optimized value (e.g.
-    best_val_accuracy), the test metrics, the logged model."""
+    best_val_accuracy), the test metrics, the given tags (a pruned search's
+    pruned_at_epoch), the logged model."""
     metrics = key_metrics(metric)
     objective = metrics[0]
     return {
@@ -41,11 +43,13 @@ def sweep_state(parent_id: str, swept: list[str], metric: str) -> dict[str, Any]
         "orderByKey": column("metrics", objective),
         "orderByAsc": "loss" in metric,
         "selectedColumns": [column("params", k) for k in swept]
-        + [column("metrics", m) for m in metrics] + [column("attributes", "Models")],
+        + [column("metrics", m) for m in metrics] + [column("tags", t) for t in tags]
+        + [column("attributes", "Models")],
         # MLflow applies widths only to the columns named in columnOrder (ids of its table).
         "columnOrder": ["0", column("attributes", "Run Name"), "runDateAndNestInfo",
                         "duration", column("attributes", "Models")]
-        + [column("metrics", m) for m in metrics] + [column("params", k) for k in swept],
+        + [column("metrics", m) for m in metrics] + [column("tags", t) for t in tags]
+        + [column("params", k) for k in swept],
         # Wide enough for the metric names (MLflow's 100 px cut best_val_accuracy off), the
         # model link narrower: the swept params stay on a laptop's screen.
         "columnWidths": {column("metrics", m): max(100, 7 * len(m) + 30) for m in metrics}
@@ -54,9 +58,9 @@ def sweep_state(parent_id: str, swept: list[str], metric: str) -> dict[str, Any]
 
 
 def save_sweep_view(client: Any, experiment_id: str, parent_id: str, swept: list[str],
-                    metric: str) -> str:
+                    metric: str, tags: tuple[str, ...] = ()) -> str:
     """Store the sweep's view on its experiment; returns its share key (the parent run id)."""
-    state = sweep_state(parent_id, swept, metric)
+    state = sweep_state(parent_id, swept, metric, tags)
     client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + parent_id, json.dumps(state))
     return parent_id
 
