@@ -141,3 +141,11 @@ def test_the_search_pictures_are_drawn_from_the_study() -> None:
     assert sorted(figures) == ["intermediate_values.png", "optimization_history.png",
                                "parallel_coordinate.png", "param_importances.png"]
     assert all(f.get_size_inches().tolist() == [9, 5.5] for f in figures.values())
+    curves = figures["intermediate_values.png"].axes[0]
+    assert curves.get_xlabel() == "epoch" and curves.get_legend() is not None  # 4 trials
+    for i in range(10):  # many trials: no legend; one diverged trial does not flatten the rest
+        trial = study.ask()
+        trial.report(0.1 if i == 0 else 0.8, 1)
+        study.tell(trial, state=TrialState.PRUNED)
+    curves = optuna_study.figures(study)["intermediate_values.png"].axes[0]
+    assert curves.get_legend() is None and curves.get_ylim()[0] > 0.5

@@ -195,7 +195,6 @@ def figures(study: optuna.Study) -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
-    from matplotlib.ticker import MaxNLocator
     from optuna.visualization import matplotlib as ovm
 
     drawers = {"optimization_history.png": ovm.plot_optimization_history,
@@ -215,11 +214,36 @@ def figures(study: optuna.Study) -> dict[str, Any]:
                 log.info("no %s: %s", name, err)
                 continue
         first = axes.flat[0] if hasattr(axes, "flat") else axes
-        if name == "intermediate_values.png":  # the steps are the epochs the trials reported
-            first.set_xlabel("epoch")
-            first.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if name == "intermediate_values.png":
+            readable_curves(first, study)
         figure = first.figure
         figure.set_size_inches(9, 5.5)
         figure.tight_layout()
         found[name] = figure
     return found
+
+
+MAX_LEGEND = 12  # more trials than this: the curves are drawn without a legend
+
+
+def readable_curves(axes: Any, study: optuna.Study) -> None:
+    """Optuna's intermediate-values plot made readable for many trials: epochs on the x axis,
+    no legend past MAX_LEGEND trials, and the y axis zoomed to the best three quarters of the
+    reported values (a few diverged trials would otherwise flatten every curve)."""
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    trials = study.get_trials(deepcopy=False)
+    if axes.get_legend() is not None and len(trials) > MAX_LEGEND:
+        axes.get_legend().remove()
+    values = [v for t in trials for v in t.intermediate_values.values() if np.isfinite(v)]
+    if len(values) > 4:
+        maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
+        low, high = ((np.percentile(values, 25), max(values)) if maximize
+                     else (min(values), np.percentile(values, 75)))
+        pad = (high - low) * 0.05 or 0.01
+        axes.set_ylim(low - pad, high + pad)
+        axes.set_title(f"Intermediate values of {len(trials)} trials "
+                       f"({'lowest' if maximize else 'highest'} quarter cut off)")
