@@ -234,6 +234,7 @@ def test_two_workers_share_one_budget(tmp_path, tracking_uri) -> None:
     study = optuna.load_study(study_name="shared", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     counted = [t for t in study.trials if not t.user_attrs.get("over_budget")]
     assert len(counted) == 5 and all(t.state.name == "COMPLETE" for t in counted)
+    assert all(len(t.intermediate_values) == 3 for t in counted)  # reported, never pruned
     assert len({t.user_attrs["worker_pid"] for t in counted}) == 2  # both worked
 
 

@@ -92,7 +92,7 @@ def train(cfg: DictConfig) -> float:
                  "augment: shift=%g flip=%s erasing=%g>", cfg.trainer.epochs,
                  cfg.trainer.batch_size, cfg.schedule.name, cfg.augment.shift,
                  cfg.augment.flip, cfg.augment.erasing)
-        trial = search_trial(cfg)  # a trial of a pruned search reports every epoch
+        trial = search_trial(cfg)  # a trial of a search reports every epoch
         extra = [optim.plateau_callback(cfg.schedule, cfg.optimizer.lr), ckpt.saver(),
                  trial and trial.callback()]
         history = training.fit(model, splits, cfg.trainer, run.log_epoch,
@@ -243,7 +243,7 @@ def describe_run(cfg: DictConfig, splits: Splits, threads: int, saved: RunCheckp
 
 
 def search_trial(cfg: DictConfig) -> JobTrial | None:
-    """The Optuna trial this job runs in a pruned search (tagged on its run), else None."""
+    """The Optuna trial this job runs in a search (tagged on its run), else None."""
     from fashion_exp.sweeps import pruning
 
     if multirun.job_sweep_dir() is None or cfg.optimized_metric not in pruning.PER_EPOCH:

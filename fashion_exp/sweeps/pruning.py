@@ -68,15 +68,14 @@ class JobTrial:
 
 
 def job_trial(metric: str) -> JobTrial | None:
-    """This job's trial when it runs in a pruned search (None otherwise: a plain run, a sweep,
-    or a search with the `none` pruner)."""
+    """This job's trial when it runs in an Optuna search (None otherwise: a plain run or a
+    sweep). With the `none` pruner the epochs are still reported: the search's pictures draw
+    them, and no trial is ever pruned."""
     found = os.environ.get(TRIAL_ENV)
     if not found or not HydraConfig.initialized():
         return None
     sweeper = HydraConfig.get().sweeper
     pruner = build_pruner(sweeper.get("pruner"))
-    if isinstance(pruner, optuna.pruners.NopPruner):
-        return None
     quiet_old_distributions()
     study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage,
                               pruner=pruner)
