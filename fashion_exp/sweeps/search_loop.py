@@ -32,7 +32,12 @@ log = logging.getLogger(__name__)
 
 
 class Search:
-    """One process's part of a search: the study, its budget, the trials this process ran."""
+    """One process's part of a search: the study, its budget, the trials this process ran.
+
+    hydra-optuna-sweeper (pinned 1.3.0) has no public API for its search-space syntax; its
+    OptunaSweeperImpl helpers (_process_searchspace_config, _parse_sweeper_params_config,
+    _configure_trials, _get_directions) are called so that both loops read a space the same
+    way."""
 
     def __init__(self, impl: Any, arguments: list[str], pruner: optuna.pruners.BasePruner,
                  timeout: float | None) -> None:
@@ -55,7 +60,8 @@ class Search:
             self.stopped_because = reason
             return None
         trial = self.study.ask()
-        if not self.budget.admits(self.study, trial):
+        if not self.budget.admits(self.study, trial):  # another worker took the last trial
+            self.stopped_because = self.budget.spent(self.study) or ""
             return None
         self.running[trial.number] = trial
         return trial
