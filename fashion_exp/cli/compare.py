@@ -116,7 +116,7 @@ def curves_figure(client: Any, runs: list, key: str = CURVE) -> Any:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set(xlabel="epoch", ylabel=key, title=f"{key} per epoch")
     ax.grid(alpha=0.3)
-    if len(runs) <= 20:
+    if ax.get_lines() and len(runs) <= 20:  # no legend without curves (matplotlib warns)
         ax.legend(fontsize=7)
     return fig
 
