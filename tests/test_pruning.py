@@ -149,3 +149,10 @@ def test_the_search_pictures_are_drawn_from_the_study() -> None:
         study.tell(trial, state=TrialState.PRUNED)
     curves = optuna_study.figures(study)["intermediate_values.png"].axes[0]
     assert curves.get_legend() is None and curves.get_ylim()[0] > 0.5
+
+
+def test_a_trial_just_asked_by_another_worker_is_not_closed_as_stale() -> None:
+    study = optuna.create_study()
+    study.ask()  # its worker has not recorded itself on it yet
+    assert not optuna_study.stale(study.trials[0])
+    assert optuna_study.stale(timed(0, None, state=TrialState.RUNNING))  # unowned since long

@@ -32,12 +32,20 @@ OVER_BUDGET = "over_budget"  # user attribute of a trial asked after the budget 
 WORKER = "worker_"  # prefix of the user attributes naming a trial's process
 
 
+UNOWNED_GRACE_S = 60  # a trial is asked, then its process recorded: not stale in between
+
+
 def stale(trial: optuna.trial.FrozenTrial) -> bool:
     """Whether a RUNNING trial's process is gone (a trial of another host is never stale;
-    one without a recorded process is, as before workers were recorded)."""
+    one without a recorded process is, unless it was asked a moment ago: another worker may
+    be about to record itself on it)."""
     owner = {key.removeprefix(WORKER): str(value) for key, value in trial.user_attrs.items()
              if key.startswith(WORKER)}
-    return not owner or procs.alive(owner) is False
+    if not owner:
+        started = trial.datetime_start
+        return started is None or (
+            datetime.datetime.now() - started).total_seconds() > UNOWNED_GRACE_S
+    return procs.alive(owner) is False
 
 
 def close_stale_trials(study: optuna.Study) -> int:
