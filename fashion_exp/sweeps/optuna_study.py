@@ -58,15 +58,6 @@ def close_stale_trials(study: optuna.Study) -> int:
     return len(stale_trials)
 
 
-def finished_trials(study: optuna.Study) -> int:
-    """Trials that ran to an end: completed, pruned, or failed on their own (not interrupted)."""
-    return sum(
-        1 for t in study.get_trials(deepcopy=False)
-        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
-        or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED))
-    )
-
-
 def create_tables(storage: str, attempts: int = 5) -> None:
     """Create Optuna's tables in a new database, tolerating workers that do it at once.
 
@@ -105,8 +96,8 @@ def resume(impl: Any) -> None:
     if study.trials and not shared:
         impl.sampler.reseed_rng()
     closed = close_stale_trials(study)
-    log.info("Resuming study %s: %d trials done, %d interrupted", impl.study_name,
-             finished_trials(study), closed)
+    log.info("Resuming study %s: %s; %d interrupted trials run again", impl.study_name,
+             summary(study), closed)
 
 
 @contextmanager

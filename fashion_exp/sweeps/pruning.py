@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import optuna
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
+
+from fashion_exp.config import ConfigError
 
 if TYPE_CHECKING:
     import keras
@@ -35,7 +38,6 @@ class JobTrial:
     trial: optuna.Trial
     metric: str
     pruned_at: int | None = None
-    reported: list[float] = field(default_factory=list)
 
     @property
     def tags(self) -> dict[str, str]:
@@ -54,7 +56,6 @@ class JobTrial:
         class ReportEpochs(keras.callbacks.Callback):
             def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
                 value = float((logs or {})[job.metric])
-                job.reported.append(value)
                 job.trial.report(value, epoch + 1)  # steps: epochs from 1, as in MLflow
                 if job.trial.should_prune():
                     job.pruned_at = epoch + 1
@@ -93,15 +94,9 @@ def build_pruner(conf: Any) -> optuna.pruners.BasePruner:
 
 
 def check_search(sweeper: Any, optimized_metric: str) -> None:
-    """hydra.sweeper of a search, before it starts: a pruner Optuna accepts (its settings
+    """hydra.sweeper of an optuna_search, before it starts: a pruner Optuna accepts (its settings
     included), a metric reported after every epoch when pruning, a budget that can be met.
     ConfigError in one line otherwise."""
-    from omegaconf import OmegaConf
-
-    from fashion_exp.config import ConfigError
-
-    if "pruner" not in sweeper:  # another sweeper than optuna_search
-        return
     conf = sweeper.pruner
     try:
         pruner = build_pruner(conf)
