@@ -135,6 +135,10 @@ TRAIN_CASES = [
      "hydra.sweeper.timeout=0.0: use seconds > 0"),
     ("search_trials", ["-m", "hparams_search=cnn_optuna", "hydra.sweeper.n_trials=0"],
      "hydra.sweeper.n_trials=0: use 1 or more"),
+    ("search_storage", ["-m", "hparams_search=mlp_optuna",
+                        "hydra.sweeper.storage=sqlite:////nonexistent/folder/optuna.db"],
+     "hydra.sweeper.storage='sqlite:////nonexistent/folder/optuna.db': the study's storage "
+     "cannot be opened (unable to open database file)"),
 ]
 
 

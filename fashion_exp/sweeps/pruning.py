@@ -9,6 +9,7 @@ PRUNED here, by the process that knows the epoch.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from fashion_exp.config import ConfigError
+from fashion_exp.tracking.store_checks import first_line
+from fashion_exp.uris import shown
 
 if TYPE_CHECKING:
     import keras
@@ -101,10 +104,10 @@ def check_search(sweeper: Any, optimized_metric: str) -> None:
     try:
         pruner = build_pruner(conf)
     except Exception as err:  # noqa: BLE001 - Optuna's own check of the settings, any kind
-        shown = " ".join(f"{k}={v}" for k, v in OmegaConf.to_container(conf).items()
+        settings = " ".join(f"{k}={v}" for k, v in OmegaConf.to_container(conf).items()
                          if k != "_target_")
         cause = err.__cause__ or err  # Hydra wraps the pruner's own error
-        raise ConfigError("hydra.sweeper.pruner", shown,
+        raise ConfigError("hydra.sweeper.pruner", settings,
                           str(cause).splitlines()[0] if str(cause) else type(cause).__name__,
                           ) from None
     if not isinstance(pruner, optuna.pruners.NopPruner) and optimized_metric not in PER_EPOCH:
@@ -117,6 +120,32 @@ def check_search(sweeper: Any, optimized_metric: str) -> None:
     if timeout is not None and not timeout > 0:
         raise ConfigError("hydra.sweeper.timeout", timeout,
                           "use seconds > 0, or null for no limit")
+    storage = sweeper.get("storage")  # null: an in-memory study
+    if storage and (reason := storage_problem(str(storage))):
+        raise ConfigError("hydra.sweeper.storage", shown(str(storage)),
+                          f"the study's storage cannot be opened ({reason}); fix the URL, "
+                          "create its folder or start its database")
+
+
+def storage_problem(url: str, timeout: float = 5.0) -> str | None:
+    """Why the study's database cannot be reached, or None: one connection, given `timeout`
+    seconds (a new SQLite file is created, as the search would create it)."""
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    seconds = max(2, math.ceil(timeout))  # libpq's minimum is 2 s
+    try:
+        parsed = sqlalchemy.make_url(url)
+        connect_args = {"postgresql": {"connect_timeout": seconds},
+                        "mysql": {"connect_timeout": seconds}}.get(parsed.get_backend_name(), {})
+        engine = sqlalchemy.create_engine(parsed, connect_args=connect_args, poolclass=NullPool)
+        try:
+            with engine.connect():
+                return None
+        finally:
+            engine.dispose()
+    except (ImportError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.SQLAlchemyError) as err:
+        return first_line(getattr(err, "orig", None) or err)
 
 
 def quiet_old_distributions() -> None:
