@@ -70,6 +70,7 @@ def test_a_sweep_view_shows_swept_params_and_key_metrics_best_first() -> None:
     pruned = views.sweep_state("abc", ["optimizer.lr"], "val_accuracy", ("pruned_at_epoch",))
     assert pruned["selectedColumns"][-2:] == ["tags.`pruned_at_epoch`", "attributes.`Models`"]
     assert "tags.`pruned_at_epoch`" in pruned["columnOrder"]
+    assert pruned["columnWidths"]["tags.`pruned_at_epoch`"] >= 7 * len("pruned_at_epoch")
     search = OmegaConf.create({"hydra": {"sweeper": {"pruner": {
         "_target_": "optuna.pruners.MedianPruner"}}}})
     assert multirun.view_tags(search) == ("pruned_at_epoch",)

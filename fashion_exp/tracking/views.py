@@ -50,9 +50,10 @@ def sweep_state(parent_id: str, swept: list[str], metric: str,
                         "duration", column("attributes", "Models")]
         + [column("metrics", m) for m in metrics] + [column("tags", t) for t in tags]
         + [column("params", k) for k in swept],
-        # Wide enough for the metric names (MLflow's 100 px cut best_val_accuracy off), the
+        # Wide enough for the metric and tag names (MLflow's 100 px cut best_val_accuracy off), the
         # model link narrower: the swept params stay on a laptop's screen.
-        "columnWidths": {column("metrics", m): max(100, 7 * len(m) + 30) for m in metrics}
+        "columnWidths": {column(kind, k): max(100, 7 * len(k) + 30)
+                         for kind, keys in (("metrics", metrics), ("tags", tags)) for k in keys}
         | {column("attributes", "Models"): 100, "runDateAndNestInfo": 150},
     }
 
