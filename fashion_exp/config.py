@@ -298,6 +298,8 @@ class ServiceSettings:
     max_header_bytes: int = 32_768
     header_timeout: float = 10.0
     body_timeout: float = 60.0
+    follow_seconds: float = 30.0
+    metrics: bool = True
 
     def __post_init__(self) -> None:
         _check(1 <= self.top_k <= 10, "top_k", self.top_k, "must be in [1, 10]")
@@ -316,6 +318,9 @@ class ServiceSettings:
         for key in ("header_timeout", "body_timeout"):
             _check(0 < getattr(self, key) <= 3600, key, getattr(self, key),
                    "must be in (0, 3600] seconds")
+        _check(self.follow_seconds == 0 or 0.1 <= self.follow_seconds <= 86400,
+               "follow_seconds", self.follow_seconds,
+               "must be 0 (do not follow) or in [0.1, 86400] seconds")
 
 
 @dataclass
@@ -326,6 +331,7 @@ class ServeConfig(ServiceSettings):
     samples: bool = True
     threads: int = 0
     log_level: str = "info"
+    drain_seconds: float = 30.0
     data: DataConfig = MISSING
     tracking: TrackingConfig = MISSING
 
@@ -339,6 +345,8 @@ class ServeConfig(ServiceSettings):
         _check(1 <= self.port <= 65535, "port", self.port, "must be in [1, 65535]")
         _check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0: TensorFlow decides)")
         _one_of("log_level", self.log_level, LOG_LEVELS)
+        _check(0 <= self.drain_seconds <= 3600, "drain_seconds", self.drain_seconds,
+               "must be in [0, 3600] seconds")
 
 
 @dataclass

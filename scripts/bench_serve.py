@@ -3,11 +3,17 @@
     python scripts/bench_serve.py                         # the store's best run, 10 s per load
     python scripts/bench_serve.py --model-uri runs:/<id>/model --seconds 20 --out bench.json
 
-Starts both servers on 127.0.0.1 (`mlflow models serve --env-manager local`), checks they give
-the same probabilities for the same 28x28 test image, then drives each with wrk (Debian
-package `wrk`) for one client and for eight concurrent clients, posting that image as JSON:
-`{"images": [img]}` here, `{"inputs": [img]}` to MLflow's /invocations. Prints latency p50/p99
-and requests per second per server, and the ratios.
+Needs wrk (Debian package `wrk`). Three parts, each printed as a table:
+
+1. MLflow's protocol: both servers on 127.0.0.1 (`mlflow models serve --env-manager local`),
+   checked to give the same probabilities for one 28x28 test image, then driven by wrk with
+   one client and with eight, posting that image as `{"inputs": [img]}` to each /invocations
+   (and as `{"images": [img]}` to this service's own /predict): requests/s, p50, p99, ratios.
+2. The cost of /metrics: this service with metrics=true and with metrics=false, same loads.
+3. An alias swap under load: the model registered twice in a temporary store, served as
+   models:/bench@champion with follow_seconds=0.5; eight clients post to /invocations while
+   the alias moves to version 2. Errors (must be 0), p50/p99 over the run, and how soon
+   version 2 answered.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +74,119 @@ def measure(name: str, url: str, body: Path, seconds: int, work: Path) -> dict[s
     for connections, threads in LOADS:
         results[f"{connections}"] = wrk(url, body, connections, threads, seconds, work)
         r = results[f"{connections}"]
-        print(f"{name:>22} {connections} client(s): {r['requests_per_s']:8.1f} req/s  "
+        print(f"{name:>34} {connections} client(s): {r['requests_per_s']:8.1f} req/s  "
               f"p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms", flush=True)
     return results
+
+
+def table(rows: dict[str, dict[str, dict]], baseline: str) -> None:
+    """One markdown row per (server, load), with ratios to `baseline`."""
+    print("\n| server | clients | req/s | p50 ms | p99 ms | throughput vs baseline | "
+          "p50 vs baseline |")
+    print("|---|---|---|---|---|---|---|")
+    for name, results in rows.items():
+        for connections, _ in LOADS:
+            r, b = results[f"{connections}"], rows[baseline][f"{connections}"]
+            print(f"| {name} | {connections} | {r['requests_per_s']:.1f} | {r['p50_ms']:.2f} | "
+                  f"{r['p99_ms']:.2f} | {r['requests_per_s'] / b['requests_per_s']:.1f}x | "
+                  f"{b['p50_ms'] / r['p50_ms']:.1f}x lower |")
+    print(flush=True)
+
+
+def against_mlflow(model_uri: str, uri: str, image: list, seconds: int,
+                   work: Path) -> tuple[dict[str, dict], float]:
+    """Part 1: /invocations and /predict of this service, /invocations of MLflow's."""
+    ours_port, mlflow_port = servers.free_port(), servers.free_port()
+    ours_url, mlflow_url = f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{mlflow_port}"
+    env = {"MLFLOW_TRACKING_URI": uri}
+    with servers.running(servers.serve_command(model_uri, ours_port, uri, "samples=false"),
+                         f"{ours_url}/ping", work / "ours.log", env), \
+         servers.running(servers.mlflow_serve_command(model_uri, mlflow_port),
+                         f"{mlflow_url}/ping", work / "mlflow.log", env):
+        ours = post_json(f"{ours_url}/invocations", {"inputs": [image]})["predictions"]
+        theirs = post_json(f"{mlflow_url}/invocations", {"inputs": [image]})["predictions"]
+        gap = float(np.abs(np.array(ours) - np.array(theirs)).max())
+        print(f"model {model_uri}: largest probability difference between the two servers' "
+              f"/invocations {gap:.2e}", flush=True)
+        rows = {
+            "mlflow models serve /invocations": measure(
+                "mlflow models serve /invocations", f"{mlflow_url}/invocations",
+                work / "inputs.json", seconds, work),
+            "fashion-exp-serve /invocations": measure(
+                "fashion-exp-serve /invocations", f"{ours_url}/invocations",
+                work / "inputs.json", seconds, work),
+            "fashion-exp-serve /predict": measure(
+                "fashion-exp-serve /predict", f"{ours_url}/predict", work / "images.json",
+                seconds, work),
+        }
+    table(rows, "mlflow models serve /invocations")
+    return rows, gap
+
+
+def metrics_cost(model_uri: str, uri: str, seconds: int, work: Path) -> dict[str, dict]:
+    """Part 2: the same service with and without /metrics and its request counting."""
+    rows = {}
+    for setting in ("metrics=false", "metrics=true"):
+        port = servers.free_port()
+        with servers.running(servers.serve_command(model_uri, port, uri, "samples=false",
+                                                   setting),
+                             f"http://127.0.0.1:{port}/ping", work / "metrics.log"):
+            rows[setting] = measure(f"/invocations {setting}",
+                                    f"http://127.0.0.1:{port}/invocations",
+                                    work / "inputs.json", seconds, work)
+    table(rows, "metrics=false")
+    return rows
+
+
+def swap_under_load(model_uri: str, uri: str, seconds: int, work: Path) -> dict[str, object]:
+    """Part 3: eight clients on /invocations while a followed alias moves to a new version."""
+    import mlflow
+
+    from fashion_exp.tracking import logged_models
+
+    # Two versions of the model in a store of their own (the user's store is left as it is).
+    source = mlflow.MlflowClient(uri)
+    model = logged_models.load_keras(logged_models.resolve(source, model_uri))
+    swap_uri = f"sqlite:///{work / 'swap.db'}"
+    client = mlflow.MlflowClient(swap_uri)
+    mlflow.set_tracking_uri(swap_uri)
+    experiment = client.create_experiment("bench_swap", artifact_location=(work / "art").as_uri())
+    mlflow.set_experiment(experiment_id=experiment)  # where MLflow puts the logged models
+    client.create_registered_model("bench")
+    for _ in range(2):
+        run = client.create_run(experiment)
+        logged_models.log_keras(model, run.info.run_id, "bench", 0)
+        client.set_terminated(run.info.run_id)
+    client.set_registered_model_alias("bench", "champion", "1")
+    port = servers.free_port()
+    base = f"http://127.0.0.1:{port}"
+    with servers.running(servers.serve_command("models:/bench@champion", port, swap_uri,
+                                               "samples=false", "follow_seconds=0.5"),
+                         f"{base}/ping", work / "swap.log"):
+        wrk(f"{base}/invocations", work / "inputs.json", 8, 2, 2, work)  # warm-up
+        with ThreadPoolExecutor(1) as pool:
+            loaded = pool.submit(wrk, f"{base}/invocations", work / "inputs.json", 8, 2,
+                                 seconds, work)
+            time.sleep(seconds / 3)
+            moved_at = time.perf_counter()
+            client.set_registered_model_alias("bench", "champion", "2")
+            while post_json_headers(f"{base}/invocations")["X-Model-Version"] != "2":
+                time.sleep(0.05)
+            swapped_after = time.perf_counter() - moved_at
+            result = loaded.result()  # raises if any request failed (non-2xx)
+    print(f"alias swap under load (8 clients, {seconds} s): 0 errors, "
+          f"{result['requests_per_s']:.0f} req/s, p50 {result['p50_ms']:.2f} ms, "
+          f"p99 {result['p99_ms']:.2f} ms; version 2 answered {swapped_after:.1f} s after "
+          "the alias moved", flush=True)
+    return {**result, "errors": 0, "swapped_after_s": swapped_after}
+
+
+def post_json_headers(url: str) -> dict[str, str]:
+    """The headers of an /invocations answer (which model answered)."""
+    request = urllib.request.Request(url, json.dumps({"inputs": [[[0] * 28] * 28]}).encode(),
+                                     {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return dict(answer.headers)
 
 
 def main() -> None:
@@ -90,43 +208,17 @@ def main() -> None:
     if model_uri is None:
         sys.exit(f"bench_serve: no run with a model in {uri}: train one first")
     image = data.read_idx(data.locate(None, download=False) / data.FILES["x_test"])[0].tolist()
-    ours_port, mlflow_port = servers.free_port(), servers.free_port()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        (work / "ours.json").write_text(json.dumps({"images": [image]}))
-        (work / "mlflow.json").write_text(json.dumps({"inputs": [image]}))
-        ours_url = f"http://127.0.0.1:{ours_port}"
-        mlflow_url = f"http://127.0.0.1:{mlflow_port}"
-        env = {"MLFLOW_TRACKING_URI": uri}
-        with servers.running(servers.serve_command(model_uri, ours_port, uri, "samples=false"),
-                             f"{ours_url}/health", work / "ours.log", env), \
-             servers.running(servers.mlflow_serve_command(model_uri, mlflow_port),
-                             f"{mlflow_url}/ping", work / "mlflow.log", env):
-            ours_probs = [[c["probability"] for c in sorted(p["top"], key=lambda c: c["index"])]
-                          for p in post_json(f"{ours_url}/predict?top_k=10",
-                                             {"images": [image]})["predictions"]]
-            theirs = post_json(f"{mlflow_url}/invocations", {"inputs": [image]})["predictions"]
-            gap = float(np.abs(np.array(ours_probs) - np.array(theirs)).max())
-            print(f"model {model_uri}: largest probability difference between the two "
-                  f"servers {gap:.2e}", flush=True)
-            ours = measure("fashion-exp-serve", f"{ours_url}/predict", work / "ours.json",
-                           args.seconds, work)
-            theirs_r = measure("mlflow models serve", f"{mlflow_url}/invocations",
-                               work / "mlflow.json", args.seconds, work)
-    print("\n| clients | fashion-exp-serve req/s | p50 ms | p99 ms | mlflow models serve req/s "
-          "| p50 ms | p99 ms | throughput ratio | p50 ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for connections, _ in LOADS:
-        a, b = ours[f"{connections}"], theirs_r[f"{connections}"]
-        print(f"| {connections} | {a['requests_per_s']:.0f} | {a['p50_ms']:.2f} | "
-              f"{a['p99_ms']:.2f} | {b['requests_per_s']:.1f} | {b['p50_ms']:.1f} | "
-              f"{b['p99_ms']:.1f} | {a['requests_per_s'] / b['requests_per_s']:.1f}x | "
-              f"{b['p50_ms'] / a['p50_ms']:.1f}x lower |")
+        (work / "images.json").write_text(json.dumps({"images": [image]}))
+        (work / "inputs.json").write_text(json.dumps({"inputs": [image]}))
+        protocol, gap = against_mlflow(model_uri, uri, image, args.seconds, work)
+        metrics = metrics_cost(model_uri, uri, args.seconds, work)
+        swap = swap_under_load(model_uri, uri, args.seconds, work)
     if args.out:
         args.out.write_text(json.dumps({"model_uri": model_uri, "max_probability_gap": gap,
-                                        "fashion_exp_serve": ours,
-                                        "mlflow_models_serve": theirs_r}, indent=2))
-
+                                        "protocol": protocol, "metrics": metrics,
+                                        "swap": swap}, indent=2))
 
 if __name__ == "__main__":
     main()

@@ -7,14 +7,12 @@ import subprocess
 import sys
 import time
 
-import httpx
 import jsonschema
 import mlflow
 import numpy as np
 import pytest
 from PIL import Image
 
-from devtools import servers
 from fashion_exp.core import data
 from fashion_exp.core.preprocess import render_product_photo
 from fashion_exp.serving.service import Batcher
@@ -250,6 +248,9 @@ def serve_cli(*args: str) -> subprocess.CompletedProcess:
     (["+extra=1"], "extra=1: no such key"),
     (["header_timeout=inf"], "header_timeout=inf: must be in (0, 3600] seconds"),
     (["decode_workers=0"], "decode_workers=0: must be in [1, 64] threads"),
+    (["follow_seconds=0.01"], "follow_seconds=0.01: must be 0 (do not follow) or in [0.1, "),
+    (["drain_seconds=nan"], "drain_seconds=nan: must be in [0, 3600] seconds"),
+    (["metrics=maybe"], "Value 'maybe' is not a valid bool"),
     (["max_header_bytes=100"], "max_header_bytes=100: must be in [1024, 1048576] bytes"),
     (["host=999.1.1.1"], "host='999.1.1.1': not an address of this machine"),
     (["tracking.experiment_name=nothing_here"], "no finished run with a logged model"),
@@ -266,25 +267,6 @@ def test_serve_without_a_store_says_so(tmp_path) -> None:
     result = serve_cli(f"tracking.uri=sqlite:///{tmp_path / 'none' / 'mlflow.db'}")
     assert result.returncode == 2 and "no tracking store there" in result.stderr
     assert not (tmp_path / "none").exists()  # nothing created by a refusal
-
-
-@pytest.mark.slow
-def test_same_answer_as_mlflow_models_serve(served_store, test_set, tmp_path) -> None:
-    uri, run_id = served_store
-    model_uri = f"runs:/{run_id}/model"
-    ours, theirs = servers.free_port(), servers.free_port()
-    env = {"MLFLOW_TRACKING_URI": uri}
-    images = test_set[0][:5].tolist()
-    with servers.running(servers.serve_command(model_uri, ours, uri, "samples=false"),
-                         f"http://127.0.0.1:{ours}/health", tmp_path / "ours.log", env), \
-         servers.running(servers.mlflow_serve_command(model_uri, theirs),
-                         f"http://127.0.0.1:{theirs}/ping", tmp_path / "mlflow.log", env):
-        ours_answer = httpx.post(f"http://127.0.0.1:{ours}/predict?top_k=10",
-                                 json={"images": images}, timeout=30).json()
-        theirs_answer = httpx.post(f"http://127.0.0.1:{theirs}/invocations",
-                                   json={"inputs": images}, timeout=30).json()
-    ours_probs = np.array([probabilities(p) for p in ours_answer["predictions"]])
-    np.testing.assert_allclose(ours_probs, np.array(theirs_answer["predictions"]), atol=1e-5)
 
 
 def test_models_are_loaded_once_per_model_and_the_least_recent_dropped() -> None:

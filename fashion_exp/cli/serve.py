@@ -5,8 +5,11 @@
     fashion-exp-serve model_uri=models:/<name>@<alias> tracking.uri=sqlite:////path/mlflow.db
 
 Options are the keys of conf/serve.yaml, given as key=value. Open http://127.0.0.1:8000/ for
-the page, /docs for the API. The model is loaded and checked before the port is opened: a
-URI that names nothing fails here, in one line, with exit status 2.
+the page, /docs for the API; /ping, /version and /invocations speak MLflow's scoring protocol,
+/metrics Prometheus'. Served by alias, the model follows the alias when it moves
+(follow_seconds). The model is loaded and checked before the port is opened: a URI that names
+nothing fails here, in one line, with exit status 2. SIGTERM finishes the requests in flight
+(drain_seconds) and exits 0.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import signal
 import socket
 import sys
 from typing import TYPE_CHECKING, Any
@@ -180,11 +184,15 @@ def build(cfg: DictConfig) -> tuple[Any, str]:
     except service.ModelUnusable as err:
         raise ConfigError("model_uri", default_uri, err.reason) from None
     settings = Settings(**{k: cfg[k] for k in Settings.__dataclass_fields__})
+    follow = default_uri if logged_models.is_alias(default_uri) else None
+    if follow and settings.follow_seconds:
+        log.info("Following %s: checked every %g s <follow_seconds>", follow,
+                 settings.follow_seconds)
     app = service.create_app(
         default, lambda u: resolve(client, u), lambda ref: load_served_model(client, ref),
         settings,
-        choices=lambda: model_choices(client, cfg.tracking.experiment_name, default),
-        samples=test_images(cfg))
+        choices=lambda current: model_choices(client, cfg.tracking.experiment_name, current),
+        samples=test_images(cfg), follow=follow)
     return app, default_uri
 
 
@@ -195,6 +203,7 @@ def main() -> None:
         print(f"{__doc__}\nConfig: {CONF_DIR / 'serve.yaml'}")
         return
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    exit_on_stop_signals()
     try:
         cfg = compose_checked("serve", args)
         check_host(cfg.host)
@@ -211,19 +220,44 @@ def main() -> None:
     except StoreError as err:
         print(f"fashion-exp-serve: error: {err}", file=sys.stderr)
         sys.exit(2)
-    import uvicorn
-
     from fashion_exp.serving.connections import limited_protocol
 
     base = f"http://{f'[{cfg.host}]' if ':' in cfg.host else cfg.host}:{cfg.port}"
-    print(f"Serving {default_uri} on {base}/ (page), {base}/docs (API)", flush=True)
+    print(f"Serving {default_uri} on {base}/ (page), {base}/docs (API), {base}/invocations "
+          "(MLflow scoring protocol)", flush=True)
     protocol = limited_protocol(cfg.max_header_bytes, cfg.header_timeout, cfg.body_timeout)
     # TensorFlow and the model leave millions of long-lived Python objects; a full garbage
     # collection walking them all holds the event loop for ~0.4 s. Frozen, they are skipped.
     gc.collect()
     gc.freeze()
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False,
-                http=protocol)
+    serve_until_stopped(app, cfg, protocol)
+
+
+def serve_until_stopped(app: Any, cfg: DictConfig, protocol: type) -> None:
+    """Run uvicorn until SIGTERM or Ctrl-C, then drain: the port closes at once, the requests
+    in flight get up to drain_seconds to be answered. Exit status 3 if it never started (as
+    `uvicorn.run`)."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, access_log=False,
+        http=protocol, timeout_graceful_shutdown=cfg.drain_seconds))
+    server.run()
+    if not server.started:
+        sys.exit(3)
+
+
+def exit_on_stop_signals() -> None:
+    """SIGTERM exits 0 (a stop that was asked for), Ctrl-C 130, both without a traceback.
+
+    Installed before the model loads. While uvicorn serves, its own handlers take over; once
+    it has drained it raises the signal again into these (left at Python's defaults, SIGTERM
+    would end the process with status 143 and SIGINT print a KeyboardInterrupt traceback)."""
+    def stop(signum: int, _frame: Any) -> None:
+        sys.exit(0 if signum == signal.SIGTERM else 130)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
 
 
 def is_loopback(host: str) -> bool:

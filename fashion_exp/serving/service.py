@@ -29,6 +29,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -43,6 +44,9 @@ from starlette.requests import ClientDisconnect
 from fashion_exp.config import ServiceSettings as Settings
 from fashion_exp.core import preprocess
 from fashion_exp.core.data import CLASSES
+from fashion_exp.serving import scoring
+from fashion_exp.serving.following import AliasFollower
+from fashion_exp.serving.metrics import CountRequests, ServiceMetrics
 from fashion_exp.tracking.logged_models import ModelRef, UnknownModel
 
 log = logging.getLogger(__name__)
@@ -93,10 +97,20 @@ class PredictResponse(BaseModel):
     predictions: list[Prediction]
 
 
+class FollowStatus(BaseModel):
+    uri: str = Field(description="the registry alias followed, models:/<name>@<alias>")
+    every_seconds: float
+    checked_at: float | None = Field(description="Unix time of the last look-up that answered")
+    problem: str | None = Field(description="why the version the alias names is not served "
+                                            "(it failed to load, or the store did not answer)")
+
+
 class ModelInfo(ModelRefOut):
     run_name: str
     metrics: dict[str, float]
     classes: list[str]
+    follows: FollowStatus | None = Field(None, description="for the default model when it is "
+                                                           "a registry alias that is followed")
 
 
 class ModelChoice(BaseModel):
@@ -142,52 +156,63 @@ class StoreUnavailable(RuntimeError):
 class Batcher:
     """Collects the images of requests waiting for one model and runs them in one call."""
 
-    def __init__(self, predict: Predict, executor: ThreadPoolExecutor, max_batch: int) -> None:
+    def __init__(self, predict: Predict, executor: ThreadPoolExecutor, max_batch: int,
+                 observe: Callable[[int], None] | None = None) -> None:
         self.predict, self.executor, self.max_batch = predict, executor, max_batch
+        self.observe = observe  # told the size of every model call
         self.queue: asyncio.Queue[tuple[np.ndarray, asyncio.Future[np.ndarray]] | None] | None
         self.queue = None
         self.worker: asyncio.Task | None = None
+        self.closed = False
 
     async def __call__(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for (n, 28, 28) uint8 images, computed together with other requests'."""
-        if self.queue is None:  # created inside the server's event loop
+        loop = asyncio.get_running_loop()
+        if self.worker is None or self.worker.done():
+            # Started inside the server's event loop; started again for a request that took
+            # this model just before it was closed (a swapped or dropped model), so that
+            # request is still answered, by the model it took.
             self.queue = asyncio.Queue()
-            self.worker = asyncio.get_running_loop().create_task(self._work())
-        done = asyncio.get_running_loop().create_future()
-        await self.queue.put((images, done))
+            self.worker = loop.create_task(self._work())
+        done = loop.create_future()
+        self.queue.put_nowait((images, done))
         return await done
 
     def close(self) -> None:
         """Stop the worker once the requests already queued are answered."""
+        self.closed = True
         if self.queue is not None:
-            self.queue.put_nowait(None)
+            self.queue.put_nowait(None)  # wakes an idle worker
 
     async def _work(self) -> None:
         assert self.queue is not None
         loop = asyncio.get_running_loop()
-        while (first := await self.queue.get()) is not None:
-            waiting, count, closing = [first], len(first[0]), False
+        while True:
+            if (first := await self.queue.get()) is None:
+                if self.closed and self.queue.empty():
+                    return
+                continue
+            waiting, count = [first], len(first[0])
             while not self.queue.empty() and count < self.max_batch:
-                item = self.queue.get_nowait()
-                if item is None:
-                    closing = True
-                    break
-                waiting.append(item)
-                count += len(item[0])
-            batch = np.concatenate([images for images, _ in waiting])
+                if (item := self.queue.get_nowait()) is not None:
+                    waiting.append(item)
+                    count += len(item[0])
             try:
+                batch = np.concatenate([images for images, _ in waiting])
+                if self.observe:
+                    self.observe(len(batch))
                 probs = await loop.run_in_executor(self.executor, self.predict, batch)
             except Exception as err:  # answered to each waiting request, the loop goes on
                 for _, done in waiting:
                     if not done.done():
                         done.set_exception(err)
-                continue
-            start = 0
-            for images, done in waiting:
-                if not done.done():  # a client that went away cancels its future
-                    done.set_result(probs[start:start + len(images)])
-                start += len(images)
-            if closing:
+            else:
+                start = 0
+                for images, done in waiting:
+                    if not done.done():  # a client that went away cancels its future
+                        done.set_result(probs[start:start + len(images)])
+                    start += len(images)
+            if self.closed and self.queue.empty():
                 return
 
 
@@ -220,16 +245,38 @@ class Models:
 
     def __init__(self, default: ServedModel, resolver: Callable[[str], ModelRef],
                  loader: Callable[[ModelRef], ServedModel], settings: Settings,
-                 executor: ThreadPoolExecutor) -> None:
+                 executor: ThreadPoolExecutor,
+                 observe: Callable[[int], None] | None = None) -> None:
         self.default, self.resolver, self.loader = default, resolver, loader
-        self.settings, self.executor = settings, executor
+        self.settings, self.executor, self.observe = settings, executor, observe
         self.loaded: OrderedDict[str, ServedModel] = OrderedDict()  # by logged model id
         self.lock = asyncio.Lock()
         self._attach(default)
 
     def _attach(self, model: ServedModel) -> ServedModel:
-        model.batcher = Batcher(model.predict, self.executor, self.settings.max_batch)
+        model.batcher = Batcher(model.predict, self.executor, self.settings.max_batch,
+                                self.observe)
         return model
+
+    async def take(self, ref: ModelRef, loader: Callable[[ModelRef], ServedModel],
+                   ) -> ServedModel:
+        """The model `ref` names, for a swap: taken from the loaded ones if it is there,
+        loaded otherwise (one load at a time, as for requests)."""
+        async with self.lock:
+            if ref.model_id in self.loaded:
+                return self.loaded.pop(ref.model_id)
+            return await asyncio.to_thread(loader, ref)
+
+    def swap(self, new: ServedModel) -> ServedModel:
+        """Serve `new` by default from the next request on. The old default answers the
+        requests that already took it and stays loaded, as the most recently used, for
+        requests that name it (unless max_models is 1). Returns the old default."""
+        old, self.default = self.default, new if new.batcher else self._attach(new)
+        self.loaded[old.ref.model_id] = old
+        while len(self.loaded) > self.settings.max_models - 1:  # the default counts as one
+            _, dropped = self.loaded.popitem(last=False)
+            dropped.batcher.close()
+        return old
 
     async def get(self, uri: str | None) -> tuple[ModelRef, ServedModel]:
         """The reference and model for a request's `model` parameter (None: the default);
@@ -410,19 +457,39 @@ def top_classes(probs: np.ndarray, k: int) -> list[dict[str, Any]]:
 
 def create_app(default: ServedModel, resolver: Callable[[str], ModelRef],
                loader: Callable[[ModelRef], ServedModel], settings: Settings,
-               choices: Callable[[], list[dict[str, str]]] | None = None,
-               samples: tuple[np.ndarray, np.ndarray] | None = None) -> FastAPI:
+               choices: Callable[[ServedModel], list[dict[str, str]]] | None = None,
+               samples: tuple[np.ndarray, np.ndarray] | None = None,
+               follow: str | None = None) -> FastAPI:
     """The service for `default`. `resolver` turns a request's model URI into a reference of
     the store (raising UnknownModel), `loader` loads a referenced model (raising
-    ModelUnusable), `choices` lists the models the page offers, `samples` are test images."""
+    ModelUnusable), `choices` lists the models the page offers given the current default,
+    `samples` are test images, `follow` a registry alias URI whose moves the default follows
+    (every settings.follow_seconds)."""
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     decoder = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
-    models = Models(default, resolver, loader, settings, executor)
+    metrics = ServiceMetrics()
+    load = counted(loader, metrics)
+    models = Models(default, resolver, load, settings, executor,
+                    observe=metrics.batch_images.observe)
+    metrics.loads.labels("loaded").inc()  # the default, loaded before the service starts
+    metrics.serving(default.ref.uri, default.ref.model_id, default.ref.run_id,
+                    default.ref.version)
+    follower = None
+    if follow and settings.follow_seconds > 0:
+        def swapped(new: ServedModel) -> None:
+            metrics.swaps.inc()
+            metrics.serving(new.ref.uri, new.ref.model_id, new.ref.run_id, new.ref.version)
+
+        follower = AliasFollower(models, follow, resolver, load, settings.follow_seconds,
+                                 permanent=(ModelUnusable,), on_swap=swapped)
     rng = np.random.default_rng()
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI):  # noqa: ANN202
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        following = asyncio.create_task(follower.run()) if follower else None
         yield
+        if following:
+            following.cancel()
         models.close()
         executor.shutdown(wait=False, cancel_futures=True)
         decoder.shutdown(wait=False, cancel_futures=True)
@@ -431,7 +498,12 @@ def create_app(default: ServedModel, resolver: Callable[[str], ModelRef],
     app = FastAPIOffline(
         title="fashion_exp prediction service", version="1",
         description="Fashion-MNIST classifiers logged by fashion_exp, served over HTTP. Photos "
-                    "are framed like the dataset before prediction.", lifespan=lifespan)
+                    "are framed like the dataset before prediction. /ping, /version and "
+                    "/invocations speak MLflow's scoring protocol.", lifespan=lifespan)
+    app.state.models, app.state.follower, app.state.metrics = models, follower, metrics
+    if settings.metrics:
+        app.add_middleware(CountRequests, metrics=metrics,
+                           endpoints=lambda: {getattr(r, "path", "") for r in app.routes})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -473,7 +545,7 @@ def create_app(default: ServedModel, resolver: Callable[[str], ModelRef],
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness: answers while the service can take requests."""
-        return {"status": "ok", "default_model": default.ref.uri,
+        return {"status": "ok", "default_model": models.default.ref.uri,
                 "models_loaded": 1 + len(models.loaded)}
 
     @app.get("/model", response_model=ModelInfo)
@@ -481,14 +553,18 @@ def create_app(default: ServedModel, resolver: Callable[[str], ModelRef],
                                                    "default: the service's model")) -> Any:
         """Which run, registered name/version and test metrics a model URI stands for."""
         ref, served = await models.get(model)
-        return served.info(ref)
+        info = served.info(ref)
+        if follower and served is models.default:
+            info["follows"] = follower.status()
+        return JSONResponse(info, headers=model_headers(ref))
 
     @app.get("/models", response_model=ModelList)
     async def model_list() -> Any:
         """Models the page can ask: the default, registered versions, the best logged runs."""
-        listed = await asyncio.to_thread(choices) if choices else []
-        return {"default": default.ref.uri, "models": listed or
-                [{"uri": default.ref.uri, "label": default.ref.uri}]}
+        current = models.default
+        listed = await asyncio.to_thread(choices, current) if choices else []
+        return {"default": current.ref.uri, "models": listed or
+                [{"uri": current.ref.uri, "label": current.ref.uri}]}
 
     @app.get("/samples/random", response_model=Sample)
     async def random_sample() -> Any:
@@ -511,8 +587,89 @@ def create_app(default: ServedModel, resolver: Callable[[str], ModelRef],
         ref, served = await models.get(model)
         images, names = await read_images(request, settings, decoder)
         probs = await served.batcher(images)
+        metrics.request_images.labels("/predict").observe(len(images))
         return JSONResponse({"model": ref_json(ref), "predictions": [
             {"source": name, "top": top_classes(p, top_k), "image": image.tolist()}
-            for name, p, image in zip(names, probs, images, strict=True)]})
+            for name, p, image in zip(names, probs, images, strict=True)]},
+            headers=model_headers(ref))
+
+    # --- MLflow's scoring protocol (fashion_exp/serving/scoring.py) ---------------------------
+
+    @app.get("/ping", tags=["MLflow scoring protocol"])
+    async def ping() -> Response:
+        """200: the model is loaded and warm (the port opens only once it is), as
+        `mlflow models serve`'s /ping answers load balancers and SageMaker."""
+        return Response("\n", media_type="application/json")
+
+    @app.get("/version", tags=["MLflow scoring protocol"])
+    async def mlflow_version() -> Response:
+        """The MLflow version whose scoring protocol this is."""
+        return Response(scoring.MLFLOW_VERSION, media_type="application/json")
+
+    @app.post("/invocations", tags=["MLflow scoring protocol"], response_model=None,
+              openapi_extra=INVOCATIONS_BODY,
+              responses={200: {"description": '{"predictions": [[10 class probabilities], '
+                                              '...]}; headers name the model that answered'}})
+    async def invocations(request: Request) -> Response:
+        """The default model's class probabilities for 28x28 images, as `mlflow models serve`
+        answers: {"inputs": [...]} or {"instances": [...]} in, {"predictions": [...]} out."""
+        served = models.default  # this request is answered by this model, whatever swaps
+        try:
+            scoring.check_content_type(request.headers.get("content-type"))
+            try:
+                body = await read_body(request, json_limit(settings))
+            except HTTPException as err:
+                raise scoring.too_large(str(err.detail)) from None
+            if len(body) <= JSON_INLINE_BYTES:
+                images = scoring.parse(body, settings.max_images)
+            else:
+                images = await asyncio.to_thread(scoring.parse, body, settings.max_images)
+        except scoring.ScoringError as err:
+            return Response(err.body(), err.status, media_type=err.media_type)
+        try:
+            probs = await served.batcher(images)
+        except Exception:  # noqa: BLE001 - the model failed on valid input: the service's fault
+            log.exception("the model failed on an /invocations request")
+            error = scoring.ScoringError(500, "INTERNAL_ERROR", "the model failed on this "
+                                         "input; the service's log has the details")
+            return Response(error.body(), 500, media_type=error.media_type)
+        metrics.request_images.labels("/invocations").observe(len(images))
+        return Response(scoring.predictions(probs), media_type=scoring.CONTENT_TYPE,
+                        headers=model_headers(served.ref))
+
+    if settings.metrics:
+        @app.get("/metrics", include_in_schema=False)
+        async def prometheus() -> Response:
+            """Requests, latency, batch sizes and model events in Prometheus' text format."""
+            return Response(metrics.text(), media_type=metrics.content_type)
 
     return app
+
+
+INVOCATIONS_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"type": "object", "description": "exactly one of inputs or instances",
+               "properties": {key: {"type": "array", "description": "28x28 images, integers "
+                                    "0-255", "items": {"type": "array"}}
+                              for key in ("inputs", "instances")}}}}}}
+
+
+def model_headers(ref: ModelRef) -> dict[str, str]:
+    """Headers naming the model that answered (percent-encoded: a registered name may hold
+    any character, a header only Latin-1)."""
+    return {"X-Model-URI": quote(ref.uri, safe=":/@"), "X-Model-Id": ref.model_id,
+            "X-Model-Version": ref.version or ""}
+
+
+def counted(loader: Callable[[ModelRef], ServedModel],
+            metrics: ServiceMetrics) -> Callable[[ModelRef], ServedModel]:
+    """`loader`, with every load and every failure to load counted in /metrics."""
+    def load(ref: ModelRef) -> ServedModel:
+        try:
+            model = loader(ref)
+        except Exception:
+            metrics.loads.labels("failed").inc()
+            raise
+        metrics.loads.labels("loaded").inc()
+        return model
+
+    return load

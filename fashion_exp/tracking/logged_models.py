@@ -96,6 +96,11 @@ def resolve(client: Any, uri: str) -> ModelRef:
                     version)
 
 
+def is_alias(uri: str) -> bool:
+    """Whether `uri` names a registered model by alias (models:/<name>@<alias>)."""
+    return bool(_ALIAS.fullmatch(uri))
+
+
 def _version_model(client: Any, version: Any, uri: str) -> Any:
     """The logged model a registered version points at (MLflow 3 versions name it)."""
     model_id = getattr(version, "model_id", None)
