@@ -374,3 +374,40 @@ def test_a_closed_batcher_whose_last_batch_failed_still_ends() -> None:
         assert batcher.worker.done()
 
     asyncio.run(scenario())
+
+
+def test_a_dropped_model_is_reclaimed_even_when_frozen(monkeypatch) -> None:
+    import gc
+    import weakref
+
+    from fashion_exp.serving import service
+
+    class Model:  # with a reference cycle, as Keras models have: only the collector frees it
+        def __init__(self) -> None:
+            self.me = self
+
+        def __call__(self, images: np.ndarray) -> np.ndarray:
+            return one_hot(1)(images)
+
+    monkeypatch.setattr(service, "RECLAIM_AFTER_SECONDS", 0.05)
+
+    async def scenario() -> weakref.ref:
+        registry = Registry()
+        old_model = Model()
+        first = ServedModel(version(1), "run1", {}, old_model)
+        app = create_app(first, registry.resolve, registry.load,
+                         Settings(follow_seconds=0.1, max_models=1),
+                         follow="models:/shop@champion")
+        gone = weakref.ref(old_model)
+        del old_model, first
+        await app.state.models.default.batcher(np.zeros((1, 28, 28), np.uint8))
+        gc.freeze()  # what fashion-exp-serve does once the first model is loaded
+        try:
+            registry.alias = 2
+            assert await app.state.follower.check()  # max_models=1: version 1 is dropped
+            await asyncio.sleep(0.3)
+        finally:
+            gc.unfreeze()
+        return gone
+
+    assert asyncio.run(scenario())() is None

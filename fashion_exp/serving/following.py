@@ -103,11 +103,10 @@ class AliasFollower:
             return False
         old = self.models.swap(new)
         self.problem = self.refused = None
-        # The models loaded at start-up were frozen out of the garbage collector's reach
-        # (cli/serve.py): refreeze, so the retired one can be freed and the new one is skipped.
+        # The model loaded at start-up was frozen out of the garbage collector's reach
+        # (cli/serve.py); freeze the new one too, or every full collection walks its objects
+        # (a pause of ~0.3 s: the p99 under load during a swap went from 13 ms to 290 ms).
         if gc.get_freeze_count():
-            gc.unfreeze()
-            gc.collect()
             gc.freeze()
         log.info("%s moved: now serving version %s (%s), loaded and warmed in %.1f s, in "
                  "place of version %s", self.uri, ref.version, ref.model_id,
