@@ -88,6 +88,7 @@ def app_for(registry: Registry, **settings) -> TestClient:
     ({"inputs": [[[256] * 28] * 28]}, 400, "BAD_REQUEST"),
     ({"inputs": [[[-1] * 28] * 28]}, 400, "BAD_REQUEST"),
     ({"inputs": [[["a"] * 28] * 28]}, 400, "BAD_REQUEST"),
+    ({"inputs": [[["12.5"] * 28] * 28]}, 400, "BAD_REQUEST"),  # int("12.5") fails in MLflow too
     ({"inputs": [[[1] * 28] * 27 + [[1] * 27]]}, 400, "BAD_REQUEST"),  # ragged
     ({"inputs": [[[2 ** 70] * 28] * 28]}, 400, "BAD_REQUEST"),
     ({"inputs": [IMAGE.tolist()], "instances": [IMAGE.tolist()]}, 400, "BAD_REQUEST"),
@@ -119,7 +120,7 @@ def test_text_in_the_tensor_costs_no_more_memory_than_numbers() -> None:
     assert answer.status_code == 400 and answer.json()["error_code"] == "BAD_REQUEST"
 
 
-@pytest.mark.parametrize("pixel", [300.0, -0.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("pixel", [300.0, -1.5, float("nan"), float("inf"), 1e30])
 def test_floats_outside_a_byte_are_refused_not_wrapped(pixel) -> None:
     # numpy (and so MLflow) turns 300.0 into an arbitrary byte; refused here.
     image = IMAGE.astype(float)
@@ -128,7 +129,6 @@ def test_floats_outside_a_byte_are_refused_not_wrapped(pixel) -> None:
         answer = client.post("/invocations", content=json.dumps({"inputs": [image.tolist()]}),
                              headers={"Content-Type": "application/json"})
     assert answer.status_code == 400 and answer.json()["error_code"] == "BAD_REQUEST"
-    assert "[0, 256)" in answer.json()["message"]
 
 
 @pytest.mark.parametrize("content_type,status", [
@@ -153,6 +153,8 @@ def test_content_types_as_mlflow_answers_them(content_type, status) -> None:
 def test_limits_answer_413_before_parsing() -> None:
     with app_for(Registry(), max_images=2) as client:
         three = client.post("/invocations", json={"inputs": [IMAGE.tolist()] * 3})
+        empties = client.post("/invocations", json={"inputs": [[]] * 50_000})
+        assert empties.status_code == 413  # empty images count too
         huge = client.post("/invocations", content=b"[" * 200_000,
                            headers={"Content-Type": "application/json"})
     assert three.status_code == 413 and "limit is 2" in three.json()["message"]
@@ -281,6 +283,29 @@ def test_a_version_that_cannot_load_leaves_the_old_one_serving(caplog) -> None:
     assert metrics[("fashion_exp_model_loads_total", (("result", "failed"),))] == 1
     assert registry.loads == ["1", "2"]  # tried once, not at every check
     assert sum("cannot be served" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_refused_version_is_tried_again_after_a_while(monkeypatch) -> None:
+    # Its files may have been restored meanwhile.
+    from fashion_exp.serving.following import AliasFollower
+
+    monkeypatch.setattr(AliasFollower, "retry_refused", lambda self: 0.6)
+    registry = Registry(unusable=(2,))
+
+    async def scenario() -> dict:
+        app = create_app(registry.load(version(1)), registry.resolve, registry.load,
+                         Settings(follow_seconds=0.1), follow="models:/shop@champion")
+        follower = app.state.follower
+        registry.alias = 2
+        assert not await follower.check()
+        assert not await follower.check()  # too soon: not loaded again
+        registry.unusable = ()  # the files are back
+        await asyncio.sleep(0.7)
+        assert await follower.check()
+        return follower.status()
+
+    status = asyncio.run(scenario())
+    assert registry.loads == ["1", "2", "2"] and status["problem"] is None
 
 
 def test_a_load_that_fails_for_another_reason_is_tried_again() -> None:

@@ -54,6 +54,9 @@ def protocol_requests(images: np.ndarray) -> list[tuple[str, bytes, str]]:
         ("257", {"inputs": [[[257] * 28] * 28]}),
         ("negative", {"inputs": [[[-3] * 28] * 28]}),
         ("text", {"inputs": [[["x"] * 28] * 28]}),
+        ("digits as text", {"inputs": [[["7"] * 28] * 28]}),
+        ("a float as text", {"inputs": [[["12.5"] * 28] * 28]}),
+        ("NaN", {"inputs": [[[float("nan")] * 28] * 28]}),
         ("ragged", {"inputs": [one[0][:27] + [one[0][27][:5]]]}),
         ("both keys", {"inputs": one, "instances": one}),
         ("no key", {"images": one}),
@@ -63,6 +66,7 @@ def protocol_requests(images: np.ndarray) -> list[tuple[str, bytes, str]]:
     return cases + [
         ("not JSON", b'{"inputs": [', "application/json"),
         ("not UTF-8", b'{"inputs": "\xff"}', "application/json"),
+        ("UTF-16", json.dumps({"inputs": one}).encode("utf-16"), "application/json"),
         ("charset", json.dumps({"inputs": one}).encode(), "application/json; charset=latin-1"),
         ("plain text", b"hello", "text/plain"),
         ("csv", b"a,b\n1,2\n", "text/csv"),

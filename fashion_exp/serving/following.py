@@ -48,14 +48,15 @@ class AliasFollower:
                  load: Callable[[ModelRef], ServedModel], every: float,
                  permanent: tuple[type[Exception], ...] = (),
                  on_swap: Callable[[ServedModel], None] | None = None) -> None:
-        """`permanent`: load failures not worth trying again while the alias names that
-        model; other failures (the store, a download) are tried again at the next check."""
+        """`permanent`: load failures not worth trying at every check (tried again after
+        retry_refused seconds); other failures (the store, a download) are tried again at
+        the next check."""
         self.models, self.uri, self.resolve, self.load = models, uri, resolve, load
         self.every, self.permanent, self.on_swap = every, permanent, on_swap
         self.checked_at: float | None = None  # time.time() of the last look-up that answered
         self.problem: str | None = None  # why the alias's current target is not served
-        # The model id that failed to load (not tried again while the alias names it) and why.
-        self.refused: tuple[str, str] | None = None
+        # The model id that failed to load, why, and when it may be tried again.
+        self.refused: tuple[str, str, float] | None = None
 
     def status(self) -> dict[str, Any]:
         """What /model reports about the alias being followed."""
@@ -87,7 +88,7 @@ class AliasFollower:
         if ref.model_id == self.models.default.ref.model_id:
             self.problem = self.refused = None  # the alias names the model being served
             return False
-        if self.refused and ref.model_id == self.refused[0]:
+        if self.refused and ref.model_id == self.refused[0] and time.time() < self.refused[2]:
             self._report(self.refused[1])
             return False
         started = time.perf_counter()
@@ -97,8 +98,9 @@ class AliasFollower:
             problem = (f"{self.uri} now names version {ref.version} ({ref.model_id}), which "
                        f"cannot be served ({type(err).__name__}); still serving "
                        f"{self._serving()}")
-            if isinstance(err, self.permanent):  # e.g. not a model of 28x28 images: not tried
-                self.refused = (ref.model_id, problem)  # again while the alias names it
+            if isinstance(err, self.permanent):  # e.g. not a model of 28x28 images (or its
+                # files are missing): tried again only after a while, not at every check
+                self.refused = (ref.model_id, problem, time.time() + self.retry_refused())
             self._report(problem)  # anything else (the store, a download) is tried again
             return False
         old = self.models.swap(new)
@@ -114,6 +116,11 @@ class AliasFollower:
         if self.on_swap:
             self.on_swap(new)
         return True
+
+    def retry_refused(self) -> float:
+        """Seconds before a model refused as unusable is loaded again (its files may be
+        restored): ten checks, at least a minute."""
+        return max(60.0, 10 * self.every)
 
     def _serving(self) -> str:
         ref = self.models.default.ref

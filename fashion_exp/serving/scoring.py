@@ -15,7 +15,7 @@ Our logged models take one unnamed tensor, uint8 of shape (-1, 28, 28) (tracking
 
 This module answers the same. One deliberate difference: numpy turns a float outside
 [0, 256) into an arbitrary byte, so MLflow scores such an image silently; here it is refused
-(400 BAD_REQUEST), as are NaN and infinities. Two limits MLflow has not: at most max_images
+(400 BAD_REQUEST). Two limits MLflow has not: at most max_images
 images per request and a bounded body (413, error_code BAD_REQUEST).
 """
 
@@ -126,27 +126,29 @@ def parse(body: bytes, max_images: int) -> np.ndarray:
 
 
 def is_image_list(value: Any) -> bool:
-    """Whether a value is shaped like a list of images (lists of lists of lists), which is
-    how the image count is read before any conversion."""
+    """Whether a value is shaped like a list of images (a list whose first item is a list of
+    lists, or empty), which is how the image count is read before any conversion; one image
+    on its own (a list of rows of numbers) is not."""
     return (isinstance(value, list) and bool(value) and isinstance(value[0], list)
-            and bool(value[0]) and isinstance(value[0][0], list))
+            and (not value[0] or isinstance(value[0][0], list)))
 
 
 def to_uint8(value: Any) -> np.ndarray:
     """The array MLflow builds with np.array(value, dtype=uint8), without its silent wrap of
     out-of-range floats.
 
-    Converted through float64, one number per element: numpy would make a list holding text a
-    fixed-width string array (element count x longest string x 4 bytes, gigabytes from a
-    200 kB body). Strings of digits still convert, as MLflow converts them."""
+    Converted through int64, one Python int() per element, as MLflow's cast converts: floats
+    are truncated, strings must be integers ("7", not "7.5"), NaN and infinities are refused.
+    (numpy would make a list holding text a fixed-width string array first: element count x
+    longest string x 4 bytes, gigabytes from a 200 kB body.)"""
     try:
-        array = np.asarray(value, dtype=np.float64)
+        array = np.asarray(value, dtype=np.int64)
     except Exception as err:  # noqa: BLE001 - ragged lists, words, objects: all the input's
         raise bad_request(f"{type(err).__name__}: {str(err)[:200]}") from None
-    if array.size and not (np.isfinite(array).all() and array.min() >= 0
-                           and array.max() < 256):
-        bad = array[~((array >= 0) & (array < 256))].flat[0]  # NaN fails both tests
-        raise bad_request(f"pixel values must be numbers in [0, 256): got {bad:g}")
+    if array.size and (array.min() < 0 or array.max() > 255):
+        bad = array.min() if array.min() < 0 else array.max()
+        raise bad_request(f"Python integer {bad} out of bounds for uint8 (pixel values are "
+                          "0-255)")
     return array.astype(np.uint8)
 
 
