@@ -27,6 +27,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from fashion_exp.tracking.logged_models import ModelRef
+
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
                    Awaitable[None]]
@@ -62,10 +64,10 @@ class ServiceMetrics:
         for result in ("loaded", "failed"):
             self.loads.labels(result)  # both series exist from the start, at 0
 
-    def serving(self, uri: str, model_id: str, run_id: str, version: str | None) -> None:
+    def serving(self, ref: ModelRef) -> None:
         """Record the model now served by default (the previous one's series is removed)."""
         self.model.clear()
-        self.model.labels(uri, model_id, run_id, version or "").set(1)
+        self.model.labels(ref.uri, ref.model_id, ref.run_id, ref.version or "").set(1)
 
     def text(self) -> bytes:
         """Every metric in Prometheus' text exposition format."""

@@ -489,20 +489,19 @@ def create_app(default: ServedModel, resolver: Callable[[str], ModelRef],
     models = Models(default, resolver, load, settings, executor,
                     observe=metrics.batch_images.observe)
     metrics.loads.labels("loaded").inc()  # the default, loaded before the service starts
-    metrics.serving(default.ref.uri, default.ref.model_id, default.ref.run_id,
-                    default.ref.version)
+    metrics.serving(default.ref)
     follower = None
     if follow and settings.follow_seconds > 0:
         def swapped(new: ServedModel) -> None:
             metrics.swaps.inc()
-            metrics.serving(new.ref.uri, new.ref.model_id, new.ref.run_id, new.ref.version)
+            metrics.serving(new.ref)
 
         follower = AliasFollower(models, follow, resolver, load, settings.follow_seconds,
                                  permanent=(ModelUnusable,), on_swap=swapped)
     rng = np.random.default_rng()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202
+    async def lifespan(_: FastAPI):  # noqa: ANN202
         following = asyncio.create_task(follower.run()) if follower else None
         yield
         if following:
