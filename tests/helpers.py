@@ -94,3 +94,11 @@ BAD_REQUESTS = [
     ("top_k 11", {"params": {"top_k": 11}, "json": {"images": [GOOD]}}, 422,
      "less than or equal to 10"),
 ]
+
+
+def probabilities(prediction: dict) -> np.ndarray:
+    """All 10 class probabilities of one /predict answer (asked with top_k=10)."""
+    probs = np.zeros(10)
+    for c in prediction["top"]:
+        probs[c["index"]] = c["probability"]
+    return probs

@@ -18,7 +18,7 @@ from fashion_exp.core.preprocess import render_product_photo
 from fashion_exp.serving.service import Batcher
 
 from .conftest import real_data_dir
-from .helpers import encode, framing_error
+from .helpers import encode, framing_error, probabilities
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +35,6 @@ def client(served_app):
 
 def photo(image: np.ndarray, fmt: str = "JPEG", seed: int = 0) -> bytes:
     return render_product_photo(image, np.random.default_rng(seed), fmt)
-
-
-def probabilities(prediction: dict) -> np.ndarray:
-    probs = np.zeros(10)
-    for c in prediction["top"]:
-        probs[c["index"]] = c["probability"]
-    return probs
 
 
 # --- What it answers ---------------------------------------------------------------------------

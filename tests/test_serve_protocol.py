@@ -21,6 +21,7 @@ from devtools import servers
 from fashion_exp.core import data
 
 from .conftest import real_data_dir
+from .helpers import probabilities
 
 pytestmark = pytest.mark.slow  # real servers, each started in a subprocess
 
@@ -28,13 +29,6 @@ pytestmark = pytest.mark.slow  # real servers, each started in a subprocess
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
     return data.read_idx(real_data_dir() / data.FILES["x_test"])[:8]
-
-
-def probabilities(prediction: dict) -> np.ndarray:
-    probs = np.zeros(10)
-    for c in prediction["top"]:
-        probs[c["index"]] = c["probability"]
-    return probs
 
 
 def protocol_requests(images: np.ndarray) -> list[tuple[str, bytes, str]]:
