@@ -202,6 +202,7 @@ class TrainerConfig:
     steps_per_execution: int = 32
     jit_compile: bool | None = None
     onednn: bool | None = True
+    fused_batch_norm: bool = True
     threads: int = 0
     verbose: int = 1
     label_smoothing: float = 0.0

@@ -171,7 +171,7 @@ def tiny_fit(trainer: dict, model_cfg=None) -> dict:
     epochs: list[tuple[dict[str, float], int]] = []
     try:
         with training.distribution(cfg).scope():
-            model = build_model(model_cfg)
+            model = build_model(model_cfg, fused_batch_norm=cfg.fused_batch_norm)
             training.compile_model(model, keras.optimizers.Adam(1e-3), cfg, model_cfg)
         history = training.fit(model, splits, cfg, lambda m, e: epochs.append((m, e)))
         probs = training.evaluate(model, splits).probs
@@ -198,8 +198,64 @@ def test_label_smoothing_trains_on_one_hot_targets() -> None:
 def test_gpu_options_do_not_break_cpu_runs(trainer) -> None:
     out = tiny_fit(trainer)
     assert np.isfinite(out["history"]["loss"]).all()
+    # with batch norm, in both kernels: the fused one takes float16/bfloat16 inputs too
+    for fused in (True, False):
+        out = tiny_fit(trainer | {"fused_batch_norm": fused},
+                       cfg_of(CNNConfig, filters=[4], dense=[8], batch_norm=True))
+        assert np.isfinite(out["history"]["loss"]).all() and np.isfinite(out["probs"]).all()
     assert out["probs"].shape == (16, 10)
     np.testing.assert_allclose(out["probs"].sum(1), 1.0, rtol=1e-3)
     if "precision" in trainer:
         assert out["model"].get_layer("block0_conv0").compute_dtype == trainer["precision"][6:]
         assert out["model"].get_layer("probs").compute_dtype == "float32"
+
+
+def test_fused_batch_norm_trains_like_keras_batch_norm() -> None:
+    """Same outputs, gradients and moving statistics as Keras' layer, in one fused op."""
+    import tensorflow as tf
+
+    from fashion_exp.core.models import FusedBatchNormalization
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(2.0, 3.0, (64, 14, 14, 5)), tf.float32)
+    weights = tf.constant(rng.normal(0.0, 1.0, x.shape), tf.float32)  # a loss with real gradients
+    layers = [keras.layers.BatchNormalization(momentum=0.9), FusedBatchNormalization(momentum=0.9)]
+    results = []
+    for layer in layers:
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 1.5, 5))
+        layer.beta.assign(np.linspace(-1, 1, 5))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            out = layer(x, training=True)
+            loss = tf.reduce_sum(out * weights)
+        grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        results.append([out, *grads, layer.moving_mean, layer.moving_variance,
+                        layer(x, training=False)])
+    keras_bn, fused = ([np.asarray(v) for v in values] for values in results)
+    n = 64 * 14 * 14  # the fused kernel's moving variance is Bessel-corrected: n / (n - 1)
+    keras_bn[5] = 0.9 + (keras_bn[5] - 0.9) * n / (n - 1)
+    for name, a, b in zip(["output", "dx", "dgamma", "dbeta", "moving mean", "moving variance",
+                           "inference output"], keras_bn, fused, strict=True):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4, err_msg=name)
+    assert not np.allclose(fused[4], 0.0)  # the moving mean did move
+
+
+def test_fused_batch_norm_model_is_logged_as_plain_keras(tmp_path) -> None:
+    from fashion_exp.core.models import FusedBatchNormalization, plain_copy
+
+    cfg = cfg_of(CNNConfig, filters=[4, 8], batch_norm=True, dense=[8])
+    model = build_model(cfg, fused_batch_norm=True)
+    assert sum(isinstance(la, FusedBatchNormalization) for la in model.layers) == 2
+    images = np.random.default_rng(0).integers(0, 256, (64, 28, 28)).astype(np.uint8)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(images, np.arange(64) % 10, epochs=1, batch_size=16, verbose=0)
+    plain = plain_copy(model)
+    assert not any(isinstance(la, FusedBatchNormalization) for la in plain.layers)
+    assert [type(la) for la in plain.layers if "_bn" in la.name] == \
+        [keras.layers.BatchNormalization] * 2
+    np.testing.assert_allclose(plain.predict(images, verbose=0), model.predict(images, verbose=0),
+                               rtol=1e-6)
+    plain.save(tmp_path / "model.keras")
+    assert "fashion_exp" not in plain.to_json()  # loads where this package is not installed
+    assert plain_copy(plain) is plain  # nothing to replace: the same model

@@ -79,7 +79,7 @@ def train(cfg: DictConfig) -> float:
                  cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr)
         steps_per_epoch = math.ceil(len(splits.x_train) / cfg.trainer.batch_size)
         with training.distribution(cfg.trainer).scope():
-            model = models.build_model(cfg.model, cfg.augment)
+            model = models.build_model(cfg.model, cfg.augment, cfg.trainer.fused_batch_norm)
             optimizer = optim.build_optimizer(cfg.optimizer, cfg.schedule, steps_per_epoch,
                                               cfg.trainer.epochs)
             training.compile_model(model, optimizer, cfg.trainer, cfg.model,
@@ -102,6 +102,7 @@ def train(cfg: DictConfig) -> float:
             if trial.pruned_at is not None:
                 return end_pruned(run, cfg, history, trial, ckpt)
 
+        model = models.plain_copy(model)  # evaluated, saved and served as plain Keras
         log.info("Evaluating on %d test images", len(splits.x_test))
         result = training.evaluate(model, splits)
         last_epoch = len(history["loss"])

@@ -4,6 +4,7 @@ and returns class probabilities (N, 10): scaling to 0-1 is the model's first lay
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 from keras import layers
 from omegaconf import DictConfig
 
@@ -15,6 +16,48 @@ def _inputs() -> tuple[keras.KerasTensor, keras.KerasTensor]:
     """Raw uint8 pixels in, floats in [0, 1] out."""
     raw = keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name="image")
     return raw, layers.Rescaling(1.0 / 255, name="scale")(raw)
+
+
+@keras.saving.register_keras_serializable(package="fashion_exp")
+class FusedBatchNormalization(layers.BatchNormalization):
+    """Keras' batch norm, trained with TensorFlow's fused kernel: one FusedBatchNormV3 op (and
+    one for its gradient) instead of the ~10 separate ops of Keras 3's TensorFlow backend.
+
+    Same weights and maths: normalizes with the batch's mean and (biased) variance, and keeps
+    moving averages with Keras' momentum. The one difference is the kernel's Bessel-corrected
+    variance in the moving average (n / (n - 1), n = batch x height x width pixels per
+    channel). Inference uses Keras' own code path; plain_copy() makes the logged model plain
+    Keras again, so that it loads without this package.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if not (training and self.trainable) or mask is not None or len(inputs.shape) != 4 \
+                or self.axis not in (-1, 3) or self.renorm or not (self.center and self.scale):
+            return super().call(inputs, training=training, mask=mask)
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            tf.cast(inputs, "float32"), tf.convert_to_tensor(self.gamma),
+            tf.convert_to_tensor(self.beta), mean=tf.convert_to_tensor(self.moving_mean),
+            variance=tf.convert_to_tensor(self.moving_variance), epsilon=self.epsilon,
+            is_training=True, exponential_avg_factor=1.0 - self.momentum)
+        self.moving_mean.assign(mean)
+        self.moving_variance.assign(variance)
+        return tf.cast(y, self.compute_dtype)
+
+
+def plain_copy(model: keras.Model) -> keras.Model:
+    """The model with every FusedBatchNormalization replaced by Keras' BatchNormalization
+    (same config and weights): what gets evaluated, saved and served."""
+    if not any(isinstance(layer, FusedBatchNormalization) for layer in model.layers):
+        return model
+
+    def plain(layer: keras.layers.Layer) -> keras.layers.Layer:
+        kind = layers.BatchNormalization if isinstance(layer, FusedBatchNormalization) \
+            else type(layer)
+        return kind.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(model, clone_function=plain)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def _augment(x: keras.KerasTensor, cfg: DictConfig | None) -> keras.KerasTensor:
@@ -44,7 +87,8 @@ def _output(x: keras.KerasTensor) -> keras.KerasTensor:
     return layers.Dense(NUM_CLASSES, activation="softmax", dtype="float32", name="probs")(x)
 
 
-def build_mlp(cfg: DictConfig, augment: DictConfig | None = None) -> keras.Model:
+def build_mlp(cfg: DictConfig, augment: DictConfig | None = None,
+              fused_batch_norm: bool = False) -> keras.Model:
     """Flatten, one Dense layer per width in cfg.hidden (with optional dropout), softmax."""
     raw, x = _inputs()
     if augments(augment):
@@ -63,8 +107,11 @@ def block_convs(cfg: DictConfig) -> list[int]:
     return [int(c) for c in counts] if not isinstance(counts, int) else [counts] * len(cfg.filters)
 
 
-def build_cnn(cfg: DictConfig, augment: DictConfig | None = None) -> keras.Model:
-    """Conv blocks (conv [+BN] x convs_per_block, pooling), then Dense layers and softmax."""
+def build_cnn(cfg: DictConfig, augment: DictConfig | None = None,
+              fused_batch_norm: bool = False) -> keras.Model:
+    """Conv blocks (conv [+BN] x convs_per_block, pooling), then Dense layers and softmax;
+    batch norm trained with the fused kernel if asked (FusedBatchNormalization)."""
+    norm = FusedBatchNormalization if fused_batch_norm else layers.BatchNormalization
     raw, x = _inputs()
     x = _augment(x, augment)
     pool = layers.MaxPooling2D if cfg.pooling == "max" else layers.AveragePooling2D
@@ -74,7 +121,7 @@ def build_cnn(cfg: DictConfig, augment: DictConfig | None = None) -> keras.Model
             x = layers.Conv2D(filters, cfg.kernel_size, padding="same",
                               use_bias=not cfg.batch_norm, name=name)(x)
             if cfg.batch_norm:
-                x = layers.BatchNormalization(name=f"{name}_bn")(x)
+                x = norm(name=f"{name}_bn")(x)
             x = layers.Activation(cfg.activation, name=f"{name}_act")(x)
         x = pool(2, name=f"block{b}_pool")(x)
     if cfg.global_pooling:
@@ -93,6 +140,8 @@ def build_cnn(cfg: DictConfig, augment: DictConfig | None = None) -> keras.Model
 BUILDERS = {"mlp": build_mlp, "cnn": build_cnn}
 
 
-def build_model(cfg: DictConfig, augment: DictConfig | None = None) -> keras.Model:
-    """The model that cfg.name names, with the augment config's layers after the input."""
-    return BUILDERS[cfg.name](cfg, augment)
+def build_model(cfg: DictConfig, augment: DictConfig | None = None,
+                fused_batch_norm: bool = False) -> keras.Model:
+    """The model that cfg.name names, with the augment config's layers after the input (and
+    its batch norm layers, if any, trained with the fused kernel if asked)."""
+    return BUILDERS[cfg.name](cfg, augment, fused_batch_norm)
