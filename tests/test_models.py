@@ -200,9 +200,10 @@ def test_gpu_options_do_not_break_cpu_runs(trainer) -> None:
     assert np.isfinite(out["history"]["loss"]).all()
     # with batch norm, in both kernels: the fused one takes float16/bfloat16 inputs too
     for fused in (True, False):
-        out = tiny_fit(trainer | {"fused_batch_norm": fused},
-                       cfg_of(CNNConfig, filters=[4], dense=[8], batch_norm=True))
-        assert np.isfinite(out["history"]["loss"]).all() and np.isfinite(out["probs"]).all()
+        normed = tiny_fit(trainer | {"fused_batch_norm": fused},
+                          cfg_of(CNNConfig, filters=[4], dense=[8], batch_norm=True))
+        assert np.isfinite(normed["history"]["loss"]).all()
+        np.testing.assert_allclose(normed["probs"].sum(axis=1), 1.0, rtol=1e-3)
     assert out["probs"].shape == (16, 10)
     np.testing.assert_allclose(out["probs"].sum(1), 1.0, rtol=1e-3)
     if "precision" in trainer:
@@ -230,6 +231,10 @@ def test_fused_batch_norm_trains_like_keras_batch_norm() -> None:
             out = layer(x, training=True)
             loss = tf.reduce_sum(out * weights)
         grads = tape.gradient(loss, [x, layer.gamma, layer.beta])
+        graph = tf.function(lambda t, layer=layer: layer(t, training=True)) \
+            .get_concrete_function(x).graph
+        ops = {op.type for op in graph.get_operations()}
+        assert ("FusedBatchNormV3" in ops) is isinstance(layer, FusedBatchNormalization), ops
         results.append([out, *grads, layer.moving_mean, layer.moving_variance,
                         layer(x, training=False)])
     keras_bn, fused = ([np.asarray(v) for v in values] for values in results)
@@ -256,6 +261,12 @@ def test_fused_batch_norm_model_is_logged_as_plain_keras(tmp_path) -> None:
         [keras.layers.BatchNormalization] * 2
     np.testing.assert_allclose(plain.predict(images, verbose=0), model.predict(images, verbose=0),
                                rtol=1e-6)
-    plain.save(tmp_path / "model.keras")
+    assert plain.optimizer.iterations.numpy() == model.optimizer.iterations.numpy() == 4
+    for mine, trained in zip(plain.optimizer.variables, model.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(mine.numpy(), trained.numpy())
     assert "fashion_exp" not in plain.to_json()  # loads where this package is not installed
+    plain.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), plain.predict(images, verbose=0),
+                               rtol=1e-6)
     assert plain_copy(plain) is plain  # nothing to replace: the same model

@@ -102,7 +102,7 @@ def test_cnn_with_schedule_augmentation_and_label_smoothing(tmp_path, tracking_u
     """The building blocks wired through the runner: the learning rate follows the cosine
     schedule per epoch, the augmentation layers are in the model but idle at inference."""
     result = run_cli(*FAST, "model=cnn", "model.filters=[8]", "model.dense=[]",
-                     "optimizer=adam", "schedule=cosine", "augment=strong",
+                     "model.batch_norm=true", "optimizer=adam", "schedule=cosine", "augment=strong",
                      "trainer.label_smoothing=0.1", "trainer.epochs=3", "tracking.figures=false",
                      f"tracking.uri={tracking_uri}", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -117,6 +117,11 @@ def test_cnn_with_schedule_augmentation_and_label_smoothing(tmp_path, tracking_u
     assert len(rates) == 3 and rates[0] > rates[1] > rates[2] and rates[2] == pytest.approx(0)
     summary = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/model_summary.txt")
     assert "random_shift" in summary and "random_erasing" in summary
+    # trained with the fused batch norm kernel (trainer.fused_batch_norm), logged as plain Keras
+    assert "BatchNormalization" in summary and "Fused" not in summary
+    keras_model = mlflow.tensorflow.load_model(f"runs:/{run.info.run_id}/model")
+    assert [type(layer).__name__ for layer in keras_model.layers if "_bn" in layer.name] \
+        == ["BatchNormalization"]
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     images = np.random.default_rng(0).integers(0, 256, (4, 28, 28)).astype(np.uint8)
     np.testing.assert_array_equal(model.predict(images), model.predict(images))

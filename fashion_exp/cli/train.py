@@ -86,7 +86,7 @@ def train(cfg: DictConfig) -> float:
                                    augmented=models.augments(cfg.augment))
             ckpt.restore(model)
         if not ckpt.resumed:
-            run.log_model_info(model)
+            run.log_model_info(models.plain_copy(model))  # the layers the logged model has
 
         log.info("Training <trainer.epochs=%d trainer.batch_size=%d schedule.name=%s "
                  "augment: shift=%g flip=%s erasing=%g>", cfg.trainer.epochs,

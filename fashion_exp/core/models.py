@@ -32,7 +32,8 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
     def call(self, inputs, training=None, mask=None):
         if not (training and self.trainable) or mask is not None or len(inputs.shape) != 4 \
-                or self.axis not in (-1, 3) or self.renorm or not (self.center and self.scale):
+                or self.axis not in (-1, 3) or self.renorm or self.synchronized \
+                or not (self.center and self.scale):
             return super().call(inputs, training=training, mask=mask)
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
             tf.cast(inputs, "float32"), tf.convert_to_tensor(self.gamma),
@@ -46,7 +47,8 @@ class FusedBatchNormalization(layers.BatchNormalization):
 
 def plain_copy(model: keras.Model) -> keras.Model:
     """The model with every FusedBatchNormalization replaced by Keras' BatchNormalization
-    (same config and weights): what gets evaluated, saved and served."""
+    (same config, weights, compile settings and optimizer state): what gets evaluated, saved
+    and served."""
     if not any(isinstance(layer, FusedBatchNormalization) for layer in model.layers):
         return model
 
@@ -55,8 +57,12 @@ def plain_copy(model: keras.Model) -> keras.Model:
             else type(layer)
         return kind.from_config(layer.get_config())
 
-    copy = keras.models.clone_model(model, clone_function=plain)
+    copy = keras.models.clone_model(model, clone_function=plain)  # compiled like `model`
     copy.set_weights(model.get_weights())
+    if copy.optimizer is not None and model.optimizer is not None and model.optimizer.built:
+        copy.optimizer.build(copy.trainable_variables)  # a fresh optimizer: take the trained one's
+        for mine, trained in zip(copy.optimizer.variables, model.optimizer.variables, strict=True):
+            mine.assign(trained)
     return copy
 
 
