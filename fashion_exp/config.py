@@ -182,6 +182,7 @@ class AugmentConfig:
     flip: bool = False
     erasing: float = 0.0
     erasing_max_area: float = 0.25
+    test_flip: bool = False
 
     def __post_init__(self) -> None:
         _check(0 <= self.shift <= 0.5, "shift", self.shift, "must be in [0, 0.5]")

@@ -270,3 +270,32 @@ def test_fused_batch_norm_model_is_logged_as_plain_keras(tmp_path) -> None:
     np.testing.assert_allclose(loaded.predict(images, verbose=0), plain.predict(images, verbose=0),
                                rtol=1e-6)
     assert plain_copy(plain) is plain  # nothing to replace: the same model
+
+
+def test_test_flip_averages_each_image_and_its_mirror(tmp_path) -> None:
+    from fashion_exp.config import AugmentConfig
+    from fashion_exp.core.models import inference_model, with_test_flip
+
+    model = build_model(cfg_of(CNNConfig, filters=[4], batch_norm=True, dense=[]),
+                        fused_batch_norm=True)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    images = np.random.default_rng(1).integers(0, 256, (32, 28, 28)).astype(np.uint8)
+    model.fit(images, np.arange(32) % 10, epochs=1, batch_size=16, verbose=0)
+    plain = inference_model(model, cfg_of(AugmentConfig))
+    assert plain.name == "cnn" and not plain.name.endswith("test_flip")
+    flipped = inference_model(model, cfg_of(AugmentConfig, test_flip=True))
+    assert flipped.name == "cnn_test_flip"
+    probs, mirror_probs = (plain.predict(x, verbose=0) for x in (images, images[:, :, ::-1]))
+    assert not np.allclose(probs, mirror_probs, atol=1e-3)  # the network is not symmetric
+    tta = flipped.predict(images, verbose=0)
+    np.testing.assert_allclose(tta, (probs + mirror_probs) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(tta.sum(axis=1), 1.0, rtol=1e-5)
+    # an image and its mirror get the same answer; the batch's order is kept
+    np.testing.assert_allclose(flipped.predict(images[:, :, ::-1], verbose=0), tta, rtol=1e-5,
+                               atol=1e-6)
+    assert "fashion_exp" not in flipped.to_json()  # plain Keras layers and ops only
+    flipped.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")  # safe mode
+    np.testing.assert_allclose(loaded.predict(images, verbose=0), tta, rtol=1e-6)
+    assert loaded.output.dtype == "float32" and loaded.input.dtype == "uint8"
+    assert with_test_flip(plain).optimizer is plain.optimizer

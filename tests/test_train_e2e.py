@@ -103,7 +103,8 @@ def test_cnn_with_schedule_augmentation_and_label_smoothing(tmp_path, tracking_u
     schedule per epoch, the augmentation layers are in the model but idle at inference."""
     result = run_cli(*FAST, "model=cnn", "model.filters=[8]", "model.dense=[]",
                      "model.batch_norm=true", "optimizer=adam", "schedule=cosine", "augment=strong",
-                     "trainer.label_smoothing=0.1", "trainer.epochs=3", "tracking.figures=false",
+                     "augment.test_flip=true", "trainer.label_smoothing=0.1", "trainer.epochs=3",
+                     "tracking.figures=false",
                      f"tracking.uri={tracking_uri}", tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs_of(tracking_uri)
@@ -120,11 +121,16 @@ def test_cnn_with_schedule_augmentation_and_label_smoothing(tmp_path, tracking_u
     # trained with the fused batch norm kernel (trainer.fused_batch_norm), logged as plain Keras
     assert "BatchNormalization" in summary and "Fused" not in summary
     keras_model = mlflow.tensorflow.load_model(f"runs:/{run.info.run_id}/model")
-    assert [type(layer).__name__ for layer in keras_model.layers if "_bn" in layer.name] \
+    network = keras_model.get_layer("cnn")  # inside the test-time flip wrapper
+    assert [type(layer).__name__ for layer in network.layers if "_bn" in layer.name] \
         == ["BatchNormalization"]
+    # augment.test_flip: the logged model averages each image's and its mirror's predictions
+    assert keras_model.name == "cnn_test_flip" and "cnn_test_flip" in summary
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     images = np.random.default_rng(0).integers(0, 256, (4, 28, 28)).astype(np.uint8)
     np.testing.assert_array_equal(model.predict(images), model.predict(images))
+    np.testing.assert_allclose(model.predict(images[:, :, ::-1].copy()), model.predict(images),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_same_seed_same_metrics_via_both_entry_points(tmp_path, tracking_uri) -> None:

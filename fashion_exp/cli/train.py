@@ -86,12 +86,12 @@ def train(cfg: DictConfig) -> float:
                                    augmented=models.augments(cfg.augment))
             ckpt.restore(model)
         if not ckpt.resumed:
-            run.log_model_info(models.plain_copy(model))  # the layers the logged model has
+            run.log_model_info(models.inference_model(model, cfg.augment))  # as it is logged
 
         log.info("Training <trainer.epochs=%d trainer.batch_size=%d schedule.name=%s "
-                 "augment: shift=%g flip=%s erasing=%g>", cfg.trainer.epochs,
+                 "augment: shift=%g flip=%s erasing=%g test_flip=%s>", cfg.trainer.epochs,
                  cfg.trainer.batch_size, cfg.schedule.name, cfg.augment.shift,
-                 cfg.augment.flip, cfg.augment.erasing)
+                 cfg.augment.flip, cfg.augment.erasing, cfg.augment.test_flip)
         trial = search_trial(cfg)  # a trial of a search reports every epoch
         extra = [optim.plateau_callback(cfg.schedule, cfg.optimizer.lr), ckpt.saver(),
                  trial and trial.callback()]
@@ -102,7 +102,7 @@ def train(cfg: DictConfig) -> float:
             if trial.pruned_at is not None:
                 return end_pruned(run, cfg, history, trial, ckpt)
 
-        model = models.plain_copy(model)  # evaluated, saved and served as plain Keras
+        model = models.inference_model(model, cfg.augment)  # evaluated, saved and served
         log.info("Evaluating on %d test images", len(splits.x_test))
         result = training.evaluate(model, splits)
         last_epoch = len(history["loss"])

@@ -66,6 +66,27 @@ def plain_copy(model: keras.Model) -> keras.Model:
     return copy
 
 
+def with_test_flip(model: keras.Model) -> keras.Model:
+    """Test-time augmentation: a model that averages `model`'s probabilities on each image and
+    on its mirror image (twice the inference cost). Built of Keras' own layers and ops, so the
+    saved model loads without this package; compiled with `model`'s optimizer and loss."""
+    raw = keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name="image")
+    mirrored = keras.ops.flip(raw, axis=2)  # left-right: the image's columns reversed
+    probs = layers.Average(name="probs_test_flip", dtype="float32")(
+        [model(raw), model(mirrored)])
+    wrapped = keras.Model(raw, probs, name=f"{model.name}_test_flip")
+    if model.compiled:
+        wrapped.compile(optimizer=model.optimizer, loss=model.loss)
+    return wrapped
+
+
+def inference_model(model: keras.Model, augment: DictConfig | None) -> keras.Model:
+    """The trained model as it is evaluated, saved and served: plain Keras batch norm
+    (plain_copy) and, with augment.test_flip, test-time flips (with_test_flip)."""
+    model = plain_copy(model)
+    return with_test_flip(model) if augment is not None and augment.test_flip else model
+
+
 def _augment(x: keras.KerasTensor, cfg: DictConfig | None) -> keras.KerasTensor:
     """Random shift, flip and erasing layers; Keras runs them in training only."""
     x = layers.Reshape((*IMAGE_SHAPE, 1), name="channel")(x)

@@ -108,7 +108,8 @@ class Recorder:
         """Parameter and layer counts as tags (they follow from params, so they are not
         params: a sweep's comparison would count them as varied), the Keras summary as text."""
         lines: list[str] = []
-        model.summary(print_fn=lambda line, **_: lines.append(line))
+        model.summary(print_fn=lambda line, **_: lines.append(line), expand_nested=True,
+                      line_length=110)
         self.set_tags({"model.param_count": str(model.count_params()),
                        "model.num_layers": str(len(model.layers))})
         self.log_text("\n".join(lines), "model_summary.txt")
