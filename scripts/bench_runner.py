@@ -107,6 +107,9 @@ BARE_SCRIPT = textwrap.dedent("""
               validation_split=val, verbose=2)
     fit_s = time.perf_counter() - start
     loss, acc = model.evaluate(x_test, y_test, verbose=0)
+    if aug.get("test_flip"):  # as the framework's augment.test_flip: average with the mirror
+        probs = (model.predict(x_test, verbose=0) + model.predict(x_test[:, :, ::-1], verbose=0))
+        acc = float(np.mean(probs.argmax(1) == idx("t10k-labels-idx1-ubyte.gz", 8)))
     model.save(f"{out}/model.keras")
     print(json.dumps({"test_accuracy": acc, "fit_s": fit_s}))
 """)

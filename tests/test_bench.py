@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 
 import keras
+import numpy as np
 import pytest
 
+from fashion_exp.core.data import load_arrays
 from tests.conftest import REPO, write_dataset
 
 
@@ -23,13 +25,18 @@ def bench_runner():
 def test_bare_script_trains_the_preset_with_the_overrides(tmp_path) -> None:
     bench = bench_runner()
     cfg = bench.preset_config("cnn_best", 1, ["augment.shift=0.1", "augment.flip=true",
-                                                 "augment.erasing=0.5",
+                                                 "augment.erasing=0.5", "augment.test_flip=true",
                                                  "model.convs_per_block=[2,1]"])
     folder = write_dataset(tmp_path / "data", n_train=300, n_test=60)
     result = bench.run_bare(folder, cfg, seed=0, out=tmp_path)
     assert 0.0 <= result["test_accuracy"] <= 1.0 and result["fit_s"] > 0
 
     model = keras.models.load_model(tmp_path / "model.keras")
+    # augment.test_flip: scored as the framework scores it, on each image and its mirror
+    arrays = load_arrays(folder, verify_md5=False)
+    images = arrays["x_test"][..., None] / 255.0
+    probs = model.predict(images, verbose=0) + model.predict(images[:, :, ::-1], verbose=0)
+    assert result["test_accuracy"] == pytest.approx(np.mean(probs.argmax(1) == arrays["y_test"]))
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds[:3] == ["RandomTranslation", "RandomFlip", "RandomErasing"]
     convs = [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
