@@ -84,6 +84,28 @@ def test_sigterm_ends_killed(experiment, monkeypatch) -> None:
     assert _only_run(experiment).info.status == "KILLED"
 
 
+def test_a_stop_during_a_store_write_waits_for_the_write(experiment, monkeypatch) -> None:
+    """Ctrl-C while a metric is written, and again while the error tag is: the metric is
+    kept, and the run still ends KILLED."""
+    from fashion_exp import interrupts
+
+    monkeypatch.setattr(interrupts, "_requested", None)
+    with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+        with store.tracked_run(experiment, "cut", {}) as run:
+            write = run.client.log_batch
+
+            def interrupted(*args, **kwargs):  # Ctrl-C in the middle of every write
+                os.kill(os.getpid(), signal.SIGINT)
+                signal.sigtimedwait([], 0)  # let the handler run
+                return write(*args, **kwargs)
+
+            monkeypatch.setattr(run.client, "log_batch", interrupted)
+            run.log_metrics({"m": 1.0}, 1)
+            pytest.fail("the stop was not raised when the write ended")
+    run = _only_run(experiment)
+    assert (run.info.status, run.data.metrics["m"]) == ("KILLED", 1.0)
+
+
 @pytest.mark.slow  # four processes
 def test_parallel_first_use_of_a_fresh_store_does_not_corrupt_it(tmp_path) -> None:
     import subprocess

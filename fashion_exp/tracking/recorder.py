@@ -21,6 +21,7 @@ from typing import Any
 from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from fashion_exp import interrupts
 from fashion_exp.config import flatten
 from fashion_exp.core.metrics import PER_CLASS_PREFIX, epoch_metric, tidy
 from fashion_exp.tracking.offline import Outbox, apply
@@ -56,7 +57,8 @@ class Recorder:
             return entry
 
         if self.outbox is None:
-            now()
+            with interrupts.deferred():  # Ctrl-C waits for the write: no half-written store
+                now()
         else:
             self.outbox.send(now, kept)
 

@@ -206,13 +206,11 @@ def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str],
     recorder = Recorder(client, run_id, outbox)
     try:
         yield recorder
-    except KeyboardInterrupt as err:
-        recorder.record_error(err)
-        recorder.end("KILLED")
-        raise
     except BaseException as err:
-        recorder.record_error(err)
-        recorder.end("FAILED")
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        with interrupts.deferred():  # a second Ctrl-C waits until the run has ended
+            recorder.record_error(err)
+            recorder.end(status)
         raise
     else:
         recorder.end("FINISHED")
