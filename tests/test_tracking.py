@@ -106,6 +106,24 @@ def test_a_stop_during_a_store_write_waits_for_the_write(experiment, monkeypatch
     assert (run.info.status, run.data.metrics["m"]) == ("KILLED", 1.0)
 
 
+def test_a_stop_while_the_run_starts_ends_it_killed(experiment, monkeypatch) -> None:
+    from fashion_exp import interrupts
+
+    monkeypatch.setattr(interrupts, "_requested", None)
+    create = mlflow.MlflowClient.create_run
+
+    def interrupted(self, *args, **kwargs):  # Ctrl-C while the run is created
+        os.kill(os.getpid(), signal.SIGINT)
+        signal.sigtimedwait([], 0)
+        return create(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "create_run", interrupted)
+    with pytest.raises(KeyboardInterrupt, match="SIGINT"):
+        with store.tracked_run(experiment, "early", {}):
+            pytest.fail("a stopped run's body ran")
+    assert _only_run(experiment).info.status == "KILLED"
+
+
 @pytest.mark.slow  # four processes
 def test_parallel_first_use_of_a_fresh_store_does_not_corrupt_it(tmp_path) -> None:
     import subprocess

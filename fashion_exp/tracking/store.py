@@ -171,6 +171,25 @@ def resumable(run_id: str, uri: str) -> bool:
 
 # --- How a run ends ----------------------------------------------------------------------------
 
+def _begin(client: mlflow.MlflowClient, experiment_id: str, run_name: str,
+           tags: dict[str, str], resume_run_id: str | None) -> str:
+    """Create the run, or set a stopped one RUNNING again, with this process as its owner."""
+    owner = {f"process.{key}": value for key, value in procs.this_process().items()}
+    if resume_run_id:
+        stopped_by = client.get_run(resume_run_id).data.tags.get("error")
+        client.update_run(resume_run_id, status="RUNNING")
+        resumed = owner | {k: v for k, v in tags.items() if k.startswith("resum")}
+        for key, value in resumed.items():
+            client.set_tag(resume_run_id, key, value)
+        if stopped_by:  # the run goes on: its stop is history, not its error
+            client.set_tag(resume_run_id, "stopped_by", stopped_by)
+            client.delete_tag(resume_run_id, "error")
+        return resume_run_id
+    # MLflow's run-context tags (source, user, git commit), as its own start_run adds.
+    return client.create_run(experiment_id, run_name=fit_run_name(run_name),
+                             tags=resolve_tags(tags | owner)).info.run_id
+
+
 @contextmanager
 def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str],
                 cfg: DictConfig | None = None,
@@ -185,21 +204,14 @@ def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str],
     survives outages."""
     interrupts.install()
     client = mlflow.MlflowClient()
-    owner = {f"process.{key}": value for key, value in procs.this_process().items()}
-    if resume_run_id:
-        run_id = resume_run_id
-        stopped_by = client.get_run(run_id).data.tags.get("error")
-        client.update_run(run_id, status="RUNNING")
-        resumed = owner | {k: v for k, v in tags.items() if k.startswith("resum")}
-        for key, value in resumed.items():
-            client.set_tag(run_id, key, value)
-        if stopped_by:  # the run goes on: its stop is history, not its error
-            client.set_tag(run_id, "stopped_by", stopped_by)
-            client.delete_tag(run_id, "error")
-    else:
-        # MLflow's run-context tags (source, user, git commit), as its own start_run adds.
-        run_id = client.create_run(experiment_id, run_name=fit_run_name(run_name),
-                                   tags=resolve_tags(tags | owner)).info.run_id
+    run_id: str | None = None
+    try:
+        with interrupts.deferred():  # a stop while the run starts is raised once it has
+            run_id = _begin(client, experiment_id, run_name, tags, resume_run_id)
+    except KeyboardInterrupt:
+        if run_id is not None:  # ... and then the run ends KILLED, not RUNNING
+            client.set_terminated(run_id, "KILLED")
+        raise
     uri = client.tracking_uri
     outbox = (Outbox(uri, run_id, offline_root(cfg))
               if cfg is not None and is_server(uri) else None)
