@@ -3,9 +3,9 @@
 The handler raises KeyboardInterrupt at once, but Python drops an exception raised while a
 finalizer runs (TensorFlow frees graphs in `__del__`), so the request is also remembered and
 `check()` raises it again at the next safe point (each epoch, each job start). Inside a
-`deferred()` section (a write to the tracking store) the handler only remembers the request,
-and the section raises it when it ends: a write cut in half could leave the store locked and
-the run RUNNING.
+`deferred()` section (a write to the tracking store) the handler only remembers the first
+request, and the section raises it when it ends: a write cut in half could leave the store
+locked and the run RUNNING. A second request inside the section stops at once.
 """
 
 from __future__ import annotations
@@ -19,29 +19,43 @@ from typing import Any
 _requested: str | None = None
 _requests = 0  # stop requests so far: deferred() raises those that came while it ran
 _deferring = 0  # deferred() sections the main thread is in
+_entered_at = 0  # _requests when the outermost section began
 
 
 def request_stop(signum: int, frame: Any) -> None:
-    """Signal handler: remember the stop and raise KeyboardInterrupt, unless deferred."""
+    """Signal handler: remember the stop and raise KeyboardInterrupt, unless it is the first
+    one inside a deferred() section (a second one there stops at once: a way out of a write
+    that hangs)."""
     global _requested, _requests
     _requested = f"signal {signal.Signals(signum).name}"
     _requests += 1
-    if not _deferring:
+    if not (_deferring and _requests - _entered_at == 1):
         raise KeyboardInterrupt(_requested)
 
 
 @contextmanager
-def deferred() -> Iterator[None]:
+def deferred(raise_stop: bool = True) -> Iterator[None]:
     """A section that a stop request does not cut: one that arrives inside is raised as
-    KeyboardInterrupt when the (outermost) section ends."""
-    global _deferring
-    before = _requests
+    KeyboardInterrupt when the (outermost) section ends, even if the section failed
+    (raise_stop=False: only remembered, for the next check()). Main thread only: signal
+    handlers run there; elsewhere the section is an ordinary one."""
+    global _deferring, _entered_at
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if not _deferring:
+        _entered_at = _requests
     _deferring += 1
     try:
         yield
-    finally:
+    except BaseException as err:
         _deferring -= 1
-    if not _deferring and _requests != before:
+        if raise_stop and not _deferring and _requests != _entered_at \
+                and not isinstance(err, KeyboardInterrupt):
+            raise KeyboardInterrupt(_requested) from err  # the stop, not what it cut short
+        raise
+    _deferring -= 1
+    if raise_stop and not _deferring and _requests != _entered_at:
         raise KeyboardInterrupt(_requested)
 
 

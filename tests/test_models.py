@@ -274,7 +274,7 @@ def test_fused_batch_norm_model_is_logged_as_plain_keras(tmp_path) -> None:
 
 def test_test_flip_averages_each_image_and_its_mirror(tmp_path) -> None:
     from fashion_exp.config import AugmentConfig
-    from fashion_exp.core.models import inference_model, with_test_flip
+    from fashion_exp.core.models import inference_model, network, with_test_flip
 
     model = build_model(cfg_of(CNNConfig, filters=[4], batch_norm=True, dense=[]),
                         fused_batch_norm=True)
@@ -299,3 +299,6 @@ def test_test_flip_averages_each_image_and_its_mirror(tmp_path) -> None:
     np.testing.assert_allclose(loaded.predict(images, verbose=0), tta, rtol=1e-6)
     assert loaded.output.dtype == "float32" and loaded.input.dtype == "uint8"
     assert with_test_flip(plain).optimizer is plain.optimizer
+    loss, accuracy = loaded.evaluate(images, np.arange(32) % 10, verbose=0)  # compiled, metric
+    assert accuracy == pytest.approx(np.mean(tta.argmax(1) == np.arange(32) % 10))
+    assert network(flipped).name == "cnn" and network(plain) is plain

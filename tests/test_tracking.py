@@ -95,8 +95,7 @@ def test_a_stop_during_a_store_write_waits_for_the_write(experiment, monkeypatch
             write = run.client.log_batch
 
             def interrupted(*args, **kwargs):  # Ctrl-C in the middle of every write
-                os.kill(os.getpid(), signal.SIGINT)
-                signal.sigtimedwait([], 0)  # let the handler run
+                signal.raise_signal(signal.SIGINT)  # the handler runs before this returns
                 return write(*args, **kwargs)
 
             monkeypatch.setattr(run.client, "log_batch", interrupted)
@@ -113,8 +112,7 @@ def test_a_stop_while_the_run_starts_ends_it_killed(experiment, monkeypatch) -> 
     create = mlflow.MlflowClient.create_run
 
     def interrupted(self, *args, **kwargs):  # Ctrl-C while the run is created
-        os.kill(os.getpid(), signal.SIGINT)
-        signal.sigtimedwait([], 0)
+        signal.raise_signal(signal.SIGINT)
         return create(self, *args, **kwargs)
 
     monkeypatch.setattr(mlflow.MlflowClient, "create_run", interrupted)
@@ -122,6 +120,43 @@ def test_a_stop_while_the_run_starts_ends_it_killed(experiment, monkeypatch) -> 
         with store.tracked_run(experiment, "early", {}):
             pytest.fail("a stopped run's body ran")
     assert _only_run(experiment).info.status == "KILLED"
+
+
+def test_a_stop_while_the_run_finishes_lets_it_finish(experiment, monkeypatch) -> None:
+    from fashion_exp import interrupts
+
+    monkeypatch.setattr(interrupts, "_requested", None)
+    with store.tracked_run(experiment, "last", {}) as run:
+        end = run.client.set_terminated
+
+        def interrupted(*args, **kwargs):  # Ctrl-C while the run is set FINISHED
+            signal.raise_signal(signal.SIGINT)
+            return end(*args, **kwargs)
+
+        monkeypatch.setattr(run.client, "set_terminated", interrupted)
+    assert _only_run(experiment).info.status == "FINISHED"
+    with pytest.raises(KeyboardInterrupt):  # remembered: a sweep starts no next job
+        interrupts.check()
+
+
+def test_a_second_stop_inside_a_deferred_section_stops_at_once(monkeypatch) -> None:
+    from fashion_exp import interrupts
+
+    monkeypatch.setattr(interrupts, "_requested", None)
+    interrupts.install()
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with interrupts.deferred():
+            signal.raise_signal(signal.SIGINT)
+            done.append("the first stop waited")
+            signal.raise_signal(signal.SIGINT)
+            done.append("the second stop waited")
+    assert done == ["the first stop waited"]
+    with pytest.raises(KeyboardInterrupt, match="SIGINT") as stopped:
+        with interrupts.deferred():  # a stop and then a failure: the stop is what is raised
+            signal.raise_signal(signal.SIGINT)
+            raise OSError("disk full")
+    assert isinstance(stopped.value.__cause__, OSError)
 
 
 @pytest.mark.slow  # four processes

@@ -126,6 +126,7 @@ def test_cnn_with_schedule_augmentation_and_label_smoothing(tmp_path, tracking_u
         == ["BatchNormalization"]
     # augment.test_flip: the logged model averages each image's and its mirror's predictions
     assert keras_model.name == "cnn_test_flip" and "cnn_test_flip" in summary
+    assert run.data.tags["model.num_layers"] == str(len(network.layers))  # the network's
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     images = np.random.default_rng(0).integers(0, 256, (4, 28, 28)).astype(np.uint8)
     np.testing.assert_array_equal(model.predict(images), model.predict(images))

@@ -86,7 +86,8 @@ def train(cfg: DictConfig) -> float:
                                    augmented=models.augments(cfg.augment))
             ckpt.restore(model)
         if not ckpt.resumed:
-            run.log_model_info(models.inference_model(model, cfg.augment))  # as it is logged
+            logged = models.inference_model(model, cfg.augment)
+            run.log_model_info(logged, models.network(logged))  # as it will be logged
 
         log.info("Training <trainer.epochs=%d trainer.batch_size=%d schedule.name=%s "
                  "augment: shift=%g flip=%s erasing=%g test_flip=%s>", cfg.trainer.epochs,

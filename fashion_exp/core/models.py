@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
+TEST_FLIP_SUFFIX = "_test_flip"  # the name of a with_test_flip model: its network's + this
 
 
 def _inputs() -> tuple[keras.KerasTensor, keras.KerasTensor]:
@@ -74,10 +75,17 @@ def with_test_flip(model: keras.Model) -> keras.Model:
     mirrored = keras.ops.flip(raw, axis=2)  # left-right: the image's columns reversed
     probs = layers.Average(name="probs_test_flip", dtype="float32")(
         [model(raw), model(mirrored)])
-    wrapped = keras.Model(raw, probs, name=f"{model.name}_test_flip")
+    wrapped = keras.Model(raw, probs, name=f"{model.name}{TEST_FLIP_SUFFIX}")
     if model.compiled:
-        wrapped.compile(optimizer=model.optimizer, loss=model.loss)
+        wrapped.compile(optimizer=model.optimizer, loss=model.loss, metrics=["accuracy"])
     return wrapped
+
+
+def network(model: keras.Model) -> keras.Model:
+    """The trained network: the one inside a with_test_flip model, else the model itself."""
+    if model.name.endswith(TEST_FLIP_SUFFIX):
+        return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    return model
 
 
 def inference_model(model: keras.Model, augment: DictConfig | None) -> keras.Model:

@@ -106,14 +106,16 @@ class Recorder:
         1 (the figures count epochs the same way)."""
         self.log_metrics({epoch_metric(key): value for key, value in metrics.items()}, epoch)
 
-    def log_model_info(self, model: Any) -> None:
-        """Parameter and layer counts as tags (they follow from params, so they are not
-        params: a sweep's comparison would count them as varied), the Keras summary as text."""
+    def log_model_info(self, model: Any, network: Any = None) -> None:
+        """Parameter and layer counts of the network (the model itself, or the one a
+        test-time wrapper holds) as tags (they follow from params, so they are not params: a
+        sweep's comparison would count them as varied), the model's Keras summary as text."""
+        network = model if network is None else network
         lines: list[str] = []
         model.summary(print_fn=lambda line, **_: lines.append(line), expand_nested=True,
                       line_length=110)
-        self.set_tags({"model.param_count": str(model.count_params()),
-                       "model.num_layers": str(len(model.layers))})
+        self.set_tags({"model.param_count": str(network.count_params()),
+                       "model.num_layers": str(len(network.layers))})
         self.log_text("\n".join(lines), "model_summary.txt")
 
     def log_evaluation(self, result: Any, epochs_trained: int) -> None:

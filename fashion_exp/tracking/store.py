@@ -190,6 +190,14 @@ def _begin(client: mlflow.MlflowClient, experiment_id: str, run_name: str,
                              tags=resolve_tags(tags | owner)).info.run_id
 
 
+def _end(recorder: Recorder, err: BaseException) -> None:
+    """End a run that `err` stopped: KILLED for a stop (Ctrl-C, SIGTERM), else FAILED, with
+    the error recorded; another stop meanwhile waits until the run has ended."""
+    with interrupts.deferred():
+        recorder.record_error(err)
+        recorder.end("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+
+
 @contextmanager
 def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str],
                 cfg: DictConfig | None = None,
@@ -205,27 +213,28 @@ def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str],
     interrupts.install()
     client = mlflow.MlflowClient()
     run_id: str | None = None
+    outbox: Outbox | None = None
     try:
         with interrupts.deferred():  # a stop while the run starts is raised once it has
             run_id = _begin(client, experiment_id, run_name, tags, resume_run_id)
-    except KeyboardInterrupt:
+            uri = client.tracking_uri
+            outbox = (Outbox(uri, run_id, offline_root(cfg))
+                      if cfg is not None and is_server(uri) else None)
+            recorder = Recorder(client, run_id, outbox)
+    except KeyboardInterrupt as err:
         if run_id is not None:  # ... and then the run ends KILLED, not RUNNING
-            client.set_terminated(run_id, "KILLED")
+            _end(Recorder(client, run_id), err)
         raise
-    uri = client.tracking_uri
-    outbox = (Outbox(uri, run_id, offline_root(cfg))
-              if cfg is not None and is_server(uri) else None)
-    recorder = Recorder(client, run_id, outbox)
     try:
         yield recorder
     except BaseException as err:
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        with interrupts.deferred():  # a second Ctrl-C waits until the run has ended
-            recorder.record_error(err)
-            recorder.end(status)
+        _end(recorder, err)
         raise
     else:
-        recorder.end("FINISHED")
+        # A stop while the run ends FINISHED lets it finish; the next check() (the next job of
+        # a sweep) raises it.
+        with interrupts.deferred(raise_stop=False):
+            recorder.end("FINISHED")
     finally:
         if outbox is not None:
             outbox.finish(cfg.reconnect_seconds)
