@@ -196,6 +196,9 @@ def test_label_smoothing_trains_on_one_hot_targets() -> None:
                                      {"precision": "mixed_float16"},
                                      {"strategy": "mirrored"}])
 def test_gpu_options_do_not_break_cpu_runs(trainer) -> None:
+    from fashion_exp.config import AugmentConfig
+    from fashion_exp.core.models import inference_model
+
     out = tiny_fit(trainer)
     assert np.isfinite(out["history"]["loss"]).all()
     # with batch norm, in both kernels: the fused one takes float16/bfloat16 inputs too
@@ -204,6 +207,11 @@ def test_gpu_options_do_not_break_cpu_runs(trainer) -> None:
                           cfg_of(CNNConfig, filters=[4], dense=[8], batch_norm=True))
         assert np.isfinite(normed["history"]["loss"]).all()
         np.testing.assert_allclose(normed["probs"].sum(axis=1), 1.0, rtol=1e-3)
+        # logged as the runner logs it, with test-time flips
+        logged = inference_model(normed["model"], cfg_of(AugmentConfig, test_flip=True))
+        images = np.random.default_rng(2).integers(0, 256, (8, 28, 28)).astype(np.uint8)
+        np.testing.assert_allclose(logged.predict(images, verbose=0).sum(axis=1), 1.0,
+                                   rtol=1e-3)
     assert out["probs"].shape == (16, 10)
     np.testing.assert_allclose(out["probs"].sum(1), 1.0, rtol=1e-3)
     if "precision" in trainer:
