@@ -3,10 +3,14 @@ and returns class probabilities (N, 10): scaling to 0-1 is the model's first lay
 
 from __future__ import annotations
 
+import logging
+
 import keras
 import tensorflow as tf
 from keras import layers
 from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
 
 IMAGE_SHAPE = (28, 28)
 NUM_CLASSES = 10
@@ -62,9 +66,31 @@ def plain_copy(model: keras.Model) -> keras.Model:
     copy.set_weights(model.get_weights())
     if copy.optimizer is not None and model.optimizer is not None and model.optimizer.built:
         copy.optimizer.build(copy.trainable_variables)  # a fresh optimizer: take the trained one's
-        for mine, trained in zip(copy.optimizer.variables, model.optimizer.variables, strict=True):
-            mine.assign(trained)
+        _copy_optimizer_state(model.optimizer, copy.optimizer)
     return copy
+
+
+def _copy_optimizer_state(trained: keras.optimizers.Optimizer,
+                          fresh: keras.optimizers.Optimizer) -> None:
+    """Assign the trained optimizer's variables to the fresh one's, matched by the last two
+    parts of their paths ('adam/dense_0_kernel_momentum'), not by position: a loss-scale
+    optimizer (mixed_float16) rebuilt outside training lists its variables in another order,
+    some twice, under other prefixes. If they do not match, the copy keeps a fresh optimizer
+    (the model is what matters) and a warning says so."""
+    def key(variable) -> str:
+        return "/".join(variable.path.split("/")[-2:])
+
+    mine: dict[str, list] = {}
+    for variable in fresh.variables:
+        mine.setdefault(key(variable), []).append(variable)
+    pairs = [(variable, value) for value in trained.variables
+             for variable in mine.get(key(value), [])]
+    if {key(value) for value in trained.variables} != set(mine) or \
+            any(tuple(v.shape) != tuple(value.shape) for v, value in pairs):
+        log.warning("the logged model's optimizer starts afresh: its state could not be copied")
+        return
+    for variable, value in pairs:
+        variable.assign(value)
 
 
 def with_test_flip(model: keras.Model) -> keras.Model:

@@ -109,11 +109,12 @@ class Recorder:
     def log_model_info(self, model: Any, network: Any = None) -> None:
         """Parameter and layer counts of the network (the model itself, or the one a
         test-time wrapper holds) as tags (they follow from params, so they are not params: a
-        sweep's comparison would count them as varied), the model's Keras summary as text."""
+        sweep's comparison would count them as varied), and the network's Keras summary as
+        text."""
         network = model if network is None else network
-        lines: list[str] = []
-        model.summary(print_fn=lambda line, **_: lines.append(line), expand_nested=True,
-                      line_length=110)
+        lines: list[str] = [] if network is model else \
+            [f'The logged model "{model.name}" wraps the network "{network.name}" below.', ""]
+        network.summary(print_fn=lambda line, **_: lines.append(line))
         self.set_tags({"model.param_count": str(network.count_params()),
                        "model.num_layers": str(len(network.layers))})
         self.log_text("\n".join(lines), "model_summary.txt")
