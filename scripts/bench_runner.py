@@ -51,7 +51,7 @@ BARE_SCRIPT = textwrap.dedent("""
     x_train = idx("train-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28) / 255.0
     y_train = idx("train-labels-idx1-ubyte.gz", 8)
     x_test = idx("t10k-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28) / 255.0
-    y_test = idx("t10k-labels-idx1-ubyte.gz", 8)
+    y_test = labels = idx("t10k-labels-idx1-ubyte.gz", 8)
 
     keras.utils.set_random_seed(seed)
     if m["name"] == "mlp":
@@ -109,7 +109,7 @@ BARE_SCRIPT = textwrap.dedent("""
     loss, acc = model.evaluate(x_test, y_test, verbose=0)
     if aug.get("test_flip"):  # as the framework's augment.test_flip: average with the mirror
         probs = (model.predict(x_test, verbose=0) + model.predict(x_test[:, :, ::-1], verbose=0))
-        acc = float(np.mean(probs.argmax(1) == idx("t10k-labels-idx1-ubyte.gz", 8)))
+        acc = float(np.mean(probs.argmax(1) == labels))
     model.save(f"{out}/model.keras")
     print(json.dumps({"test_accuracy": acc, "fit_s": fit_s}))
 """)
