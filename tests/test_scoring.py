@@ -172,6 +172,37 @@ def test_ping_version_and_model_headers() -> None:
     assert predicted.json()["model"]["version"] == "1"
 
 
+def test_a_model_answer_that_is_not_probabilities_is_a_json_500_never_a_bare_nan(caplog) -> None:
+    # A model checked at load time may still overflow on some input (here: a white pixel at
+    # the corner) or answer a batch with the wrong shape (here: two images at once).
+    def fragile(images: np.ndarray) -> np.ndarray:
+        probs = one_hot(2)(images)
+        probs[images[:, 0, 0] == 255] = np.nan
+        return probs if len(images) < 2 else probs[:, :9]
+
+    ref = version(1)
+    app = create_app(ServedModel(ref, "r", {}, fragile), lambda u: ref,
+                     lambda r: ServedModel(r, "r", {}, fragile), Settings())
+    white_corner = IMAGE.copy()
+    white_corner[0, 0] = 255
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answers = [client.post("/invocations", json={"inputs": [white_corner.tolist()]}),
+                   client.post("/invocations", json={"inputs": [IMAGE.tolist()] * 2}),
+                   client.post("/predict", json={"images": [white_corner.tolist()]}),
+                   client.post("/predict", json={"images": [IMAGE.tolist()] * 2})]
+        good = client.post("/invocations", json={"inputs": [IMAGE.tolist()]})
+    for answer in answers:
+        assert answer.status_code == 500, answer.text
+        body = json.loads(answer.text, parse_constant=lambda word: pytest.fail(word))
+        assert "NaN" not in answer.text and "the model failed" in str(body)
+    assert [set(a.json()) for a in answers[:2]] == [{"error_code", "message"}] * 2
+    assert answers[0].json()["error_code"] == "INTERNAL_ERROR"
+    assert good.status_code == 200 and np.argmax(good.json()["predictions"][0]) == 2
+    problems = [r.getMessage() for r in caplog.records if "on a /" in r.getMessage()]
+    assert len(problems) == 4 and all("\n" not in p for p in problems), problems
+    assert "not finite" in problems[0] and "(2, 9)" in problems[1]
+
+
 def test_a_registered_name_of_any_script_fits_in_a_header() -> None:
     ref = ModelRef("models:/модель@prod", "r", "m-x", "file:///x", "модель", "3")
     app = create_app(ServedModel(ref, "r", {}, one_hot(0)), lambda u: ref,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from devtools import servers
 from fashion_exp.core import data
 from fashion_exp.core.preprocess import render_product_photo
 from fashion_exp.serving.service import Batcher
@@ -309,3 +310,131 @@ def test_models_are_loaded_once_per_model_and_the_least_recent_dropped() -> None
                        ("runs:/b/model", "m-b"), ("runs:/a/model", "m-a")]
         assert loads == expected_loads, (capacity, loads)
         assert len(kept) == min(2, capacity)
+
+
+# --- Models that cannot answer are refused; the model serving keeps serving --------------------
+
+# Registered versions of `shop` in the store of the fixture below: version 1 answers, the others
+# are Keras models of 28x28 uint8 images that cannot give 10 class probabilities.
+UNSERVABLE = {2: "(4, 12)", 3: "not finite", 4: "(4,)", 5: "not probabilities"}
+
+
+def tiny_model(outputs: int = 10, activation: str | None = "softmax", nan: bool = False,
+               scalar: bool = False):
+    """A small Keras model of (n, 28, 28) uint8 images."""
+    import keras
+    from keras import layers
+
+    model = keras.Sequential([keras.Input((28, 28), dtype="uint8"), layers.Rescaling(1 / 255),
+                              layers.Flatten(), layers.Dense(outputs, activation=activation)]
+                             + ([layers.Reshape(())] if scalar else []))
+    if nan:
+        model.set_weights([np.full_like(w, np.nan) for w in model.get_weights()])
+    return model
+
+
+@pytest.fixture(scope="module")
+def shop_store(tmp_path_factory) -> str:
+    """A store holding `shop` versions 1 (good), 2 (12 outputs), 3 (NaN weights), 4 (one
+    number per image) and 5 (logits, no softmax), each logged by a run of its own, with alias
+    `champion` on version 1: its tracking URI."""
+    from fashion_exp.tracking import logged_models
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('shop') / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    experiment = mlflow.set_experiment("shop")
+    models = [tiny_model(), tiny_model(outputs=12), tiny_model(nan=True),
+              tiny_model(outputs=1, scalar=True), tiny_model(activation=None)]
+    for number, model in enumerate(models, start=1):
+        run = client.create_run(experiment.experiment_id, run_name=f"shop_v{number}")
+        logged_models.log_keras(model, run.info.run_id, "shop", 0)
+        client.set_terminated(run.info.run_id)
+    client.set_registered_model_alias("shop", "champion", "1")
+    return uri
+
+
+def shop_app(uri: str, model_uri: str, *overrides: str):
+    from fashion_exp.cli import serve
+    from fashion_exp.config import compose_checked
+
+    cfg = compose_checked("serve", [f"tracking.uri={uri}", f"model_uri={model_uri}",
+                                    "samples=false", *overrides])
+    return serve.build(cfg)[0]
+
+
+@pytest.mark.parametrize("number", sorted(UNSERVABLE))
+def test_a_model_that_cannot_answer_is_refused_at_startup(shop_store, number) -> None:
+    from fashion_exp.config import ConfigError
+
+    with pytest.raises(ConfigError) as refused:
+        shop_app(shop_store, f"models:/shop/{number}")
+    message = str(refused.value)
+    assert f"models:/shop/{number}" in message and UNSERVABLE[number] in message, message
+    assert "\n" not in message
+
+
+def test_a_startup_with_a_model_that_cannot_answer_exits_2_in_one_line(shop_store) -> None:
+    result = subprocess.run([sys.executable, "-m", "fashion_exp.cli.serve",
+                             f"tracking.uri={shop_store}", "model_uri=models:/shop/2",
+                             "samples=false", f"port={servers.free_port()}"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("fashion-exp-serve:")]
+    assert len(lines) == 1 and "models:/shop/2" in lines[0] and "(4, 12)" in lines[0], \
+        result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_request_naming_a_model_that_cannot_answer_is_refused(shop_store) -> None:
+    from fastapi.testclient import TestClient
+
+    image = {"images": [GOOD]}
+    with TestClient(shop_app(shop_store, "models:/shop/1")) as client:
+        for number, problem in UNSERVABLE.items():
+            for _ in range(2):  # refused again, not loaded and kept
+                answer = client.post("/predict", params={"model": f"models:/shop/{number}"},
+                                     json=image)
+                assert answer.status_code == 422, answer.text
+                detail = answer.json()["detail"]
+                assert f"models:/shop/{number}" in detail and problem in detail, detail
+        predicted = client.post("/predict?top_k=10", json=image)
+        invoked = client.post("/invocations", json={"inputs": [GOOD]})
+        health = client.get("/health").json()
+    assert predicted.status_code == 200 and invoked.status_code == 200
+    assert predicted.headers["X-Model-Version"] == invoked.headers["X-Model-Version"] == "1"
+    probs = np.asarray(invoked.json()["predictions"])
+    assert probs.shape == (1, 10) and abs(probs.sum() - 1) < 1e-5
+    assert health["models_loaded"] == 1
+
+
+def test_an_alias_moved_to_a_model_that_cannot_answer_is_not_followed(shop_store) -> None:
+    import httpx
+
+    from fashion_exp.serving.service import ModelUnusable
+
+    app = shop_app(shop_store, "models:/shop@champion", "follow_seconds=3600")
+    client = mlflow.MlflowClient(shop_store)
+
+    async def scenario() -> list[tuple[int, str, str]]:
+        follower, seen = app.state.follower, []
+        assert follower.permanent == (ModelUnusable,)
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), \
+                httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            for number in UNSERVABLE:
+                client.set_registered_model_alias("shop", "champion", str(number))
+                assert not await follower.check()
+                answer = await http.post("/invocations", json={"inputs": [GOOD]})
+                seen.append((answer.status_code, answer.headers["X-Model-Version"],
+                             follower.status()["problem"]))
+        return seen
+
+    try:
+        seen = asyncio.run(scenario())
+    finally:
+        client.set_registered_model_alias("shop", "champion", "1")
+    for (status, served, problem), (number, what) in zip(seen, UNSERVABLE.items(), strict=True):
+        assert (status, served) == (200, "1"), problem
+        assert f"version {number}" in problem and what in problem, problem
+        assert "still serving version 1" in problem

@@ -51,12 +51,19 @@ def resolve(client: Any, uri: str) -> ModelRef:
 
 
 def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
-    """Load a logged Keras model and compile its forward pass once; ModelUnusable if it
-    cannot be served (the reason is logged here, not told to the client)."""
+    """Load a logged Keras model, compile its forward pass once and check that it answers;
+    ModelUnusable if it cannot be served. Every load goes through here (start-up, a request's
+    `model=`, a followed alias), so a model serves only once it has answered a probe batch
+    with 10 finite class probabilities per image."""
     import numpy as np
     import tensorflow as tf
 
-    from fashion_exp.serving.service import ModelUnusable, ServedModel
+    from fashion_exp.serving.service import (
+        ModelUnusable,
+        ServedModel,
+        output_problem,
+        probe_images,
+    )
     from fashion_exp.tracking import logged_models
 
     try:
@@ -74,11 +81,16 @@ def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
     def predict(images: np.ndarray) -> np.ndarray:
         return forward(images).numpy()
 
+    probe = probe_images()
     try:
-        predict(np.zeros((1, 28, 28), np.uint8))  # trace now, not on the first request
-    except (ValueError, TypeError, tf.errors.OpError) as err:
-        log.warning("%s does not take (n, 28, 28) uint8 images: %s", ref.uri, first_line(err))
+        answer = predict(probe)  # traced now, not on the first request
+    except Exception as err:  # noqa: BLE001 - whatever fails on images cannot serve them
+        log.warning("%s does not take (n, 28, 28) uint8 images: %s: %s", ref.uri,
+                    type(err).__name__, first_line(err))
         raise ModelUnusable(ref.uri) from None
+    if problem := output_problem(answer, len(probe), "probe images"):
+        log.warning("refused %s (%s): %s", ref.uri, ref.model_id, problem)
+        raise ModelUnusable(ref.uri, problem)
     run = client.get_run(ref.run_id)
     return ServedModel(ref, run.info.run_name or ref.run_id, model_metrics(client, ref), predict)
 

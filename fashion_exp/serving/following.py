@@ -95,9 +95,10 @@ class AliasFollower:
         try:
             new = await self.models.take(ref, self.load)
         except Exception as err:  # noqa: BLE001 - whatever it is, the old model keeps serving
+            # A refused model says what is wrong with it (service.ModelUnusable.problem).
+            why = getattr(err, "problem", None) or type(err).__name__
             problem = (f"{self.uri} now names version {ref.version} ({ref.model_id}), which "
-                       f"cannot be served ({type(err).__name__}); still serving "
-                       f"{self._serving()}")
+                       f"cannot be served ({why}); still serving {self._serving()}")
             if isinstance(err, self.permanent):  # e.g. not a model of 28x28 images (or its
                 # files are missing): tried again only after a while, not at every check
                 self.refused = (ref.model_id, problem, time.time() + self.retry_refused())

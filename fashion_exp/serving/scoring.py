@@ -154,5 +154,6 @@ def to_uint8(value: Any) -> np.ndarray:
 
 def predictions(probs: np.ndarray) -> bytes:
     """MLflow's answer: {"predictions": [[10 probabilities], ...]} with float32 values as
-    Python floats (the same text MLflow's NumpyEncoder writes)."""
-    return json.dumps({"predictions": probs.tolist()}).encode()
+    Python floats (the same text MLflow's NumpyEncoder writes). Never a bare NaN or Infinity,
+    which are not JSON (the batcher fails a request whose answer holds one)."""
+    return json.dumps({"predictions": probs.tolist()}, allow_nan=False).encode()

@@ -142,12 +142,48 @@ UPLOAD_BODY = {"requestBody": {"required": True, "content": {
 # --- Models: loaded once, called in batches ----------------------------------------------------
 
 class ModelUnusable(ValueError):
-    """A logged model of the store that cannot be served (it does not take 28x28 images)."""
+    """A logged model of the store that cannot be served: it does not take 28x28 images, or
+    does not answer them with 10 class probabilities (`problem` says which; it names no
+    file, so a client may read it)."""
 
-    reason = "cannot be served: it is not a Keras model of (n, 28, 28) uint8 images"
+    problem = "it is not a Keras model of (n, 28, 28) uint8 images"
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, problem: str | None = None) -> None:
+        self.problem = problem or self.problem
+        self.reason = f"cannot be served: {self.problem}"
         super().__init__(f"model={uri!r} {self.reason}")
+
+
+class ModelFailed(RuntimeError):
+    """A model that failed on valid input, or answered it with something other than class
+    probabilities: the service's fault (500), never sent on as numbers."""
+
+
+PROBE_IMAGES = 4  # images a model answers before it may serve (a batch: rows must match)
+
+
+def probe_images() -> np.ndarray:
+    """What a model is asked before it serves: black, white, a gradient and fixed noise."""
+    noise = np.random.default_rng(0).integers(0, 256, (SIDE, SIDE))
+    gradient = np.add.outer(np.arange(SIDE), np.arange(SIDE)) * 255 // (2 * SIDE - 2)
+    return np.stack([np.zeros((SIDE, SIDE)), np.full((SIDE, SIDE), 255), gradient,
+                     noise]).astype(np.uint8)
+
+
+def output_problem(probs: Any, count: int, what: str = "images") -> str | None:
+    """What is wrong with a model's answer to `count` images; None when it is `count` rows of
+    10 finite class probabilities (each in [0, 1], each row summing to 1)."""
+    shape = np.shape(probs)
+    if shape != (count, len(CLASSES)):
+        return (f"its answer to {count} {what} has shape {shape}, not ({count}, "
+                f"{len(CLASSES)}) class probabilities")
+    probs = np.asarray(probs, np.float64)
+    if not np.isfinite(probs).all():
+        return f"its answer to {count} {what} is not finite (NaN or infinity)"
+    if probs.min() < 0 or probs.max() > 1 or np.abs(probs.sum(axis=1) - 1).max() > 1e-3:
+        return (f"its answer to {count} {what} is not probabilities (values in [0, 1] that "
+                "sum to 1 per image: a model without softmax?)")
+    return None
 
 
 class StoreUnavailable(RuntimeError):
@@ -203,6 +239,8 @@ class Batcher:
                 if self.observe:
                     self.observe(len(batch))
                 probs = await loop.run_in_executor(self.executor, self.predict, batch)
+                if np.shape(probs) != (len(batch), len(CLASSES)):
+                    raise ModelFailed(output_problem(probs, len(batch)))
             except Exception as err:  # answered to each waiting request, the loop goes on
                 for _, done in waiting:
                     if not done.done():
@@ -211,7 +249,14 @@ class Batcher:
                 start = 0
                 for images, done in waiting:
                     if not done.done():  # a client that went away cancels its future
-                        done.set_result(probs[start:start + len(images)])
+                        answer = probs[start:start + len(images)]
+                        # A model checked when it was loaded may still overflow on some
+                        # input: only that request fails, and no NaN reaches an answer.
+                        if np.isfinite(answer).all():
+                            done.set_result(answer)
+                        else:
+                            done.set_exception(ModelFailed(output_problem(answer,
+                                                                          len(images))))
                     start += len(images)
             if self.closed and self.queue.empty():
                 return
@@ -602,7 +647,11 @@ def create_app(default: ServedModel, resolver: Callable[[str], ModelRef],
         """Top-k classes for uploaded photos (framed like the dataset first) or 28x28 arrays."""
         ref, served = await models.get(model)
         images, names = await read_images(request, settings, decoder)
-        probs = await served.batcher(images)
+        try:
+            probs = await served.batcher(images)
+        except Exception as err:  # noqa: BLE001 - the model failed on valid input: our fault
+            model_failed(ref, "/predict", err)
+            raise HTTPException(500, MODEL_FAILED) from None
         metrics.request_images.labels("/predict").observe(len(images))
         return JSONResponse({"model": ref_json(ref), "predictions": [
             {"source": name, "top": top_classes(p, top_k), "image": image.tolist()}
@@ -644,10 +693,9 @@ def create_app(default: ServedModel, resolver: Callable[[str], ModelRef],
             return Response(err.body(), err.status, media_type=err.media_type)
         try:
             probs = await served.batcher(images)
-        except Exception:  # noqa: BLE001 - the model failed on valid input: the service's fault
-            log.exception("the model failed on an /invocations request")
-            error = scoring.ScoringError(500, "INTERNAL_ERROR", "the model failed on this "
-                                         "input; the service's log has the details")
+        except Exception as err:  # noqa: BLE001 - the model failed on valid input: our fault
+            model_failed(served.ref, "/invocations", err)
+            error = scoring.ScoringError(500, "INTERNAL_ERROR", MODEL_FAILED)
             return Response(error.body(), 500, media_type=error.media_type)
         metrics.request_images.labels("/invocations").observe(len(images))
         return Response(scoring.predictions(probs), media_type=scoring.CONTENT_TYPE,
@@ -667,6 +715,18 @@ INVOCATIONS_BODY = {"requestBody": {"required": True, "content": {"application/j
                "properties": {key: {"type": "array", "description": "28x28 images, integers "
                                     "0-255", "items": {"type": "array"}}
                               for key in ("inputs", "instances")}}}}}}
+
+
+MODEL_FAILED = "the model failed on this input; the service's log has the details"
+
+
+def model_failed(ref: ModelRef, endpoint: str, err: Exception) -> None:
+    """Log a model's failure on a valid request: one line for an answer that is not class
+    probabilities, the traceback for an exception inside the model."""
+    if isinstance(err, ModelFailed):
+        log.warning("%s on a %s request: %s", ref.uri, endpoint, err)
+    else:
+        log.error("%s failed on a %s request", ref.uri, endpoint, exc_info=err)
 
 
 def model_headers(ref: ModelRef) -> dict[str, str]:
