@@ -98,6 +98,8 @@ def md5_mismatch(tmp: Path) -> Path:
     return folder
 
 
+SEARCH = "hparams_search=mlp_optuna"  # after "-m": an Optuna search
+
 # (case id, command-line arguments, text the last line of stderr must contain)
 TRAIN_CASES = [
     ("key_typo", ["optimzer.lr=0.1"], "optimzer"),
@@ -123,7 +125,7 @@ TRAIN_CASES = [
      "Could not find 'hydra/sweeper/pruner/asha'"),
     ("pruner_setting", ["-m", "hparams_search=mlp_optuna",
                         "hydra.sweeper.pruner.reduction_factor=1"],
-     "hydra.sweeper.pruner='min_resource=1 reduction_factor=1"),
+     "hydra.sweeper.pruner.reduction_factor=1: SuccessiveHalvingPruner takes an integer from 2"),
     ("pruner_setting_type", ["-m", "hparams_search=mlp_optuna", "hydra/sweeper/pruner=median",
                              "hydra.sweeper.pruner.n_warmup_steps=-1"],
      "n_warmup_steps=-1"),
@@ -135,6 +137,39 @@ TRAIN_CASES = [
      "hydra.sweeper.timeout=0.0: use seconds > 0"),
     ("search_trials", ["-m", "hparams_search=cnn_optuna", "hydra.sweeper.n_trials=0"],
      "hydra.sweeper.n_trials=0: use 1 or more"),
+    # Sweeper settings Optuna lets through until a trial runs (every trial failed, exit 0), or
+    # refuses with a traceback after the sweep folder and its MLflow parent exist.
+    ("pruner_nan", ["-m", SEARCH, "hydra.sweeper.pruner.reduction_factor=nan"],
+     "hydra.sweeper.pruner.reduction_factor=nan: SuccessiveHalvingPruner takes an integer"),
+    ("pruner_rate_inf", ["-m", SEARCH, "hydra.sweeper.pruner.min_early_stopping_rate=1e309"],
+     "hydra.sweeper.pruner.min_early_stopping_rate=inf: SuccessiveHalvingPruner takes"),
+    ("hyperband_max_0", ["-m", SEARCH, "hydra/sweeper/pruner=hyperband",
+                         "hydra.sweeper.pruner.max_resource=0"],
+     "hydra.sweeper.pruner.max_resource=0: HyperbandPruner takes an integer from 1"),
+    ("hyperband_min_over_max", ["-m", SEARCH, "hydra/sweeper/pruner=hyperband",
+                                "hydra.sweeper.pruner.min_resource=5",
+                                "hydra.sweeper.pruner.max_resource=3"],
+     "hydra.sweeper.pruner.max_resource=3: use at least min_resource (5) or 'auto'"),
+    ("median_startup_nan", ["-m", SEARCH, "hydra/sweeper/pruner=median",
+                            "hydra.sweeper.pruner.n_startup_trials=nan"],
+     "hydra.sweeper.pruner.n_startup_trials=nan: MedianPruner takes an integer from 0"),
+    ("median_warmup_inf", ["-m", SEARCH, "hydra/sweeper/pruner=median",
+                           "hydra.sweeper.pruner.n_warmup_steps=1e309"],
+     "hydra.sweeper.pruner.n_warmup_steps=inf: MedianPruner takes an integer from 0"),
+    ("search_direction", ["-m", SEARCH, "hydra.sweeper.direction=sideways"],
+     "hydra.sweeper.direction='sideways': use maximize or minimize"),
+    ("failure_rate_nan", ["-m", SEARCH, "hydra.sweeper.max_failure_rate=nan"],
+     "hydra.sweeper.max_failure_rate=nan: use a fraction from 0 to 1"),
+    ("failure_rate_negative", ["-m", SEARCH, "hydra.sweeper.max_failure_rate=-1"],
+     "hydra.sweeper.max_failure_rate=-1.0: use a fraction from 0 to 1"),
+    ("sampler_seed", ["-m", SEARCH, "hydra.sweeper.sampler.seed=-1"],
+     "hydra.sweeper.sampler.seed=-1: use an integer from 0 to 4294967295"),
+    *[(f"study_name_{case}", ["-m", SEARCH, f"hydra.sweeper.study_name={name}"],
+       f"hydra.sweeper.study_name={shown}: use one folder name")
+      for case, name, shown in [("up3", "../../..", "'../../..'"), ("up", "..", "'..'"),
+                                ("empty", "''", "''"), ("slash", "a/b", "'a/b'"),
+                                ("null", "null", "None"),
+                                ("long", "x" * 300, "'" + "x" * 40 + "...'")]],
     ("search_storage", ["-m", "hparams_search=mlp_optuna",
                         "hydra.sweeper.storage=sqlite:////nonexistent/folder/optuna.db"],
      "hydra.sweeper.storage='sqlite:////nonexistent/folder/optuna.db': the study's storage "

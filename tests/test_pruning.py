@@ -88,21 +88,101 @@ def sweeper(**settings) -> SimpleNamespace:
 
     conf = {"pruner": {"_target_": "optuna.pruners.SuccessiveHalvingPruner",
                        "min_resource": 1, "reduction_factor": 3}, "n_trials": 10,
-            "timeout": None} | settings
+            "timeout": None, "study_name": "s", "direction": "maximize",
+            "max_failure_rate": 1.0,
+            "sampler": {"_target_": "optuna.samplers.TPESampler", "seed": 0},
+            "params": {"optimizer.lr": "tag(log, interval(0.0001, 0.1))"}} | settings
     return OmegaConf.create(conf)
 
 
+def pruner(name: str, **settings) -> dict:
+    return {"_target_": f"optuna.pruners.{name}"} | settings
+
+
+SH, HB, MEDIAN = "SuccessiveHalvingPruner", "HyperbandPruner", "MedianPruner"
+
+
 @pytest.mark.parametrize(("settings", "metric", "message"), [
-    ({"pruner": {"_target_": "optuna.pruners.SuccessiveHalvingPruner", "reduction_factor": 1}},
-     "val_accuracy", "hydra.sweeper.pruner='reduction_factor=1': The value of `reduction_factor`"),
+    ({"pruner": pruner(SH, reduction_factor=1)}, "val_accuracy",
+     "hydra.sweeper.pruner.reduction_factor=1: SuccessiveHalvingPruner takes an integer from 2"),
     ({}, "test_loss", "optimized_metric='test_loss': a pruned search judges trials after every"),
     ({"n_trials": 0}, "val_accuracy", "hydra.sweeper.n_trials=0: use 1 or more"),
     ({"timeout": -5.0}, "val_loss", "hydra.sweeper.timeout=-5.0: use seconds > 0"),
+    # Settings Optuna's own checks let through, then every trial fails.
+    ({"pruner": pruner(SH, reduction_factor=float("nan"))}, "val_accuracy",
+     "hydra.sweeper.pruner.reduction_factor=nan: SuccessiveHalvingPruner takes an integer"),
+    ({"pruner": pruner(SH, min_early_stopping_rate=float("inf"))}, "val_accuracy",
+     "hydra.sweeper.pruner.min_early_stopping_rate=inf: SuccessiveHalvingPruner takes an "
+     "integer from 0 to 1000000"),
+    ({"pruner": pruner(SH, bootstrap_count=True)}, "val_accuracy",
+     "hydra.sweeper.pruner.bootstrap_count=True: SuccessiveHalvingPruner takes an integer"),
+    ({"pruner": pruner(HB, max_resource=0)}, "val_accuracy",
+     "hydra.sweeper.pruner.max_resource=0: HyperbandPruner takes an integer from 1 to "
+     "1000000 or 'auto'"),
+    ({"pruner": pruner(HB, min_resource=5, max_resource=3)}, "val_accuracy",
+     "hydra.sweeper.pruner.max_resource=3: use at least min_resource (5) or 'auto'"),
+    ({"pruner": pruner(HB, reduction_factor=1)}, "val_accuracy",
+     "hydra.sweeper.pruner.reduction_factor=1: HyperbandPruner takes an integer from 2"),
+    ({"pruner": pruner(MEDIAN, n_startup_trials=float("nan"))}, "val_accuracy",
+     "hydra.sweeper.pruner.n_startup_trials=nan: MedianPruner takes an integer from 0"),
+    ({"pruner": pruner(MEDIAN, n_warmup_steps=float("inf"))}, "val_accuracy",
+     "hydra.sweeper.pruner.n_warmup_steps=inf: MedianPruner takes an integer from 0"),
+    ({"pruner": pruner(MEDIAN, interval_steps=0)}, "val_accuracy",
+     "hydra.sweeper.pruner.interval_steps=0: MedianPruner takes an integer from 1"),
+    ({"pruner": pruner("PercentilePruner", percentile=float("nan"))}, "val_accuracy",
+     "hydra.sweeper.pruner.percentile=nan: PercentilePruner takes a number from 0 to 100"),
+    ({"pruner": pruner("ThresholdPruner")}, "val_accuracy",
+     "hydra.sweeper.pruner='ThresholdPruner': Either lower or upper must be specified"),
+    ({"pruner": {"_target_": "optuna.samplers.RandomSampler"}}, "val_accuracy",
+     "hydra.sweeper.pruner._target_='optuna.samplers.RandomSampler': not an Optuna pruner"),
+    ({"pruner": {"_target_": "optuna.pruners.Nope"}}, "val_accuracy",
+     "hydra.sweeper.pruner._target_='optuna.pruners.Nope': not an Optuna pruner"),
+    # The other sweeper settings.
+    ({"direction": "sideways"}, "val_accuracy",
+     "hydra.sweeper.direction='sideways': use maximize or minimize"),
+    ({"direction": ["maximize", "minimize"]}, "val_accuracy",
+     "hydra.sweeper.direction=['maximize', 'minimize']: use maximize or minimize"),
+    ({"max_failure_rate": float("nan")}, "val_accuracy",
+     "hydra.sweeper.max_failure_rate=nan: use a fraction from 0 to 1"),
+    ({"max_failure_rate": -1.0}, "val_accuracy",
+     "hydra.sweeper.max_failure_rate=-1.0: use a fraction from 0 to 1"),
+    ({"sampler": {"_target_": "optuna.samplers.TPESampler", "seed": -1}}, "val_accuracy",
+     "hydra.sweeper.sampler.seed=-1: use an integer from 0 to 4294967295, or null"),
+    ({"sampler": {"_target_": "optuna.samplers.TPESampler", "prior_weight": float("nan")}},
+     "val_accuracy", "hydra.sweeper.sampler='TPESampler': Optuna fails on its settings: "
+     "probabilities contain NaN"),
+    ({"sampler": {"_target_": "optuna.samplers.GridSampler", "_partial_": True}},
+     "val_accuracy", "hydra/sweeper/sampler='GridSampler': optuna_search draws trials one at"),
+    ({"params": {"optimizer.lr": "tag(log, interval(0, 0.1))"}}, "val_accuracy",
+     "hydra.sweeper.params.optimizer.lr='tag(log, interval(0, 0.1))': not a search space "
+     "Optuna accepts"),
 ])
 def test_bad_search_settings_are_refused_in_one_line(settings, metric, message) -> None:
     with pytest.raises(ConfigError) as err:
         pruning.check_search(sweeper(**settings), metric)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["../../..", "..", ".", "", "a/b", None, "x" * 300, "-rf",
+                                  "a\\b", "a b", "ü", ".hidden"])
+def test_a_study_name_is_one_safe_folder_name(name) -> None:
+    with pytest.raises(ConfigError) as err:
+        pruning.check_search(sweeper(study_name=name), "val_accuracy")
+    assert str(err.value).startswith("hydra.sweeper.study_name=")
+    assert "use one folder name" in str(err.value) and len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize("settings", [
+    {"study_name": "mlp_pruned-2.v1"},
+    {"pruner": pruner(HB, min_resource=1, max_resource="auto", reduction_factor=3)},
+    {"pruner": pruner(HB, min_resource=2, max_resource=2)},
+    {"pruner": pruner(SH, min_resource="auto")},
+    {"pruner": pruner(MEDIAN, n_startup_trials=0, n_warmup_steps=0)},
+    {"pruner": None, "direction": "minimize"},
+    {"sampler": {"_target_": "optuna.samplers.RandomSampler", "seed": 2**32 - 1}},
+])
+def test_good_search_settings_pass(settings) -> None:
+    pruning.check_search(sweeper(**settings), "val_loss")
 
 
 def test_a_search_without_pruning_may_optimize_a_test_metric() -> None:

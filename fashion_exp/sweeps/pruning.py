@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from fashion_exp.config import ConfigError
+from fashion_exp.sweeps import settings
 from fashion_exp.tracking.store_checks import first_line
 from fashion_exp.uris import shown
 
@@ -97,23 +97,20 @@ def build_pruner(conf: Any) -> optuna.pruners.BasePruner:
 
 
 def check_search(sweeper: Any, optimized_metric: str) -> None:
-    """hydra.sweeper of an optuna_search, before it starts: a pruner Optuna accepts (its settings
-    included), a metric reported after every epoch when pruning, a budget that can be met.
-    ConfigError in one line otherwise."""
-    conf = sweeper.pruner
-    try:
-        pruner = build_pruner(conf)
-    except Exception as err:  # noqa: BLE001 - Optuna's own check of the settings, any kind
-        settings = " ".join(f"{k}={v}" for k, v in OmegaConf.to_container(conf).items()
-                         if k != "_target_")
-        cause = err.__cause__ or err  # Hydra wraps the pruner's own error
-        raise ConfigError("hydra.sweeper.pruner", settings,
-                          str(cause).splitlines()[0] if str(cause) else type(cause).__name__,
-                          ) from None
+    """hydra.sweeper of an optuna_search, before it starts: a study name that is one folder
+    name, every sweeper, pruner and sampler setting within what Optuna accepts, a metric
+    reported after every epoch when pruning, a budget that can be met, a storage that opens.
+    ConfigError in one line otherwise (fashion_exp/sweeps/settings.py)."""
+    settings.check_study_name(sweeper.get("study_name"))
+    direction = settings.check_direction(sweeper.get("direction"))
+    settings.check_failure_rate(sweeper.get("max_failure_rate"))
+    pruner = settings.check_pruner(sweeper.get("pruner"), direction)
     if not isinstance(pruner, optuna.pruners.NopPruner) and optimized_metric not in PER_EPOCH:
         raise ConfigError("optimized_metric", optimized_metric,
                           "a pruned search judges trials after every epoch: use one of "
                           f"{', '.join(PER_EPOCH)}, or hydra/sweeper/pruner=none")
+    settings.check_sampler(sweeper.sampler, direction)
+    settings.check_space(sweeper.get("params"))
     if sweeper.n_trials < 1:
         raise ConfigError("hydra.sweeper.n_trials", sweeper.n_trials, "use 1 or more")
     timeout = sweeper.get("timeout")
