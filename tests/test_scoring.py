@@ -5,6 +5,7 @@ small stand-in models (no TensorFlow): fast tier. The same protocol against a re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,8 @@ class Registry:
         self.alias, self.unusable, self.delay, self.loads = 1, unusable, delay, []
 
     def resolve(self, uri: str) -> ModelRef:
+        if uri.startswith("models:/shop/") and uri[13:].isdigit():  # a version by number
+            return dataclasses.replace(version(int(uri[13:])), uri=uri)
         if uri != "models:/shop@champion":
             raise UnknownModel(uri)
         return version(self.alias)
@@ -375,6 +378,52 @@ def test_a_swap_reuses_a_loaded_copy_and_keeps_the_old_default_for_requests_nami
     loads, loaded_after_first_swap = asyncio.run(scenario())
     assert loads == ["1", "2"]  # version 2 taken from the loaded ones, version 1 kept loaded
     assert loaded_after_first_swap == ["m-1"]
+
+
+def test_a_swap_to_a_version_loaded_earlier_is_named_by_the_alias() -> None:
+    async def scenario() -> tuple[dict, dict, dict]:
+        registry = Registry()
+        app = create_app(registry.load(version(1)), registry.resolve, registry.load,
+                         Settings(follow_seconds=3600), follow="models:/shop@champion")
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), \
+                httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            named = await client.post("/predict?model=models:/shop/2",
+                                      json={"images": [IMAGE.tolist()]})
+            assert named.headers["X-Model-URI"] == "models:/shop/2"
+            registry.alias = 2
+            assert await app.state.follower.check()
+            invoked = await client.post("/invocations", json={"inputs": [IMAGE.tolist()]})
+            health = (await client.get("/health")).json()
+            metrics = samples((await client.get("/metrics")).text)
+            again = await client.post("/predict?model=models:/shop/2",
+                                      json={"images": [IMAGE.tolist()]})
+        assert registry.loads == ["1", "2"]  # version 2 loaded once, by the request
+        assert again.headers["X-Model-URI"] == "models:/shop/2"  # as that request asks
+        return dict(invoked.headers), health, metrics
+
+    headers, health, metrics = asyncio.run(scenario())
+    assert headers["x-model-uri"] == "models:/shop@champion" and headers["x-model-version"] == "2"
+    assert health["default_model"] == "models:/shop@champion"
+    assert metrics[("fashion_exp_model_info", (("model_id", "m-2"), ("run_id", "run2"),
+                                               ("uri", "models:/shop@champion"),
+                                               ("version", "2")))] == 1
+
+
+def test_max_models_1_keeps_only_the_default_loaded() -> None:
+    # conf/serve.yaml: the default model counts in max_models. A request naming another model
+    # is answered by it, and it leaves memory once answered.
+    registry = Registry()
+    with app_for(registry, max_models=1, follow_seconds=0) as client:
+        for number in (2, 3, 2):
+            answer = client.post("/invocations", json={"inputs": [IMAGE.tolist()]})
+            named = client.post(f"/predict?model=models:/shop/{number}&top_k=1",
+                                json={"images": [IMAGE.tolist()]})
+            assert answer.status_code == named.status_code == 200
+            assert named.json()["predictions"][0]["top"][0]["index"] == number
+            assert client.get("/health").json()["models_loaded"] == 1
+            assert not client.app.state.models.loaded
+    assert registry.loads == ["1", "2", "3", "2"]
 
 
 def test_a_store_that_stops_answering_keeps_the_model_serving() -> None:

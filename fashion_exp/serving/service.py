@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -297,6 +297,7 @@ class Models:
         self.settings, self.executor, self.observe = settings, executor, observe
         self.loaded: OrderedDict[str, ServedModel] = OrderedDict()  # by logged model id
         self.lock = asyncio.Lock()
+        self.reclaim: asyncio.TimerHandle | None = None  # the collection due after a drop
         self._attach(default)
 
     def _attach(self, model: ServedModel) -> ServedModel:
@@ -307,10 +308,11 @@ class Models:
     async def take(self, ref: ModelRef, loader: Callable[[ModelRef], ServedModel],
                    ) -> ServedModel:
         """The model `ref` names, for a swap: taken from the loaded ones if it is there,
-        loaded otherwise (one load at a time, as for requests)."""
+        loaded otherwise (one load at a time, as for requests). Either way it is named by
+        `ref` (the alias followed), not by the reference a request loaded it with."""
         async with self.lock:
             if ref.model_id in self.loaded:
-                return self.loaded.pop(ref.model_id)
+                return replace(self.loaded.pop(ref.model_id), ref=ref)
             return await asyncio.to_thread(loader, ref)
 
     def swap(self, new: ServedModel) -> ServedModel:
@@ -328,8 +330,11 @@ class Models:
         collector's reach (cli/serve.py, following.py): once its worker has ended, one full
         collection (a pause of ~0.3 s, only when a model is dropped) reclaims it."""
         model.batcher.close()
-        if gc.get_freeze_count():
-            asyncio.get_running_loop().call_later(RECLAIM_AFTER_SECONDS, reclaim_frozen)
+        loop = asyncio.get_running_loop()
+        # One collection for all the models dropped meanwhile (with max_models=1, every
+        # request naming another model drops one).
+        if gc.get_freeze_count() and (self.reclaim is None or self.reclaim.when() <= loop.time()):
+            self.reclaim = loop.call_later(RECLAIM_AFTER_SECONDS, reclaim_frozen)
 
     async def get(self, uri: str | None) -> tuple[ModelRef, ServedModel]:
         """The reference and model for a request's `model` parameter (None: the default);
@@ -341,10 +346,15 @@ class Models:
             return ref, self.default
         async with self.lock:  # one load at a time; a second request for it waits here
             if ref.model_id not in self.loaded:
-                self.loaded[ref.model_id] = self._attach(
-                    await asyncio.to_thread(self.loader, ref))
+                model = self._attach(await asyncio.to_thread(self.loader, ref))
+                if self.settings.max_models == 1:
+                    # Only the default is kept: this model answers the request that named it
+                    # (a closed batcher still answers what it is given) and leaves memory.
+                    self._drop(model)
+                    return ref, model
+                self.loaded[ref.model_id] = model
                 # The default counts as one; the model just loaded always stays.
-                while len(self.loaded) > max(1, self.settings.max_models - 1):
+                while len(self.loaded) > self.settings.max_models - 1:
                     self._drop(self.loaded.popitem(last=False)[1])
             self.loaded.move_to_end(ref.model_id)
             return ref, self.loaded[ref.model_id]
