@@ -317,6 +317,8 @@ class ServiceSettings:
                self.max_header_bytes, "must be in [1024, 1048576] bytes")
         _check(self.max_image_pixels <= 1_000_000_000, "max_image_pixels", self.max_image_pixels,
                "must be at most 1000000000 (decoding takes ~7 bytes per pixel)")
+        _check(self.max_images <= 256, "max_images", self.max_images,
+               "must be in [1, 256] (a JSON body may take 16 bytes per pixel: 3.2 MB for 256)")
         for key in ("header_timeout", "body_timeout"):
             _check(0 < getattr(self, key) <= 3600, key, getattr(self, key),
                    "must be in (0, 3600] seconds")

@@ -123,9 +123,11 @@ def test_text_in_the_tensor_costs_no_more_memory_than_numbers() -> None:
     assert answer.status_code == 400 and answer.json()["error_code"] == "BAD_REQUEST"
 
 
-@pytest.mark.parametrize("pixel", [300.0, -1.5, float("nan"), float("inf"), 1e30])
+@pytest.mark.parametrize("pixel", [300.0, -1.5, -0.5, -1e-9, 256.0, float("nan"),
+                                   float("inf"), 1e30])
 def test_floats_outside_a_byte_are_refused_not_wrapped(pixel) -> None:
-    # numpy (and so MLflow) turns 300.0 into an arbitrary byte; refused here.
+    # numpy (and so MLflow) turns 300.0 into an arbitrary byte and -0.5 into 0; refused here:
+    # values outside [0, 256) are 400 (docs/serving.md).
     image = IMAGE.astype(float)
     image[5, 7] = pixel
     with app_for(Registry()) as client:  # json.dumps writes NaN and Infinity as JSON allows
@@ -162,6 +164,23 @@ def test_limits_answer_413_before_parsing() -> None:
                            headers={"Content-Type": "application/json"})
     assert three.status_code == 413 and "limit is 2" in three.json()["message"]
     assert huge.status_code == 413 and huge.json()["error_code"] == "BAD_REQUEST"
+
+
+@pytest.mark.parametrize("pixel", [0.0, 255.9, True])
+def test_floats_inside_a_byte_are_truncated_as_mlflow_does(pixel) -> None:
+    image = IMAGE.astype(object)
+    image[5, 7] = pixel
+    with app_for(Registry()) as client:
+        answer = client.post("/invocations", json={"inputs": [image.tolist()]})
+    assert answer.status_code == 200, answer.text
+
+
+def test_max_images_has_an_upper_bound() -> None:
+    from fashion_exp.config import ConfigError
+
+    assert Settings(max_images=256).max_images == 256
+    with pytest.raises(ConfigError, match=r"max_images=8000: must be in \[1, 256\]"):
+        Settings(max_images=8000)
 
 
 def test_ping_version_and_model_headers() -> None:

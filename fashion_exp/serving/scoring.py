@@ -149,7 +149,19 @@ def to_uint8(value: Any) -> np.ndarray:
         bad = array.min() if array.min() < 0 else array.max()
         raise bad_request(f"Python integer {bad} out of bounds for uint8 (pixel values are "
                           "0-255)")
+    if array.size and array.min() == 0 and (low := lowest(value)) < 0:
+        # A float in (-1, 0) truncates to 0: outside [0, 256) all the same.
+        raise bad_request(f"pixel value {low} is out of bounds for uint8 (pixel values are "
+                          "in [0, 256))")
     return array.astype(np.uint8)
+
+
+def lowest(value: Any) -> float:
+    """The smallest number in a value already read as integers, before truncation."""
+    try:
+        return float(np.asarray(value, dtype=np.float64).min())
+    except (ValueError, TypeError, OverflowError):  # text numpy reads otherwise: no floats
+        return 0.0
 
 
 def predictions(probs: np.ndarray) -> bytes:
