@@ -235,6 +235,55 @@ def test_a_registered_name_of_any_script_fits_in_a_header() -> None:
     assert answer.headers["X-Model-URI"] == "models:/%D0%BC%D0%BE%D0%B4%D0%B5%D0%BB%D1%8C@prod"
 
 
+@pytest.mark.parametrize("path,body,shape", [
+    ("/invocations", {"inputs": [IMAGE.tolist()]}, {"error_code", "message"}),
+    ("/predict", {"images": [IMAGE.tolist()]}, {"detail"}),
+])
+def test_a_request_cut_by_the_drain_gets_a_json_503_and_one_log_line(caplog, path, body,
+                                                                     shape) -> None:
+    # uvicorn cancels the requests still in flight once drain_seconds have passed.
+    import socket
+    import threading
+
+    import uvicorn
+
+    from devtools import servers
+    from fashion_exp.serving.connections import limited_protocol
+
+    registry = Registry()
+    port = servers.free_port()
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(registry.load(version(1)), registry.resolve, registry.load,
+                   Settings(follow_seconds=0)),
+        host="127.0.0.1", port=port, log_config=None, access_log=False,
+        http=limited_protocol(32768, 10, 60), timeout_graceful_shutdown=0.5))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        payload = json.dumps(body).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: "
+                         f"application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+                         + payload[:100])  # the rest never comes
+            time.sleep(0.3)
+            server.should_exit = True
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    head, _, content = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503"), answer
+    assert set(json.loads(content)) == shape and b"shutting down" in content
+    assert "Traceback" not in caplog.text and "CancelledError" not in caplog.text
+    cut = [r.getMessage() for r in caplog.records if "cut by the shutdown" in r.getMessage()]
+    assert len(cut) == 1 and path in cut[0], caplog.text
+
+
 # --- /metrics ----------------------------------------------------------------------------------
 
 def samples(text: str) -> dict[tuple[str, tuple], float]:

@@ -572,6 +572,7 @@ def create_app(default: ServedModel, resolver: Callable[[str], ModelRef],
                     "are framed like the dataset before prediction. /ping, /version and "
                     "/invocations speak MLflow's scoring protocol.", lifespan=lifespan)
     app.state.models, app.state.follower, app.state.metrics = models, follower, metrics
+    app.add_middleware(AnswerCutRequests)  # inside CountRequests: the 503 is counted
     if settings.metrics:
         app.add_middleware(CountRequests, metrics=metrics,
                            endpoints=lambda: {getattr(r, "path", "") for r in app.routes})
@@ -728,6 +729,46 @@ INVOCATIONS_BODY = {"requestBody": {"required": True, "content": {"application/j
 
 
 MODEL_FAILED = "the model failed on this input; the service's log has the details"
+CUT = "the service is shutting down and stopped before this request was answered; send it again"
+
+
+class AnswerCutRequests:
+    """ASGI middleware: a request still in flight when the drain ends (drain_seconds) is
+    cancelled by uvicorn, which would answer a plain-text 500 and log the CancelledError's
+    traceback. Here it gets a JSON 503 (MLflow's error shape on /invocations) and one log
+    line."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except asyncio.CancelledError:
+            asyncio.current_task().uncancel()  # handled here: the answer can still be sent
+            path = printable(scope.get("path", ""))
+            log.warning("%s %s: cut by the shutdown before it was answered%s", scope["method"],
+                        path, "" if started else " (503)")
+            if started:  # part of the answer is out: uvicorn closes the connection
+                return
+            if path == "/invocations":
+                body = scoring.ScoringError(503, "TEMPORARILY_UNAVAILABLE", CUT).body()
+            else:
+                body = json.dumps({"detail": CUT}).encode()
+            await send({"type": "http.response.start", "status": 503, "headers": [
+                (b"content-type", b"application/json"), (b"connection", b"close"),
+                (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
 
 
 def model_failed(ref: ModelRef, endpoint: str, err: Exception) -> None:
