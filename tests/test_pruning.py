@@ -236,3 +236,49 @@ def test_a_trial_just_asked_by_another_worker_is_not_closed_as_stale() -> None:
     study.ask()  # its worker has not recorded itself on it yet
     assert not optuna_study.stale(study.trials[0])
     assert optuna_study.stale(timed(0, None, state=TrialState.RUNNING))  # unowned since long
+
+
+def test_killed_jobs_are_counted_apart_from_failed_ones() -> None:
+    rows = leaderboard.rows_of([run("a", "FINISHED", 0.8), run("b", "KILLED", None),
+                                run("c", "FAILED", None)], [], "val_accuracy")
+    assert leaderboard.counts(rows) == "1 finished, 1 killed, 1 failed"
+
+
+def test_a_job_run_left_running_by_a_killed_process_ends_killed(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from fashion_exp import procs
+    from fashion_exp.files import write_json
+    from fashion_exp.sweeps import multirun, search_loop
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("fashion_exp", (tmp_path / "artifacts").as_uri())
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    write_json(tmp_path / multirun.STATE_FILE, {"run_id": parent, "tracking_uri": uri,
+                                                "experiment_id": exp, "swept_keys": []})
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = {"host": procs.this_process()["host"], "pid": str(gone.pid),
+            "started": procs.start_time(gone.pid) or "0"}
+    gone.wait()
+
+    def child(name: str, owner: dict[str, str]) -> str:
+        tags = {"sweep_id": parent, "sweep": "child"} | {f"process.{k}": v
+                                                         for k, v in owner.items()}
+        return client.create_run(exp, run_name=name, tags=tags).info.run_id
+
+    killed, alive = child("killed", dead), child("alive", procs.this_process())
+    elsewhere = child("elsewhere", dead | {"host": "another-host"})
+    client.log_metric(killed, "epoch/val_accuracy", 0.7, timestamp=1_000, step=1)
+    client.log_metric(killed, "epoch/val_accuracy", 0.8, timestamp=2_000, step=2)
+    assert search_loop.end_orphaned_jobs(tmp_path) == 1
+    ended = client.get_run(killed)
+    assert ended.info.status == "KILLED" and ended.info.end_time == 2_000
+    assert "killed" in ended.data.tags["error"]
+    assert client.get_run(alive).info.status == "RUNNING"  # its process still runs
+    assert client.get_run(elsewhere).info.status == "RUNNING"  # cannot be checked from here
+    assert client.get_run(parent).info.status == "RUNNING"
+    assert search_loop.end_orphaned_jobs(tmp_path) == 0

@@ -247,3 +247,52 @@ def test_the_timeout_is_the_study_s_wall_clock(tmp_path, tracking_uri) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert states(tmp_path, "timed") == ["COMPLETE"]  # a trial takes more than a second
     assert "hydra.sweeper.timeout=1 seconds are spent" in result.stdout
+
+
+def _running_child(uri: str, trial: str) -> bool:
+    """Whether the store has a RUNNING job run of this Optuna trial (False before it exists)."""
+    try:
+        client = mlflow.MlflowClient(uri)
+        experiment = client.get_experiment_by_name("fashion_exp")
+        return experiment is not None and any(
+            r.data.tags.get("optuna_trial") == trial and r.info.status == "RUNNING"
+            for r in client.search_runs([experiment.experiment_id]))
+    except Exception:  # noqa: BLE001 - the store is being created by the search
+        return False
+
+
+@pytest.mark.slow
+@requires_real_data
+def test_a_search_killed_during_a_trial_leaves_no_run_running_once_resumed(
+        tmp_path, tracking_uri) -> None:
+    args = search(tmp_path, tracking_uri, "sigkill", "hydra.sweeper.n_trials=3",
+                  "hydra/sweeper/pruner=none")
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen([sys.executable, "-m", "fashion_exp.cli.train", *args,
+                              f"hydra.run.dir={tmp_path / 'hydra'}"], cwd=tmp_path,
+                             stdout=log, stderr=log)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not _running_child(tracking_uri, "1"):
+            time.sleep(0.2)
+        first.kill()  # SIGKILL during the second trial: nothing ends its run
+        first.wait(timeout=60)
+    finally:
+        first.kill()
+    assert _running_child(tracking_uri, "1"), (tmp_path / "first.log").read_text()[-3000:]
+
+    second = run_cli(*args, tmp_path=tmp_path)  # the same command again
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert states(tmp_path, "sigkill").count("COMPLETE") == 3
+    client = mlflow.MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("fashion_exp").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    children = [r for r in runs if r.data.tags.get("sweep") == "child"]
+    assert parent.info.status == "FINISHED"
+    assert sorted(r.info.status for r in children) == ["FINISHED"] * 3 + ["KILLED"]
+    (killed,) = [r for r in children if r.info.status == "KILLED"]
+    assert killed.data.tags["optuna_trial"] == "1" and "killed" in killed.data.tags["error"]
+    assert killed.info.end_time < parent.info.end_time
+    # The budget counts 3 trials; the leaderboard shows the killed job apart from them.
+    assert parent.data.tags["jobs_total"] == "4"
+    assert "4 runs, 3 finished, 1 killed, 0 failed." in parent.data.tags["mlflow.note.content"]

@@ -63,11 +63,14 @@ def status(run: Any) -> str:
 
 
 def counts(rows: list[dict[str, Any]]) -> str:
-    """'5 finished, 6 pruned, 1 failed' of leaderboard rows (pruned only when there are)."""
+    """'5 finished, 6 pruned, 1 killed, 1 failed' of leaderboard rows (pruned and killed only
+    when there are: a killed job, stopped or whose process died, is not a failed one)."""
     finished = sum(r["status"] == "FINISHED" for r in rows)
     pruned = sum(r["status"] == "PRUNED" for r in rows)
-    failed = len(rows) - finished - pruned
-    return f"{finished} finished, " + (f"{pruned} pruned, " if pruned else "") + f"{failed} failed"
+    killed = sum(r["status"] == "KILLED" for r in rows)
+    failed = len(rows) - finished - pruned - killed
+    return (f"{finished} finished, " + (f"{pruned} pruned, " if pruned else "")
+            + (f"{killed} killed, " if killed else "") + f"{failed} failed")
 
 
 def seed_groups(rows: list[dict[str, Any]], varied: list[str], metric: str,

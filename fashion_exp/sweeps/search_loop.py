@@ -9,7 +9,9 @@ batch, and counts n_trials per process) and keeps its search-space syntax. Here:
   for the next trial at once, not when the slowest job of a batch ends;
 - each job learns its trial from the environment (pruning.TRIAL_ENV) and reports its epochs
   to it; the pruner decides, the job stops, the trial is PRUNED;
-- when the search ends or is stopped, the study's pictures go to the sweep's parent run.
+- when the search ends or is stopped, the study's pictures go to the sweep's parent run;
+- a job's MLflow run left RUNNING by a process that was killed (SIGKILL, out of memory) is
+  ended KILLED when the search resumes or ends, as its trial is FAIL and runs again.
 """
 
 from __future__ import annotations
@@ -158,6 +160,50 @@ def parallel_settings(launcher: Any) -> dict[str, Any] | None:
     return dict(settings)
 
 
+ORPHAN_ERROR = ("its process ended without ending the run (killed); the search ran its "
+                "trial again")
+
+
+def end_orphaned_jobs(sweep_dir: Path) -> int:
+    """End KILLED the sweep's child runs left RUNNING by a process that is gone (a search
+    killed during a trial: its Optuna trial is FAIL, interrupted, and runs again), so that no
+    child stays RUNNING under an ended parent; returns how many. A run of a process that
+    still runs, or of another host, is left alone."""
+    from mlflow import MlflowClient
+
+    from fashion_exp.files import read_json
+    from fashion_exp.sweeps.multirun import STATE_FILE
+    from fashion_exp.tracking.store import orphaned
+
+    if not (sweep_dir / STATE_FILE).is_file():
+        return 0
+    info = read_json(sweep_dir / STATE_FILE)
+    client = MlflowClient(info["tracking_uri"])
+    try:
+        running = client.search_runs(
+            [info["experiment_id"]], max_results=5000,
+            filter_string=f"tags.sweep_id = '{info['run_id']}' and tags.sweep = 'child' "
+                          "and attributes.status = 'RUNNING'")
+        ended = [run for run in running if orphaned(run) is True]
+        for run in ended:
+            client.set_tag(run.info.run_id, "error", ORPHAN_ERROR)
+            client.set_terminated(run.info.run_id, "KILLED", end_time=last_logged(client, run))
+            log.warning("Job run %s (%s) was left RUNNING by a killed process: ended KILLED",
+                        run.info.run_id, run.info.run_name)
+    except Exception as err:  # noqa: BLE001 - housekeeping: the search itself goes on
+        log.warning("Job runs left RUNNING by killed processes not checked: %s", err)
+        return 0
+    return len(ended)
+
+
+def last_logged(client: Any, run: Any) -> int:
+    """When a run last logged a metric (ms), its start when it logged none: the end of a run
+    whose process was killed, so that its duration is the time it really ran."""
+    times = [m.timestamp for key in run.data.metrics
+             for m in client.get_metric_history(run.info.run_id, key)]
+    return max(times, default=run.info.start_time)
+
+
 def run(impl: Any, arguments: list[str], pruner: optuna.pruners.BasePruner,
         timeout: float | None) -> None:
     """The sweeper's sweep: run trials until the study's budget is spent, then draw it."""
@@ -166,6 +212,7 @@ def run(impl: Any, arguments: list[str], pruner: optuna.pruners.BasePruner,
     quiet_old_distributions()
     search = Search(impl, arguments, pruner, timeout)
     sweep_dir = Path(str(impl.config.hydra.sweep.dir))
+    end_orphaned_jobs(sweep_dir.resolve())  # a resumed search: jobs of the killed process
     if reason := search.budget.spent(search.study):
         print(f"fashion-exp-train: study {impl.study_name}: {reason}; nothing left to run",
               flush=True)
@@ -180,6 +227,7 @@ def run(impl: Any, arguments: list[str], pruner: optuna.pruners.BasePruner,
             search.run_sequential()
     finally:
         search.close_stopped()
+        end_orphaned_jobs(sweep_dir.resolve())  # jobs of worker processes that were killed
         multirun.log_search_figures(sweep_dir, optuna_study.figures(search.study),
                                     optuna_study.summary(search.study))
         search.save_results(sweep_dir)
