@@ -378,6 +378,7 @@ def test_a_model_that_cannot_answer_is_refused_at_startup(shop_store, number) ->
     assert "\n" not in message
 
 
+@pytest.mark.slow  # a subprocess
 def test_a_startup_with_a_model_that_cannot_answer_exits_2_in_one_line(shop_store) -> None:
     result = subprocess.run([sys.executable, "-m", "fashion_exp.cli.serve",
                              f"tracking.uri={shop_store}", "model_uri=models:/shop/2",
