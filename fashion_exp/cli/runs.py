@@ -84,14 +84,18 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def upload(folders: list[Path]) -> list[tuple[Path, str]]:
-    """Replay offline folders into their tracking servers; (folder, outcome) for each."""
+    """Replay offline folders into their tracking servers, runs first, then finish the sweeps
+    kept there (their leaderboards need the runs); (folder, outcome) for each."""
+    from fashion_exp.sweeps.multirun import PENDING_FILE, finish_kept
     from fashion_exp.tracking.offline import replay
 
     outcomes = []
-    for folder in folders:
+    for folder in sorted(folders, key=lambda f: (f / PENDING_FILE).is_file()):
         try:
-            count = replay(folder)
-            outcomes.append((folder, f"sent {count} entries"))
+            if (folder / PENDING_FILE).is_file():
+                outcomes.append((folder, f"sweep ended {finish_kept(folder)}"))
+            else:
+                outcomes.append((folder, f"sent {replay(folder)} entries"))
         except Exception as err:  # noqa: BLE001 - report each folder, go on with the next
             outcomes.append((folder, f"failed: {type(err).__name__}: {str(err)[:300]}"))
     return outcomes
@@ -135,10 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "upload":
         folders = args.folders or sorted(p for p in (project_root() / "mlruns" / "offline")
                                          .glob("*") if p.is_dir())
-        missing = [f for f in folders if not (f / "run.json").is_file()]
+        missing = [f for f in folders
+                   if not (f / "run.json").is_file() and not (f / "sweep.json").is_file()]
         if missing:
-            print(f"fashion-exp-runs: {missing[0]} is not an offline run folder (no run.json)",
-                  file=sys.stderr)
+            print(f"fashion-exp-runs: {missing[0]} is not an offline run or sweep folder (no "
+                  "run.json or sweep.json)", file=sys.stderr)
             return 2
         outcomes = upload(folders)
         for folder, outcome in outcomes:

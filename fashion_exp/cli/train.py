@@ -66,7 +66,8 @@ def train(cfg: DictConfig) -> float:
     threads = start_tensorflow(cfg.trainer)
     from fashion_exp.core import models, optim, plots, training
 
-    exp_id = store.setup(uri, cfg.tracking.experiment_name, checked=True)[1]
+    exp_id = store.setup(uri, cfg.tracking.experiment_name, cfg.tracking.connect_timeout,
+                         checked=True, wait_seconds=cfg.tracking.reconnect_seconds)[1]
     run_name, tags, output_dir = describe_run(cfg, splits, threads, saved)
     ckpt = saved or RunCheckpoints(cfg, uri)
     with ckpt.kept_if_stopped(), store.tracked_run(exp_id, run_name, tags, cfg.tracking,
@@ -314,7 +315,10 @@ def _hydra_main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
     except Exception as err:
-        if multirun.job_sweep_dir() is not None or not _user_error(err):
+        if not _user_error(err):
+            raise
+        if multirun.job_sweep_dir() is not None:
+            log.error("job failed: %s", err)  # in the job's log; the others go on
             raise
         print(f"fashion-exp-train: error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -26,6 +26,7 @@ from fashion_exp.config import flatten
 from fashion_exp.files import file_lock, read_json, write_json
 from fashion_exp.paths import git_commit
 from fashion_exp.tracking import views
+from fashion_exp.tracking.store_checks import first_line
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,10 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
                     client.update_run(info["run_id"], status="RUNNING")
                     log.info("Reopened sweep parent run %s", info["run_id"])
             return info["run_id"]
+        uri = store.resolve_uri(cfg.tracking.uri)
+        if store.is_server(uri):  # a sweep that starts during an outage waits, as its jobs do
+            store.wait_for_server(uri, cfg.tracking.reconnect_seconds,
+                                  cfg.tracking.connect_timeout)
         uri, exp_id = store.setup(cfg.tracking.uri, cfg.tracking.experiment_name,
                                      cfg.tracking.connect_timeout)
         client = MlflowClient(uri)
@@ -180,7 +185,9 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
             client.update_run(shared.info.run_id, status="RUNNING")
         run_id = shared.info.run_id
         write_json(state, {"run_id": run_id, "tracking_uri": uri, "experiment_id": exp_id,
-                           "swept_keys": keys or [], "shared": bool(key)})
+                           "swept_keys": keys or [], "shared": bool(key),
+                           "reconnect_seconds": cfg.tracking.reconnect_seconds,
+                           "offline_root": str(store.offline_root(cfg.tracking))})
         log.info("Sweep parent run %s for <%s>", run_id, sweep_dir)
         return run_id
 
@@ -275,17 +282,58 @@ def child_name_and_tags(cfg: DictConfig) -> tuple[str | None, dict[str, str]]:
     return child_run_name(overrides, list(keys)) or " ".join(overrides) or "defaults", tags
 
 
-def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
-    """Record the best child and the leaderboard on the parent and end it; returns status."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
+PENDING_FILE = "sweep.json"  # in <offline_root>/sweep-<parent id>/: a sweep left to finish
 
-    from fashion_exp.sweeps import leaderboard
+
+def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
+    """Record the best child and the leaderboard on the parent and end it; returns status.
+
+    A tracking server that cannot take it is waited for (tracking.reconnect_seconds); if it
+    stays away, the sweep is kept in the outbox folder for `fashion-exp-runs upload`, which
+    finishes it once the server is back (None then)."""
+    from fashion_exp.tracking import store
 
     state = sweep_dir / STATE_FILE
     if not state.is_file():
         return None
     info = _state(sweep_dir)
+    uri = info["tracking_uri"]
+    try:
+        if store.is_server(uri):
+            store.wait_for_server(uri, info.get("reconnect_seconds", 60.0))
+        return _finish(info, interrupted)
+    except Exception as err:
+        if not store.is_server(uri) or store.server_problem(uri) is None:
+            raise
+        root = Path(info.get("offline_root") or store.offline_root(None))
+        kept = root / f"sweep-{info['run_id']}"
+        kept.mkdir(parents=True, exist_ok=True)
+        write_json(kept / PENDING_FILE, {"sweep_dir": str(sweep_dir), "interrupted": interrupted})
+        print(f"fashion-exp-train: the tracking server {uri} did not come back "
+              f"({first_line(err)}); sweep {info['run_id']} is left RUNNING; finish it "
+              f"with: fashion-exp-runs upload {kept}", flush=True)
+        return None
+
+
+def finish_kept(folder: Path) -> str | None:
+    """Finish a sweep that finish_parent kept in an outbox folder; the folder is removed once
+    the parent has ended. Returns its status."""
+    pending = read_json(folder / PENDING_FILE)
+    info = _state(Path(pending["sweep_dir"]))
+    status = _finish(info, pending["interrupted"])
+    for file in folder.iterdir():
+        file.unlink()
+    folder.rmdir()
+    return status
+
+
+def _finish(info: dict[str, Any], interrupted: bool) -> str:
+    """finish_parent's work, on a server that answers."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from fashion_exp.sweeps import leaderboard
+
     client = MlflowClient(info["tracking_uri"])
     parent = client.get_run(info["run_id"])
     # A sweep shared by several workers is summed up by each worker that ends (the last one
@@ -335,14 +383,26 @@ def log_search_figures(sweep_dir: Path, figures: dict[str, Any], summary: str) -
     import matplotlib.pyplot as plt
     from mlflow import MlflowClient
 
+    from fashion_exp.tracking import store
+
     try:
         if not (sweep_dir / STATE_FILE).is_file():
             return
         info = _state(sweep_dir)
-        client = MlflowClient(info["tracking_uri"])
-        for name, figure in figures.items():
-            client.log_figure(info["run_id"], figure, f"search/{name}")
-        client.set_tag(info["run_id"], "search_trials", summary)
+        uri = info["tracking_uri"]
+        client = MlflowClient(uri)
+        try:
+            if store.is_server(uri):
+                store.wait_for_server(uri, info.get("reconnect_seconds", 60.0))
+            for name, figure in figures.items():
+                client.log_figure(info["run_id"], figure, f"search/{name}")
+            client.set_tag(info["run_id"], "search_trials", summary)
+        except Exception as err:
+            if not store.is_server(uri) or store.server_problem(uri) is None:
+                raise
+            # The study keeps every trial: the next run of the search draws them again.
+            log.warning("search pictures not logged: the tracking server %s is away (%s)",
+                        uri, first_line(err))
     finally:
         for figure in figures.values():
             plt.close(figure)

@@ -170,3 +170,17 @@ def log_saved_keras(path: str, run_id: str, registered_name: str | None, step: i
 
     return log_keras(keras.models.load_model(path, compile=False), run_id, registered_name,
                      step)
+
+
+def fail_unfinished(client: Any, run_id: str) -> list[str]:
+    """Mark FAILED the models a run began to log but never finished (the server died while
+    their files were sent): MLflow would list them as pending for good. Returns their ids."""
+    from mlflow.entities import LoggedModelStatus
+
+    experiment_id = client.get_run(run_id).info.experiment_id
+    stuck = [model.model_id for model in client.search_logged_models(
+        [experiment_id], filter_string=f"source_run_id = '{run_id}'")
+        if model.status == LoggedModelStatus.PENDING]
+    for model_id in stuck:
+        client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+    return stuck

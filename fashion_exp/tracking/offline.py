@@ -79,6 +79,7 @@ def apply(client: MlflowClient, run_id: str, folder: Path, entry: dict[str, Any]
         mlflow.set_tracking_uri(client.tracking_uri)  # MLflow logs models to the global URI
         logged_models.log_saved_keras(str(folder / entry["file"]), run_id,
                                       entry["registered_name"], entry.get("step", 0))
+        logged_models.fail_unfinished(client, run_id)  # a live try cut short by the outage
     elif kind == "end":
         client.set_terminated(run_id, entry["status"])
     else:
@@ -118,7 +119,7 @@ class Outbox:
         """Make a logging call, or journal it (entry(folder) writes its files and returns the
         journal line) when the server is unreachable or earlier entries still wait."""
         if self.offline and not self.try_flush():
-            self._append(entry(self.folder))
+            self._keep(entry)
             return
         try:
             live()
@@ -128,7 +129,7 @@ class Outbox:
             log.warning("tracking server %s unreachable (%s); run %s goes on, its data is kept "
                         "in %s until the server is back", self.uri, type(err).__name__,
                         self.run_id, self.folder)
-            self._append(entry(self.folder))
+            self._keep(entry)
 
     def try_flush(self, force: bool = False) -> bool:
         """Replay the journal if the server answers (checked at most every 10 s unless
@@ -164,8 +165,11 @@ class Outbox:
             time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
         return True
 
-    def _append(self, line: dict[str, Any]) -> None:
+    def _keep(self, entry: Callable[[Path], dict[str, Any]]) -> None:
+        """Journal one call: its files written into the run's folder (made here, the first time
+        anything is kept), then its line appended."""
         self.folder.mkdir(parents=True, exist_ok=True)
+        line = entry(self.folder)
         run_file = self.folder / RUN_FILE
         if not run_file.is_file():
             write_json(run_file, {"tracking_uri": self.uri, "run_id": self.run_id})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,11 +21,18 @@ from fashion_exp.tracking import views
 from fashion_exp.tracking.logged_models import MODEL_ARTIFACT
 from fashion_exp.tracking.offline import Outbox
 from fashion_exp.tracking.recorder import Recorder
-from fashion_exp.tracking.store_checks import check_store, server_up, sqlite_path
+from fashion_exp.tracking.store_checks import (
+    check_store,
+    resolve_uri,
+    server_message,
+    server_problem,
+    sqlite_path,
+)
 
 
 class TrackingUnavailable(RuntimeError):
-    """The tracking server does not answer; nothing was started."""
+    """The tracking server cannot take runs (and did not come back in time); nothing was
+    started."""
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +72,9 @@ def is_server(uri: str) -> bool:
 
 def connect(cfg: DictConfig) -> str:
     """The resolved tracking URI of cfg.tracking, once the store is usable for recording runs
-    (stores.StoreError if not); for a server, MLflow's request timeout and retries are set
-    from the config and the server must answer (TrackingUnavailable)."""
-    uri = check_store(cfg.uri, write=True, create=True, connect_timeout=cfg.connect_timeout)
+    (StoreError if not). For a server, MLflow's request timeout and retries are set from the
+    config, and a server that cannot take runs is waited for (wait_for_server)."""
+    uri = resolve_uri(cfg.uri)
     if cfg.mode == "server" and not is_server(uri):
         raise TrackingUnavailable(f"tracking=server needs an http(s):// URI, got {uri}")
     if is_server(uri):
@@ -75,29 +83,51 @@ def connect(cfg: DictConfig) -> str:
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, cfg.request_timeout)))
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.retries)
         os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
-        if not server_up(uri, timeout=cfg.request_timeout):
-            raise TrackingUnavailable(
-                f"the tracking server {uri} does not answer (GET /health); start it (e.g. "
-                "python scripts/team_stack.py start) or set tracking.uri")
-    return uri
+        wait_for_server(uri, cfg.reconnect_seconds, cfg.connect_timeout)
+    return check_store(cfg.uri, write=True, create=True, connect_timeout=cfg.connect_timeout)
 
 
-def offline_root(cfg: DictConfig) -> Path:
+def wait_for_server(uri: str, seconds: float, timeout: float = 5.0) -> None:
+    """Wait up to `seconds` (tracking.reconnect_seconds) for a tracking server that cannot take
+    runs now, saying so in one line; TrackingUnavailable (one line) if it is not back by then.
+
+    A job of a sweep (or an ending sweep) that meets an outage waits for the server like a run
+    whose server goes away mid-way, instead of failing at once and leaving nothing."""
+    problem = server_problem(uri, timeout)
+    if problem is None:
+        return
+    deadline = time.monotonic() + seconds
+    if seconds > 0:
+        log.warning("the tracking server %s %s; waiting up to %g s for it "
+                    "<tracking.reconnect_seconds>", uri, problem, seconds)
+    while problem is not None and time.monotonic() < deadline:
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        problem = server_problem(uri, timeout)
+    if problem is not None:
+        raise TrackingUnavailable(server_message(uri, problem))
+    log.warning("the tracking server %s is back", uri)
+
+
+def offline_root(cfg: DictConfig | None) -> Path:
     """Where runs' data wait while the server is unreachable (tracking.offline_dir)."""
-    return Path(cfg.offline_dir) if cfg.offline_dir else project_root() / "mlruns" / "offline"
+    if cfg is not None and cfg.offline_dir:
+        return Path(cfg.offline_dir)
+    return project_root() / "mlruns" / "offline"
 
 
 def setup(uri: str | None, experiment_name: str, connect_timeout: float = 5.0,
-          checked: bool = False) -> tuple[str, str]:
+          checked: bool = False, wait_seconds: float = 0.0) -> tuple[str, str]:
     """Point MLflow at the store (creating it if new) and return (uri, experiment id).
 
     Every path that may create or migrate a store comes through here, so the store is
     checked here (StoreError) unless the caller has just checked it (`checked`: a URI that
     check_store returned): whatever skipped the entry points' early check (Hydra flags, a
     sweep's callback), MLflow never writes its tables into a file that is not a usable store
-    of its own."""
+    of its own. A tracking server that cannot take runs is waited for up to `wait_seconds`."""
     if not checked:
         uri = check_store(uri, write=True, create=True, connect_timeout=connect_timeout)
+    if is_server(uri):
+        wait_for_server(uri, wait_seconds, connect_timeout)
     mlflow.set_tracking_uri(uri)
     with store_lock(uri):
         experiment = mlflow.get_experiment_by_name(experiment_name)
@@ -216,8 +246,15 @@ def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str],
     outbox: Outbox | None = None
     try:
         with interrupts.deferred():  # a stop while the run starts is raised once it has
-            run_id = _begin(client, experiment_id, run_name, tags, resume_run_id)
             uri = client.tracking_uri
+            try:
+                run_id = _begin(client, experiment_id, run_name, tags, resume_run_id)
+            except Exception:
+                if cfg is None or not is_server(uri) or server_problem(uri) is None:
+                    raise
+                # The server went away since setup(): wait for it, as at setup.
+                wait_for_server(uri, cfg.reconnect_seconds, cfg.connect_timeout)
+                run_id = _begin(client, experiment_id, run_name, tags, resume_run_id)
             outbox = (Outbox(uri, run_id, offline_root(cfg))
                       if cfg is not None and is_server(uri) else None)
             recorder = Recorder(client, run_id, outbox)

@@ -22,6 +22,7 @@ import math
 import os
 import sqlite3
 import threading
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -111,11 +112,9 @@ def check_store(uri: str | None, *, write: bool, connect_timeout: float, create:
             _check_database(resolved, where, option, need_tables=not write,
                             timeout=connect_timeout)
         elif kind in ("http", "https"):
-
-            if not server_up(resolved, timeout=connect_timeout):
-                raise StoreError(f"the tracking server {shown(resolved)} does not answer "
-                                 "(GET /health); start it (e.g. python scripts/team_stack.py "
-                                 f"start) or set {option}")
+            problem = server_problem(resolved, timeout=connect_timeout)
+            if problem is not None:
+                raise StoreError(server_message(shown(resolved), problem, option))
         else:  # a file store: a folder (a path without a scheme becomes one)
             _check_folder(Path(urllib.parse.unquote(urllib.parse.urlsplit(resolved).path)),
                           where, option, write=write, create=create)
@@ -341,10 +340,40 @@ def _check_database(uri: str, where: str, option: str, *, need_tables: bool,
         _check_tables(tables, where, f"point {option} at another store", fresh_ok=False)
 
 
-def server_up(url: str, timeout: float = 5.0) -> bool:
-    """Whether an MLflow tracking server answers on its /health endpoint."""
+# A request that reads the server's store: a server whose database is gone still answers
+# /health (MLflow's handler touches no database) but 5xx to every call that logs.
+STORE_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def server_problem(url: str, timeout: float = 5.0) -> str | None:
+    """Why an MLflow tracking server cannot take runs now, in a few words; None when it can.
+    Unreachable (GET /health) or failing on its side (5xx on a request that reads its store);
+    any 4xx (authentication, say) is the caller's to see, not an outage."""
+    base = url.rstrip("/")
     try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout) as answer:
-            return answer.status == 200
-    except OSError:
-        return False
+        with urllib.request.urlopen(f"{base}/health", timeout=timeout) as answer:
+            if answer.status != 200:
+                return f"GET /health answered {answer.status}"
+    except urllib.error.HTTPError as err:
+        return f"GET /health answered {err.code}"
+    except (OSError, ValueError):
+        return "does not answer (GET /health)"
+    try:
+        with urllib.request.urlopen(f"{base}{STORE_PROBE}", timeout=timeout):
+            return None
+    except urllib.error.HTTPError as err:
+        return None if err.code < 500 else f"answers but its store fails (HTTP {err.code})"
+    except (OSError, ValueError) as err:
+        return f"answers GET /health but not a request to its store ({first_line(err)})"
+
+
+def server_message(url: str, problem: str, option: str = "tracking.uri") -> str:
+    """The one line for a tracking server with a problem (server_problem), saying what to do."""
+    todo = ("start it (e.g. python scripts/team_stack.py start)"
+            if problem.startswith("does not answer") else "check the server and its database")
+    return f"the tracking server {url} {problem}; {todo} or set {option}"
+
+
+def server_up(url: str, timeout: float = 5.0) -> bool:
+    """Whether an MLflow tracking server answers and can reach its store (server_problem)."""
+    return server_problem(url, timeout) is None

@@ -176,9 +176,10 @@ def status(stack_dir: Path) -> Stack | None:
 
 
 def _kill_group(pid: int, timeout: float = 20.0) -> None:
-    """SIGTERM a process group, SIGKILL it if it is still there after `timeout` seconds."""
+    """SIGTERM a process group, SIGKILL it if it is still there after `timeout` seconds (at
+    once with timeout 0)."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pid, signal.SIGTERM if timeout else signal.SIGKILL)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
@@ -189,6 +190,16 @@ def _kill_group(pid: int, timeout: float = 20.0) -> None:
             return
         time.sleep(0.2)
     os.killpg(pid, signal.SIGKILL)
+    while time.monotonic() < deadline + 20:  # gone only once they are all reaped
+        try:
+            os.waitpid(pid, os.WNOHANG)  # the leader is this process's child when it started it
+        except ChildProcessError:
+            pass
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
 
 
 def stop_mlflow(stack: Stack) -> None:
@@ -197,6 +208,14 @@ def stop_mlflow(stack: Stack) -> None:
     current = load(Path(stack.dir)) or stack
     if current.mlflow_pid:
         _kill_group(current.mlflow_pid)
+
+
+def kill_mlflow(stack: Stack) -> None:
+    """SIGKILL the tracking server's whole process group at once, as a crash would; returns
+    when no process of it is left (its children keep the port otherwise)."""
+    current = load(Path(stack.dir)) or stack
+    if current.mlflow_pid:
+        _kill_group(current.mlflow_pid, timeout=0)
 
 
 def restart_mlflow(stack: Stack) -> Stack:
