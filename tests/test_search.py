@@ -296,3 +296,4 @@ def test_a_search_killed_during_a_trial_leaves_no_run_running_once_resumed(
     # The budget counts 3 trials; the leaderboard shows the killed job apart from them.
     assert parent.data.tags["jobs_total"] == "4"
     assert "4 runs, 3 finished, 1 killed, 0 failed." in parent.data.tags["mlflow.note.content"]
+    assert (parent.data.tags["jobs_failed"], parent.data.tags["jobs_killed"]) == ("0", "1")

@@ -360,9 +360,13 @@ def _finish(info: dict[str, Any], interrupted: bool) -> str:
     describe_result(client, parent, rows, finished[0] if finished else None, metric)
     # Counts are tags: as metrics they would be drawn as single-point charts.
     client.set_tag(info["run_id"], "jobs_total", str(len(rows)))
+    # As leaderboard.counts tells them: a killed job (stopped, or its process died) has not
+    # failed.
     client.set_tag(info["run_id"], "jobs_failed",
-                   str(sum(r["status"] not in ("FINISHED", "PRUNED") for r in rows)))
-    client.set_tag(info["run_id"], "jobs_pruned", str(sum(r["status"] == "PRUNED" for r in rows)))
+                   str(sum(r["status"] not in ("FINISHED", "PRUNED", "KILLED") for r in rows)))
+    for status in ("PRUNED", "KILLED"):
+        client.set_tag(info["run_id"], f"jobs_{status.lower()}",
+                       str(sum(r["status"] == status for r in rows)))
     client.log_text(info["run_id"], leaderboard.csv_text(rows), "leaderboard.csv")
     client.log_text(info["run_id"], leaderboard.markdown(rows), "leaderboard.md")
     status = "KILLED" if interrupted else ("FINISHED" if finished else "FAILED")
