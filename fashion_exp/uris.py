@@ -24,6 +24,16 @@ def scheme(uri: str) -> str:
     return uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
 
 
+def lower_scheme(uri: str) -> str:
+    """The URI with its scheme in lower case ('Sqlite:///x.db' -> 'sqlite:///x.db'): schemes
+    are case-insensitive (RFC 3986), but SQLAlchemy loads a dialect by the name as written
+    and MLflow and this project compare them as 'sqlite', 'http'..."""
+    if "://" not in uri:
+        return uri
+    kind, rest = uri.split("://", 1)
+    return f"{kind.lower()}://{rest}"
+
+
 def shown(uri: str, limit: int = 300) -> str:
     """A URI as it may be printed: a password in it replaced by ***, at most `limit`
     characters."""

@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from fashion_exp.paths import project_root
-from fashion_exp.uris import DATABASES, URI_SCHEMES, scheme, shown
+from fashion_exp.uris import DATABASES, URI_SCHEMES, lower_scheme, scheme, shown
 
 ENV_VAR = "MLFLOW_TRACKING_URI"
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -44,7 +44,7 @@ class StoreError(RuntimeError):
 
 def resolve_uri(uri: str | None) -> str:
     """The tracking URI to use, with relative SQLite and file paths made absolute."""
-    uri = uri or os.environ.get(ENV_VAR) or ""
+    uri = lower_scheme(uri or os.environ.get(ENV_VAR) or "")  # as MLflow accepts it
     if not uri:
         return f"sqlite:///{project_root() / 'mlruns' / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -56,6 +56,7 @@ def resolve_uri(uri: str | None) -> str:
 
 def sqlite_path(uri: str) -> Path | None:
     """The database file of a resolved sqlite:/// URI; None for any other store."""
+    uri = lower_scheme(uri)
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
 
 
@@ -85,11 +86,11 @@ def check_store(uri: str | None, *, write: bool, connect_timeout: float, create:
     """
     source = option if uri else ENV_VAR if os.environ.get(ENV_VAR) else "the default store"
     raw = uri or os.environ.get(ENV_VAR) or ""
-    kind = scheme(raw)
+    kind = scheme(raw)  # lower case, as every scheme compared below
     if kind and kind not in URI_SCHEMES:
         raise StoreError(f"{source}={shown(raw)!r} has an unknown scheme {kind!r}; use a path or "
                          f"a URI of scheme {', '.join(URI_SCHEMES)}")
-    if kind == "sqlite" and not raw.startswith("sqlite:///"):
+    if kind == "sqlite" and not lower_scheme(raw).startswith("sqlite:///"):
         raise StoreError(f"{source}={shown(raw)!r} is not a SQLite file URI; use "
                          "sqlite:///relative/path.db or sqlite:////absolute/path.db")
     if kind == "sqlite" and ("?" in raw or "%" in raw):
