@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from fashion_exp.paths import PACKAGE_PARENT, project_root
-from fashion_exp.uris import MODEL_FORMS, MODEL_SCHEMES, URI_SCHEMES, shown
+from fashion_exp.uris import MODEL_FORMS, MODEL_SCHEMES, URI_SCHEMES, scheme, shown
 
 # conf/ sits beside the package in the repository (the package is installed editable).
 CONF_DIR = PACKAGE_PARENT / "conf"
@@ -249,11 +249,11 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         _one_of("mode", self.mode, TRACKING_MODES)
-        scheme = (self.uri or "").split("://", 1)[0] if "://" in (self.uri or "") else ""
+        kind = scheme(self.uri or "")  # lower case: URI schemes are case-insensitive
         uri = shown(self.uri) if self.uri else self.uri  # a password in it is not printed
-        _check(not scheme or scheme.split("+")[0] in URI_SCHEMES, "uri", uri,
+        _check(not kind or kind in URI_SCHEMES, "uri", uri,
                f"use a path or a URI of scheme {', '.join(URI_SCHEMES)}")
-        _check(self.mode != "server" or scheme in ("http", "https"), "uri", uri,
+        _check(self.mode != "server" or kind in ("http", "https"), "uri", uri,
                "tracking=server needs the server's http:// or https:// address")
         _check(self.request_timeout > 0, "request_timeout", self.request_timeout, "must be > 0")
         _check(self.retries >= 0, "retries", self.retries, "must be >= 0")
@@ -404,20 +404,32 @@ def _known_keys(node: DictConfig, prefix: str, known: set[str]) -> None:
                               f"{', '.join(sorted(known - {'hydra'}))}")
 
 
+def _all_fields(node: DictConfig, prefix: str, schema: type) -> None:
+    """Hydra lets `~key` delete a key that has a default, and the dataclass would quietly put
+    the default back while the run reads the config itself: refuse a schema key that is gone."""
+    for name in (f.name for f in dataclasses.fields(schema)):
+        if name not in node:
+            raise ConfigError("overrides", f"~{prefix}{name}",
+                              f"{prefix}{name} cannot be deleted: every key is read; "
+                              "set a value instead")
+
+
 def refuse_added_keys(cfg: DictConfig, base: DictConfig | None = None) -> None:
-    """ConfigError for a key added with +key=value: every node with a schema may hold only
-    the schema's keys; without a schema, the top level only those of `base` (the config as
-    composed without overrides)."""
+    """ConfigError for a key added with +key=value (or deleted with ~key): every node with a
+    schema must hold exactly the schema's keys; without a schema, the top level only those of
+    `base` (the config as composed without overrides)."""
     if base is not None:
         _known_keys(cfg, "", set(base) | {"hydra"})
     _schema_keys_only(cfg, "")
 
 
 def _schema_keys_only(node: DictConfig, prefix: str) -> None:
-    """_known_keys for every node of a config that has a schema, however deep."""
+    """_known_keys and _all_fields for every node of a config that has a schema, however
+    deep."""
     schema = OmegaConf.get_type(node)
     if dataclasses.is_dataclass(schema):
         _known_keys(node, prefix, {f.name for f in dataclasses.fields(schema)} | {"hydra"})
+        _all_fields(node, prefix, schema)
     for key in node:
         if isinstance(node[key], DictConfig):
             _schema_keys_only(node[key], f"{prefix}{key}.")
@@ -429,11 +441,13 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         raise ConfigError(missing[0], "???", "a value is required; set it on the command line")
     _known_keys(cfg, "", {f.name for f in dataclasses.fields(Config)} | {"hydra"})
+    _all_fields(cfg, "", Config)
     for group in ("data", "model", "optimizer", "schedule", "augment", "trainer", "tracking"):
         node = cfg[group]
         schema = OmegaConf.get_type(node)
         if dataclasses.is_dataclass(schema):
             _known_keys(node, f"{group}.", {f.name for f in dataclasses.fields(schema)})
+            _all_fields(node, f"{group}.", schema)
         if group == "model":
             _one_of("model.name", node.get("name"), MODELS)
         try:
@@ -457,6 +471,162 @@ def one_line(err: BaseException) -> str:
     return "; ".join(parts).replace("options in", "options for")
 
 
+# --- The command line: every override checked before Hydra makes an output folder -----------
+
+def command_line(argv: list[str]) -> tuple[list[str], bool] | None:
+    """(overrides, multirun) of a command line that runs jobs, parsed with Hydra's own flags;
+    None for one that only shows something (--help, --hydra-help, --cfg, --info, -sc).
+
+    Flags may come anywhere (`a=1 -m b=1,2`; Hydra alone wants them first: hand it
+    hydra_argv's order). ConfigError for the flags that would run a job on a config other
+    than the entry point's (--config-path, --config-name, --config-dir, --experimental-rerun):
+    its overrides could not be checked."""
+    from hydra._internal.utils import get_args_parser  # the flags exactly as Hydra reads them
+
+    args = get_args_parser().parse_intermixed_args(argv)
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+        return None
+    for flag in ("config_path", "config_name", "config_dir", "experimental_rerun"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--{flag.replace('_', '-')}", getattr(args, flag),
+                              "not supported: the command composes its own config from conf/; "
+                              "give key=value overrides instead")
+    return list(args.overrides), bool(args.multirun)
+
+
+def hydra_argv(overrides: list[str], multirun: bool) -> list[str]:
+    """The arguments of a checked command line in the order Hydra parses (flags first)."""
+    return (["--multirun"] if multirun else []) + overrides
+
+
+def is_hydra_setting(override: str) -> bool:
+    """Whether a command-line override sets Hydra's own config (hydra.run.dir=...,
+    hydra/launcher=..., with +, ++ or ~ in front)."""
+    return re.match(r"[+~]*hydra([./@=]|$)", override) is not None
+
+
+def optional_groups(config_name: str) -> list[str]:
+    """The groups conf/<config_name>.yaml may leave unselected (`group: null` or `optional
+    group: ...` in its defaults list): the only ones a `~group` override may delete."""
+    import yaml
+
+    text = (CONF_DIR / f"{config_name}.yaml").read_text()
+    names = []
+    for entry in yaml.safe_load(text).get("defaults", []):
+        for key, value in entry.items() if isinstance(entry, dict) else ():
+            if key.startswith("optional "):
+                names.append(key.split()[-1])
+            elif value is None:
+                names.append(key)
+    return names
+
+
+def _as_override(value: Any) -> str:
+    """A config value as it is written on the command line."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return str(value)
+
+
+_ABSENT = object()  # OmegaConf.select's answer for a key that is not there
+
+
+def _refuse_deletes(config_name: str, deletes: list[Any], others: list[str]) -> None:
+    """ConfigError for a delete override (`~key`) unless it deletes an optional group: the
+    run reads every key of the schema (each has a default or is required), a required group
+    needs one of its options, and Hydra's own settings need theirs."""
+    from hydra import compose
+
+    optional = optional_groups(config_name)
+    only = (f"~ deletes only the optional groups {', '.join(optional)}" if optional else
+            "no key or group of this command may be deleted with ~")
+    base = None
+    for override in deletes:
+        key = override.key_or_group
+        if key in optional:
+            continue  # Hydra checks that it is selected
+        if override.is_hydra_override() or key == "hydra":
+            reason = ("Hydra's own settings cannot be deleted; set them instead "
+                      "(hydra.<key>=<value> or hydra/<group>=<option>)")
+        else:
+            if base is None:  # the config without the deletes: what they would remove
+                base = compose(config_name, overrides=others, return_hydra_config=True)
+            choices = base.hydra.runtime.choices
+            value = OmegaConf.select(base, key.replace("/", "."), default=_ABSENT,
+                                     throw_on_resolution_failure=False)
+            if key in choices:
+                reason = (f"{key} needs one of its options; choose one instead, e.g. "
+                          f"{key}={choices[key]}; {only}")
+            elif value is _ABSENT:
+                reason = f"no key or group {key} to delete; {only}"
+            elif isinstance(value, DictConfig):
+                reason = f"{key} cannot be deleted: every key is read; {only}"
+            else:
+                reason = (f"{key} cannot be deleted: every key is read; set a value "
+                          f"instead, e.g. {key}={_as_override(value)}; {only}")
+        raise ConfigError("overrides", override.input_line, reason)
+
+
+
+def _refuse_added_hydra_keys(config_name: str, added: list[Any], others: list[str]) -> None:
+    """ConfigError for `+hydra.key=value` unless it adds to one of Hydra's free-form
+    dictionaries (hydra.job.env_set, a launcher's options...): Hydra's settings with a schema
+    have fixed keys, and a key added there would be ignored."""
+    from hydra import compose
+
+    base = compose(config_name, overrides=others, return_hydra_config=True)
+    for override in added:
+        path = override.key_or_group.split(".")
+        node: Any = base
+        depth = 0
+        while depth < len(path) and isinstance(node, DictConfig) and path[depth] in node:
+            try:
+                node = node[path[depth]]
+            except Exception:  # noqa: BLE001 - an interpolation: a value, not a dictionary
+                node = None
+            depth += 1
+        if depth == len(path):
+            continue  # there already: Hydra refuses `+` and sets it with `++`
+        free = isinstance(node, DictConfig) and not dataclasses.is_dataclass(
+            OmegaConf.get_type(node))
+        if not free:
+            where = ".".join(path[:depth])
+            keys = ", ".join(sorted(str(k) for k in node)) if isinstance(node, DictConfig) else ""
+            raise ConfigError("overrides", override.input_line,
+                              f"no such key; {where} has {keys}" if keys else
+                              f"no such key: {where} holds a value, not settings")
+
+
+def _check_overrides(config_name: str, overrides: list[str], hydra_settings: bool) -> None:
+    """The overrides Hydra's composition lets through: deletes (~key), keys added to Hydra's
+    settings (+hydra.key=...), and Hydra's settings themselves (names and types, composed with
+    Hydra's config). Runs inside initialize_config_dir; ConfigError (one line) if refused."""
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if not hydra_settings:
+        for override in parsed:
+            if override.is_hydra_override() or override.key_or_group == "hydra":
+                raise ConfigError("overrides", override.input_line,
+                                  "this command runs no Hydra job and makes no output folder: "
+                                  "it has no hydra settings; give the keys of "
+                                  f"conf/{config_name}.yaml")
+    # Each swept key at its first value (an interval at the config's): what is composed here.
+    first = [values[0] for o in parsed if not o.is_delete() and (values := swept_values(o))]
+    deletes = [o for o in parsed if o.is_delete()]
+    if deletes:
+        _refuse_deletes(config_name, deletes, first)
+    added = [o for o in parsed if (o.is_add() or o.is_force_add()) and o.is_hydra_override()]
+    if added:
+        lines = {o.input_line for o in added}
+        _refuse_added_hydra_keys(config_name, added, [o for o in first if o not in lines])
+    if hydra_settings and any(is_hydra_setting(o) for o in first):
+        compose(config_name, overrides=first, return_hydra_config=True)
+
+
 def swept_values(override: Any) -> list[str] | None:
     """The values of a sweep override as `key=value` lines (`a=1,2` -> [`a=1`, `a=2`]); the
     override itself if it sweeps nothing; None for an interval (no values to list)."""
@@ -469,33 +639,44 @@ def swept_values(override: Any) -> list[str] | None:
     return [f"{override.get_key_element()}={value}" for value in values]
 
 
+def sweep_variants(overrides: list[str]) -> list[list[str]]:
+    """The variants of a multirun's overrides that are checked before it starts: every swept
+    key at its first value, then each other listed value of one key with the rest at their
+    first. Values a sweeper draws from an interval are checked by each job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:  # a syntax error
+        raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
+    listed = [values for values in map(swept_values, parsed) if values]
+    first = [values[0] for values in listed]
+    return [first] + [first[:i] + [value] + first[i + 1:]
+                      for i, values in enumerate(listed) for value in values[1:]]
+
+
 def precheck(overrides: list[str], multirun: bool = False) -> list[DictConfig]:
     """Compose the config for these command-line overrides and validate it; returns the
     composed configs (one per checked variant of a multirun, then, for a multirun, the first
     variant with Hydra's config, whose hydra.sweeper the caller checks).
 
-    Raises ConfigError (one line) for an unknown key or group option, a wrong type or an
-    out-of-range value, so that the runner can stop before Hydra starts a job. For a multirun
-    every listed value of each swept key is checked (the other keys at their first value);
-    values a sweeper draws from an interval are checked by each job.
+    Raises ConfigError (one line) for an unknown key or group option, a wrong type, an
+    out-of-range value, a deleted key (~key) or a key added to Hydra's settings, so that the
+    runner can stop before Hydra starts a job. For a multirun every listed value of each swept
+    key is checked (the other keys at their first value); values a sweeper draws from an
+    interval are checked by each job.
     """
     from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     register_configs()
-    job_overrides = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    job_overrides = [o for o in overrides if not is_hydra_setting(o)]
     try:
-        variants = [job_overrides]
-        if multirun:
-            listed = [swept_values(o) for o in
-                      OverridesParser.create().parse_overrides(job_overrides)]
-            listed = [values for values in listed if values]
-            first = [values[0] for values in listed]
-            variants = [first] + [first[:i] + [value] + first[i + 1:]
-                                  for i, values in enumerate(listed) for value in values[1:]]
+        variants = sweep_variants(job_overrides) if multirun else [job_overrides]
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            _check_overrides("config", overrides, hydra_settings=True)
             configs = []
             for variant in variants:
                 configs.append(compose("config", overrides=variant))
@@ -509,11 +690,14 @@ def precheck(overrides: list[str], multirun: bool = False) -> list[DictConfig]:
     return configs
 
 
-def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
+def compose_checked(config_name: str, overrides: list[str],
+                    hydra_settings: bool = True) -> DictConfig:
     """Compose conf/<config_name>.yaml with overrides and check every value of its schema.
 
     For the entry points other than training (evaluate, serve): raises ConfigError in one
-    line, before Hydra makes an output folder."""
+    line, before Hydra makes an output folder. Hydra's settings (hydra.*) are checked, not
+    composed into the result; hydra_settings=False refuses them (a command without Hydra's
+    app: serve)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -521,7 +705,9 @@ def compose_checked(config_name: str, overrides: list[str]) -> DictConfig:
     register_configs()
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name, overrides=overrides)
+            _check_overrides(config_name, overrides, hydra_settings)
+            cfg = compose(config_name,
+                          overrides=[o for o in overrides if not is_hydra_setting(o)])
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
     for key in sorted(OmegaConf.missing_keys(cfg)):

@@ -2,6 +2,10 @@
 
     fashion-exp-evaluate model_uri=runs:/<run_id>/model
     fashion-exp-evaluate model_uri=models:/<name>/<version>  tracking.experiment_name=fashion_exp
+    fashion-exp-evaluate -m model_uri=runs:/<run_id>/model,models:/<name>/<version>
+
+With -m, one evaluation run per listed value (Hydra's basic sweeper, one after the other);
+every listed value is checked, models included, before the first one starts.
 
 The evaluation run is tagged with the model URI and the run that produced the model
 (`source_run_id`), and records test metrics, accuracy per class, the confusion matrix, a
@@ -18,7 +22,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_exp import interrupts
-from fashion_exp.config import CONF_DIR, ConfigError, compose_checked, register_configs
+from fashion_exp.config import (
+    CONF_DIR,
+    ConfigError,
+    command_line,
+    compose_checked,
+    hydra_argv,
+    register_configs,
+    sweep_variants,
+)
 from fashion_exp.tracking.store_checks import StoreError, check_store
 
 if TYPE_CHECKING:
@@ -89,15 +101,30 @@ def _hydra_main(cfg: DictConfig) -> float:
         _exit(err)
 
 
-def precheck(overrides: list[str]) -> DictConfig:
-    """The config of these command-line overrides, its values (the schema's checks) and its
-    tracking store checked (ConfigError, StoreError) before Hydra makes an output folder or
+def precheck(overrides: list[str], multirun: bool = False) -> list[DictConfig]:
+    """The configs of these command-line overrides (each checked variant of a multirun:
+    config.sweep_variants), their values (the schema's checks), their tracking stores and the
+    models they name, checked (ConfigError, StoreError) before Hydra makes an output folder or
     TensorFlow loads."""
-    cfg = compose_checked("evaluate", [o for o in overrides
-                                       if not o.lstrip("+~").startswith("hydra")])
-    uri = check_store(cfg.tracking.uri, write=True, connect_timeout=cfg.tracking.connect_timeout)
-    model_ref(uri, cfg.model_uri)  # MLflow, not TensorFlow yet
-    return cfg
+    if multirun:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        for override in OverridesParser.create().parse_overrides(overrides):
+            if override.is_sweep_override() and not override.is_discrete_sweep():
+                raise ConfigError("overrides", override.input_line,
+                                  "an evaluation sweep lists its values (key=a,b, "
+                                  "range(1,4), choice(a,b)); it draws none from an interval")
+    configs = [compose_checked("evaluate", variant)  # every value first, then the stores
+               for variant in (sweep_variants(overrides) if multirun else [overrides])]
+    checked = set()
+    for cfg in configs:
+        key = (cfg.tracking.uri, cfg.tracking.connect_timeout, cfg.model_uri)
+        if key not in checked:
+            checked.add(key)
+            uri = check_store(cfg.tracking.uri, write=True,
+                              connect_timeout=cfg.tracking.connect_timeout)
+            model_ref(uri, cfg.model_uri)  # MLflow, not TensorFlow yet
+    return configs
 
 
 def model_ref(uri: str, model_uri: str) -> ModelRef:
@@ -114,13 +141,15 @@ def model_ref(uri: str, model_uri: str) -> ModelRef:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    args = sys.argv[1:]
-    if not any(a.startswith("-") for a in args):  # Hydra's flags (--help, -m, ...) go unchecked
-        try:
-            precheck(args)
-        except (ConfigError, StoreError) as err:
-            _exit(err)
+    """Console-script entry point: check the overrides of an evaluation or of a multirun of
+    evaluations (-m), then hand over to Hydra."""
+    try:
+        line = command_line(sys.argv[1:])  # None: --cfg, --help... show things, run no job
+        if line is not None:
+            precheck(*line)
+            sys.argv[1:] = hydra_argv(*line)  # `a=1 -m b=1,2` as Hydra reads it
+    except (ConfigError, StoreError) as err:
+        _exit(err)
     interrupts.install()
     _hydra_main()
 

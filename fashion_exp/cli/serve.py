@@ -217,7 +217,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     exit_on_stop_signals()
     try:
-        cfg = compose_checked("serve", args)
+        cfg = compose_checked("serve", args, hydra_settings=False)  # no Hydra app here
         check_host(cfg.host)
         if not is_loopback(cfg.host):
             print(f"fashion-exp-serve: warning: host={cfg.host} accepts connections from other "

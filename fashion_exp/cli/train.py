@@ -24,7 +24,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from fashion_exp import interrupts
-from fashion_exp.config import CONF_DIR, ConfigError, precheck, register_configs, validate
+from fashion_exp.config import (
+    CONF_DIR,
+    ConfigError,
+    command_line,
+    hydra_argv,
+    precheck,
+    register_configs,
+    validate,
+)
 from fashion_exp.core import metrics
 from fashion_exp.sweeps import multirun
 from fashion_exp.tracking.store_checks import StoreError, check_store
@@ -360,17 +368,19 @@ def _check_stores(configs: list[DictConfig]) -> None:
 
 
 def main() -> None:
-    """Console-script entry point: check a single run's overrides, then hand over to Hydra."""
-    args = sys.argv[1:]
-    flags = {a for a in args if a.startswith("-")}
-    # Hydra's other flags (--cfg, --help, ...) run no job: those go to Hydra unchecked.
-    if flags <= {"-m", "--multirun"}:
-        try:
-            configs = precheck([a for a in args if a not in flags], multirun=bool(flags))
-            if flags:
+    """Console-script entry point: check the overrides of a run or a sweep, then hand over
+    to Hydra."""
+    try:
+        line = command_line(sys.argv[1:])  # None: --cfg, --help... show things, run no job
+        if line is not None:
+            overrides, sweep = line
+            configs = precheck(overrides, multirun=sweep)
+            sys.argv[1:] = hydra_argv(overrides, sweep)  # `a=1 -m b=1,2` as Hydra reads it
+            if sweep:
                 check_search(configs[-1])
-        except ConfigError as err:
-            _exit_invalid(err)
+    except ConfigError as err:
+        _exit_invalid(err)
+    if line is not None:
         _check_stores(configs)
     # SIGTERM stops like Ctrl-C, also between the jobs of a sweep, so every run gets an end.
     interrupts.install()
