@@ -174,6 +174,20 @@ TRAIN_CASES = [
                         "hydra.sweeper.storage=sqlite:////nonexistent/folder/optuna.db"],
      "hydra.sweeper.storage='sqlite:////nonexistent/folder/optuna.db': the study's storage "
      "cannot be opened (unable to open database file)"),
+    # Deletes (~key), keys added to Hydra's settings and flags that swap the config: each
+    # would otherwise run (~task_name trains) or fail with a traceback after making a folder.
+    ("delete_key", ["~task_name"], "overrides='~task_name': task_name cannot be deleted"),
+    ("delete_nested_key", ["~trainer.batch_size"],
+     "trainer.batch_size cannot be deleted: every key is read; set a value instead, e.g. "
+     "trainer.batch_size=64"),
+    ("delete_group", ["~optimizer"], "optimizer needs one of its options; choose one instead"),
+    ("delete_hydra_setting", ["~hydra.callbacks.mlflow_sweep"],
+     "Hydra's own settings cannot be deleted"),
+    ("added_hydra_key", ["+hydra.rundir=x"], "overrides='+hydra.rundir=x': no such key"),
+    ("hydra_key_typo", ["hydra.job.chdr=true"], "Key 'chdr' not in 'JobConf'"),
+    ("delete_in_sweep", ["-m", "trainer.seed=0,1", "~trainer.epochs"],
+     "'~trainer.epochs': trainer.epochs cannot be deleted"),
+    ("other_config", ["-cn", "evaluate"], "--config-name='evaluate': not supported"),
 ]
 
 
@@ -259,12 +273,54 @@ def test_evaluate_refuses_added_keys(added, store, tmp_path) -> None:
     assert snapshot(store) == before and not (tmp_path / "h").exists()
 
 
-def test_unreachable_tracking_server(store, tmp_path) -> None:
+# (entry point, arguments, the one line it prints)
+ENTRY_POINT_CASES = [
+    ("evaluate", ["~batch_size"], "fashion-exp-evaluate: overrides='~batch_size': batch_size "
+     "cannot be deleted: every key is read; set a value instead, e.g. batch_size=1024"),
+    ("evaluate", ["~hydra.run.dir"], "Hydra's own settings cannot be deleted"),
+    ("evaluate", ["+hydra.job.foo=1"], "overrides='+hydra.job.foo=1': no such key"),
+    ("evaluate", ["-m", "batch_size=8,0"], "fashion-exp-evaluate: batch_size=0: must be >= 1"),
+    ("evaluate", ["-m", "batch_size=interval(1,8)"], "an evaluation sweep lists its values"),
+    ("evaluate", ["-cn", "config"], "--config-name='config': not supported"),
+    ("serve", ["~drain_seconds"], "fashion-exp-serve: overrides='~drain_seconds': drain_seconds "
+     "cannot be deleted"),
+    ("serve", ["~follow_seconds"], "follow_seconds cannot be deleted"),
+    ("serve", ["~decode_workers"], "decode_workers cannot be deleted"),
+    ("serve", ["~host"], "host cannot be deleted"),
+    ("serve", ["hydra.run.dir=x"], "this command runs no Hydra job"),
+]
+
+
+@pytest.mark.parametrize("name,args,message", ENTRY_POINT_CASES,
+                         ids=[f"{c[0]}_{'_'.join(c[1])}" for c in ENTRY_POINT_CASES])
+def test_bad_overrides_of_the_other_entry_points(name, args, message, store, tmp_path) -> None:
+    before = snapshot(store)
+    model = [f"model_uri=runs:/{UNKNOWN_RUN}/model"] if name == "evaluate" else []
+    result = cli(f"fashion_exp.cli.{name}", *args, *model,
+                 f"tracking.uri=sqlite:///{store / 'mlflow.db'}", tmp_path=tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(lines) == 1 and message in lines[0], lines
+    assert snapshot(store) == before
+    assert not (tmp_path / "outputs").exists()  # no output folder
+
+
+def test_evaluate_has_its_own_help(tmp_path) -> None:
+    result = cli("fashion_exp.cli.evaluate", "--help", tmp_path=tmp_path)
+    assert result.returncode == 0
+    assert result.stdout.startswith("fashion-exp-evaluate: score a logged or registered model")
+    assert "fashion-exp-evaluate -m model_uri=" in result.stdout
+    assert "fashion-exp-train" not in result.stdout and "optimizer" not in result.stdout
+
+
+@pytest.mark.parametrize("scheme", ["http", "HTTP"])
+def test_unreachable_tracking_server(scheme, store, tmp_path) -> None:
     from devtools.servers import free_port
 
     port = free_port()
     before = snapshot(store)
-    result = cli("fashion_exp.cli.train", "tracking=server", f"tracking.uri=http://127.0.0.1:{port}",
+    result = cli("fashion_exp.cli.train", "tracking=server",
+                 f"tracking.uri={scheme}://127.0.0.1:{port}",
                  f"hydra.run.dir={tmp_path / 'h'}", tmp_path=tmp_path)
     assert result.returncode == 1
     assert f"the tracking server http://127.0.0.1:{port} does not answer" in (
@@ -302,6 +358,6 @@ def test_bad_service_request(case, request_args, status, detail, served_app) -> 
 
 
 def test_the_table_covers_at_least_thirty_inputs() -> None:
-    cases = (len(TRAIN_CASES) + len(DATA_CASES) + len(MODEL_URI_CASES) + 2 + 1 + 1
-             + len(BAD_REQUESTS))
+    cases = (len(TRAIN_CASES) + len(DATA_CASES) + len(MODEL_URI_CASES) + 2 + 2 + 1
+             + len(ENTRY_POINT_CASES) + len(BAD_REQUESTS))
     assert cases >= 30, cases

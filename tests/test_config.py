@@ -132,3 +132,107 @@ def test_evaluate_checks_its_schema_like_the_other_entry_points(overrides, messa
     with pytest.raises(ConfigError) as err:
         evaluate.precheck(overrides)
     assert str(err.value).startswith(message), err.value
+
+
+# --- Deletes (~key), appends (+key) and Hydra's own settings on the command line -------------
+
+ONLY = "~ deletes only the optional groups experiment, hparams_search, debug, local"
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["~task_name"], "overrides='~task_name': task_name cannot be deleted: every key is read; "
+                     f"set a value instead, e.g. task_name=train; {ONLY}"),
+    (["~trainer.batch_size"], "trainer.batch_size cannot be deleted: every key is read; set a "
+                              "value instead, e.g. trainer.batch_size=32"),
+    (["~model.hidden"], "e.g. model.hidden=[256, 128, 32]"),
+    (["~tracking.uri"], "e.g. tracking.uri=null"),
+    (["~optimizer"], "overrides='~optimizer': optimizer needs one of its options; choose one "
+                     "instead, e.g. optimizer=sgd"),
+    (["~foo"], f"overrides='~foo': no key or group foo to delete; {ONLY}"),
+    (["~hydra/launcher"], "overrides='~hydra/launcher': Hydra's own settings cannot be deleted"),
+    (["~hydra.callbacks.mlflow_sweep"], "Hydra's own settings cannot be deleted"),
+    (["+hydra.foo=1"], "overrides='+hydra.foo=1': no such key; hydra has callbacks"),
+    (["+hydra.run.foo=1"], "overrides='+hydra.run.foo=1': no such key; hydra.run has dir"),
+    (["hydra.job.chdr=true"], "Key 'chdr' not in 'JobConf'"),
+    (["hydra.job.chdir=maybe"], "Value 'maybe' is not a valid bool"),
+    (["+trainer.epochs=3"], "An item is already at 'trainer.epochs'"),
+    (["++trainer.epochz=3"], "trainer.epochz=3: no such key"),
+])
+def test_training_refuses_deletes_and_hydra_setting_typos(overrides, message) -> None:
+    with pytest.raises(ConfigError) as err:
+        precheck(overrides)
+    assert message in str(err.value) and "\n" not in str(err.value), err.value
+
+
+def test_a_sweep_refuses_deletes_too() -> None:
+    with pytest.raises(ConfigError, match=r"'~trainer.epochs': trainer.epochs cannot be"):
+        precheck(["trainer.seed=0,1", "~trainer.epochs"], multirun=True)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["~experiment"], ["debug=fast", "~debug"], ["experiment=cnn", "~experiment"],
+    ["+hydra.job.env_set.FOO=1"], ["++hydra.run.dir=/tmp/x"], ["++trainer.epochs=3"],
+    ["tracking=server", "tracking.uri=HTTP://127.0.0.1:5000"],
+    ["tracking.uri=Sqlite:///mlflow.db"],
+])
+def test_what_may_be_deleted_or_added(overrides) -> None:
+    precheck(overrides)
+
+
+@pytest.mark.parametrize(("name", "overrides", "message"), [
+    ("evaluate", ["model_uri=runs:/x/model", "~batch_size"],
+     "overrides='~batch_size': batch_size cannot be deleted: every key is read; set a value "
+     "instead, e.g. batch_size=1024; no key or group of this command may be deleted with ~"),
+    ("evaluate", ["model_uri=runs:/x/model", "~data"], "data needs one of its options"),
+    ("evaluate", ["model_uri=runs:/x/model", "~hydra.run.dir"], "Hydra's own settings"),
+    ("evaluate", ["model_uri=runs:/x/model", "+hydra.job.foo=1"], "no such key; hydra.job has"),
+    ("serve", ["~drain_seconds"], "overrides='~drain_seconds': drain_seconds cannot be deleted"),
+    ("serve", ["~follow_seconds"], "follow_seconds cannot be deleted"),
+    ("serve", ["~decode_workers"], "e.g. decode_workers=2"),
+    ("serve", ["~host"], "e.g. host=127.0.0.1"),
+    ("serve", ["~tracking"], "tracking needs one of its options"),
+    ("serve", ["hydra.run.dir=/tmp/x"], "overrides='hydra.run.dir=/tmp/x': this command runs no "
+                                        "Hydra job"),
+])
+def test_evaluate_and_serve_refuse_deletes(name, overrides, message) -> None:
+    with pytest.raises(ConfigError) as err:
+        compose_checked(name, overrides, hydra_settings=name != "serve")
+    assert message in str(err.value), err.value
+
+
+def test_a_deleted_key_is_refused_after_composition_too() -> None:
+    """validate, for the jobs Hydra starts itself: a deleted key is not filled with its
+    default behind the run's back."""
+    from hydra import compose, initialize_config_dir
+
+    from fashion_exp.config import CONF_DIR, validate
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["~task_name"])
+    with pytest.raises(ConfigError, match="'~task_name': task_name cannot be deleted"):
+        validate(cfg)
+
+
+def test_command_line_flags() -> None:
+    from fashion_exp.config import command_line
+
+    assert command_line(["a=1", "-m", "b=2,3"]) == (["a=1", "b=2,3"], True)  # -m anywhere
+    assert command_line(["-r", "a=1"]) == (["a=1"], False)
+    assert command_line(["--help"]) is None and command_line(["--cfg", "job", "a=1"]) is None
+    for flag in (["-cn", "evaluate"], ["--config-dir", "/tmp"], ["-cp", "/tmp"],
+                 ["--experimental-rerun", "x.pickle"]):
+        with pytest.raises(ConfigError, match="not supported: the command composes its own"):
+            command_line(flag)
+
+
+def test_uri_schemes_are_case_insensitive(tmp_path) -> None:
+    from fashion_exp.config import TrackingConfig
+    from fashion_exp.tracking.store_checks import check_store, resolve_uri
+
+    TrackingConfig(mode="server", uri="HTTPS://mlflow.example.org")
+    TrackingConfig(uri="SQLite:///x.db")
+    assert resolve_uri("HTTP://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert resolve_uri(f"Sqlite:///{tmp_path}/m.db") == f"sqlite:///{tmp_path}/m.db"
+    # MLflow (SQLAlchemy) opens the store only with a lower-case scheme: what resolve_uri hands on
+    assert check_store(f"SQLITE:///{tmp_path}/m.db", write=True, create=True,
+                       connect_timeout=5) == f"sqlite:///{tmp_path}/m.db"
