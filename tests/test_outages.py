@@ -271,3 +271,73 @@ def test_a_search_loses_nothing_when_the_server_dies(team_stack, tmp_path, phase
     assert all(c.info.status == "FINISHED" for c in children)
     assert any(p.startswith("search/") for p in artifacts(mlflow.MlflowClient(uri),
                                                           parent.info.run_id))
+
+
+class DatabaseOutage(Outage):
+    """Stop the PostgreSQL server behind the tracking server (which keeps answering, 5xx)
+    once `when()` is true, and start it again after `down` seconds."""
+
+    def run(self) -> None:
+        while not self.when():
+            if time.monotonic() > self.deadline:
+                return
+            time.sleep(0.05)
+        pgdata = Path(self.stack.dir) / "pgdata"
+        team.stop_postgres(pgdata)
+        self.killed = True
+        time.sleep(self.down)
+        team.start_postgres(pgdata, self.stack.pg_port)
+        self.restarted = True
+
+
+def test_a_run_loses_nothing_when_the_database_behind_the_server_fails(
+        team_stack, undisturbed, tmp_path) -> None:
+    uri = team_stack.tracking_uri
+    proc, log = start(tmp_path, *RUN, f"tracking.uri={uri}",
+                      "tracking.experiment_name=outage_database")
+    outage = DatabaseOutage(team_stack, logged(log, PHASES["epochs"]), down=8)
+    outage.start()
+    out = finish(proc, log, outage)
+    (run,) = runs_of(uri, "outage_database")
+    assert record(uri, run) == undisturbed, out[-3000:]
+    assert "unreachable" in out and "Traceback" not in out
+
+
+def test_a_search_whose_database_goes_away_stops_in_one_line_and_keeps_its_run(
+        team_stack, tmp_path) -> None:
+    """PostgreSQL (the tracking server's store and the study's) stops during the first trial
+    and stays away: the trial trains on without pruning, its run waits in the outbox, the
+    search stops in one line; once the database is back, upload completes run and sweep."""
+    uri, experiment = team_stack.tracking_uri, "outage_search_database"
+    proc, log = start(tmp_path, "-m", "hparams_search=mlp_optuna", *RUN[:-1],
+                      "tracking.reconnect_seconds=2", "hydra.sweeper.n_trials=2",
+                      f"hydra.sweeper.storage={team_stack.optuna_storage}",
+                      f"hydra.sweeper.study_name=lost_{tmp_path.name}",
+                      f"tracking.uri={uri}", f"tracking.experiment_name={experiment}")
+    pgdata = Path(team_stack.dir) / "pgdata"
+    deadline = time.monotonic() + 300
+    while not logged(log, PHASES["epochs"])() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    team.stop_postgres(pgdata)
+    try:
+        assert proc.wait(timeout=600) == 1, log.read_text()[-4000:]
+    finally:
+        proc.kill()
+        team.start_postgres(pgdata, team_stack.pg_port)
+    out = log.read_text()
+    assert "Traceback" not in out, out[-4000:]
+    (line,) = [x for x in out.splitlines() if "the study storage" in x and "error" in x]
+    assert line.startswith("fashion-exp-train: error: the study storage postgresql+psycopg://")
+    assert "the search stops; run the same command to resume it" in line
+    kept = sorted((tmp_path / "offline").iterdir())
+    assert len(kept) == 2 and kept[-1].name.startswith("sweep-")  # the run, then the sweep
+    upload = subprocess.run([sys.executable, "-m", "fashion_exp.cli.runs", "upload",
+                             *map(str, kept)], capture_output=True, text=True, env=CLI_ENV,
+                            cwd=tmp_path)
+    assert upload.returncode == 0, upload.stdout + upload.stderr
+    runs = runs_of(uri, experiment)
+    (child,) = [r for r in runs if r.data.tags.get("sweep") == "child"]
+    (parent,) = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    assert child.info.status == "FINISHED" and child.outputs.model_outputs
+    assert "test_accuracy" in child.data.metrics
+    assert parent.info.status == "FINISHED" and parent.data.tags["jobs_total"] == "1"

@@ -302,15 +302,16 @@ def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
         if store.is_server(uri):
             store.wait_for_server(uri, info.get("reconnect_seconds", 60.0))
         return _finish(info, interrupted)
-    except Exception as err:
-        if not store.is_server(uri) or store.server_problem(uri) is None:
+    except Exception:
+        problem = store.server_problem(uri) if store.is_server(uri) else None
+        if problem is None:
             raise
         root = Path(info.get("offline_root") or store.offline_root(None))
         kept = root / f"sweep-{info['run_id']}"
         kept.mkdir(parents=True, exist_ok=True)
         write_json(kept / PENDING_FILE, {"sweep_dir": str(sweep_dir), "interrupted": interrupted})
         print(f"fashion-exp-train: the tracking server {uri} did not come back "
-              f"({first_line(err)}); sweep {info['run_id']} is left RUNNING; finish it "
+              f"({problem}); sweep {info['run_id']} is left RUNNING; finish it "
               f"with: fashion-exp-runs upload {kept}", flush=True)
         return None
 

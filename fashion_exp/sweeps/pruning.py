@@ -9,6 +9,7 @@ PRUNED here, by the process that knows the epoch.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import optuna
+import sqlalchemy.exc
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from optuna.trial import TrialState
@@ -28,9 +30,13 @@ from fashion_exp.uris import shown
 if TYPE_CHECKING:
     import keras
 
+log = logging.getLogger(__name__)
+
 TRIAL_ENV = "FASHION_EXP_OPTUNA_TRIAL"  # the trial id (Optuna's storage key), set per job
 # Metrics a Keras epoch reports, so that a trial can be judged after every epoch.
 PER_EPOCH = ("val_accuracy", "val_loss", "accuracy", "loss")
+# The study's database went away (a server stopped, a network cut).
+STORAGE_ERRORS = (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError)
 
 
 @dataclass
@@ -41,6 +47,7 @@ class JobTrial:
     trial: optuna.Trial
     metric: str
     pruned_at: int | None = None
+    storage_lost: bool = False  # the storage failed mid-trial: it trains on, unpruned
 
     @property
     def tags(self) -> dict[str, str]:
@@ -58,9 +65,20 @@ class JobTrial:
 
         class ReportEpochs(keras.callbacks.Callback):
             def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+                if job.storage_lost:
+                    return
                 value = float((logs or {})[job.metric])
-                job.trial.report(value, epoch + 1)  # steps: epochs from 1, as in MLflow
-                if job.trial.should_prune():
+                try:
+                    job.trial.report(value, epoch + 1)  # steps: epochs from 1, as in MLflow
+                    pruned = job.trial.should_prune()
+                except STORAGE_ERRORS as err:
+                    # The run is worth finishing (its MLflow data does not need the study);
+                    # the search stops when it next needs the storage.
+                    job.storage_lost = True
+                    log.warning("the study storage failed at epoch %d (%s); this trial "
+                                "trains on without pruning", epoch + 1, first_line(err))
+                    return
+                if pruned:
                     job.pruned_at = epoch + 1
                     self.model.stop_training = True
 

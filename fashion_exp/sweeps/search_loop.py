@@ -17,6 +17,7 @@ batch, and counts n_trials per process) and keeps its search-space syntax. Here:
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from fashion_exp.sweeps import optuna_study
-from fashion_exp.sweeps.pruning import TRIAL_ENV, quiet_old_distributions
+from fashion_exp.sweeps.pruning import STORAGE_ERRORS, TRIAL_ENV, quiet_old_distributions
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,6 @@ def last_logged(client: Any, run: Any) -> int:
 def run(impl: Any, arguments: list[str], pruner: optuna.pruners.BasePruner,
         timeout: float | None) -> None:
     """The sweeper's sweep: run trials until the study's budget is spent, then draw it."""
-    from fashion_exp.sweeps import multirun
 
     quiet_old_distributions()
     search = Search(impl, arguments, pruner, timeout)
@@ -221,15 +221,40 @@ def run(impl: Any, arguments: list[str], pruner: optuna.pruners.BasePruner,
              optuna_study.summary(search.study) or "new", type(pruner).__name__,
              type(impl.sampler).__name__)
     try:
-        if (settings := parallel_settings(impl.launcher)) is not None:
-            search.run_parallel(settings)
-        else:
-            search.run_sequential()
-    finally:
-        search.close_stopped()
-        end_orphaned_jobs(sweep_dir.resolve())  # jobs of worker processes that were killed
-        multirun.log_search_figures(sweep_dir, optuna_study.figures(search.study),
-                                    optuna_study.summary(search.study))
-        search.save_results(sweep_dir)
+        try:
+            if (settings := parallel_settings(impl.launcher)) is not None:
+                search.run_parallel(settings)
+            else:
+                search.run_sequential()
+        finally:
+            close(search, sweep_dir)
+    except STORAGE_ERRORS as err:
+        storage_lost(impl, err)
     print(f"fashion-exp-train: study {impl.study_name} ends: "
           f"{search.stopped_because or optuna_study.summary(search.study)}", flush=True)
+
+
+def close(search: Search, sweep_dir: Path) -> None:
+    """The end of a search, also a stopped or failed one: stopped trials closed, killed jobs'
+    runs ended, the study's pictures and results. Needs the study's storage."""
+    from fashion_exp.sweeps import multirun
+
+    search.close_stopped()
+    end_orphaned_jobs(sweep_dir.resolve())  # jobs of worker processes that were killed
+    multirun.log_search_figures(sweep_dir, optuna_study.figures(search.study),
+                                optuna_study.summary(search.study))
+    search.save_results(sweep_dir)
+
+
+def storage_lost(impl: Any, err: BaseException) -> None:
+    """Stop the search in one line (exit status 1) when its study storage fails: the trials
+    stored so far are kept, and the same command resumes once the storage is back."""
+    from fashion_exp.tracking.store_checks import first_line
+    from fashion_exp.uris import shown
+
+    while err.__cause__ is not None:  # Optuna's own message guesses; the cause tells
+        err = err.__cause__
+    print(f"fashion-exp-train: error: the study storage {shown(str(impl.storage))} failed "
+          f"({type(err).__name__}: {first_line(err)[:200]}); the search stops; run the same "
+          "command to resume it once the storage is back", file=sys.stderr, flush=True)
+    sys.exit(1)
