@@ -357,14 +357,14 @@ def server_problem(url: str, timeout: float = 5.0) -> str | None:
                 return f"GET /health answered {answer.status}"
     except urllib.error.HTTPError as err:
         return f"GET /health answered {err.code}"
-    except (OSError, ValueError):
+    except OSError:  # a malformed URL (ValueError) is the caller's to report
         return "does not answer (GET /health)"
     try:
         with urllib.request.urlopen(f"{base}{STORE_PROBE}", timeout=timeout):
             return None
     except urllib.error.HTTPError as err:
         return None if err.code < 500 else f"answers but its store fails (HTTP {err.code})"
-    except (OSError, ValueError) as err:
+    except OSError as err:
         return f"answers GET /health but not a request to its store ({first_line(err)})"
 
 
