@@ -139,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "upload":
         folders = args.folders or sorted(p for p in (project_root() / "mlruns" / "offline")
                                          .glob("*") if p.is_dir())
+        from fashion_exp.sweeps.multirun import PENDING_FILE
+        from fashion_exp.tracking.offline import RUN_FILE
+
         missing = [f for f in folders
-                   if not (f / "run.json").is_file() and not (f / "sweep.json").is_file()]
+                   if not (f / RUN_FILE).is_file() and not (f / PENDING_FILE).is_file()]
         if missing:
             print(f"fashion-exp-runs: {missing[0]} is not an offline run or sweep folder (no "
                   "run.json or sweep.json)", file=sys.stderr)

@@ -12,6 +12,7 @@ import getpass
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -322,9 +323,7 @@ def finish_kept(folder: Path) -> str | None:
     pending = read_json(folder / PENDING_FILE)
     info = _state(Path(pending["sweep_dir"]))
     status = _finish(info, pending["interrupted"])
-    for file in folder.iterdir():
-        file.unlink()
-    folder.rmdir()
+    shutil.rmtree(folder)
     return status
 
 
