@@ -84,7 +84,7 @@ def train(cfg: DictConfig) -> float:
             run.log_config(cfg, output_dir)
             ckpt.begin(run.run_id)
 
-        log.info("Building model <model.name=%s>, optimizer <optimizer.name=%s lr=%g>",
+        log.info("Building model <model.name=%s>, optimizer <optimizer.name=%s lr=%.4g>",
                  cfg.model.name, cfg.optimizer.name, cfg.optimizer.lr)
         steps_per_epoch = math.ceil(len(splits.x_train) / cfg.trainer.batch_size)
         with training.distribution(cfg.trainer).scope():
@@ -230,6 +230,7 @@ def start_tensorflow(trainer: DictConfig) -> int:
     from fashion_exp.core import runtime
 
     runtime.use_onednn(trainer.onednn)  # read by TensorFlow when it loads, just below
+    runtime.load_tensorflow()
     from fashion_exp.core import training
 
     threads = multirun.job_threads(trainer.threads)

@@ -187,6 +187,30 @@ def summary(study: optuna.Study) -> str:
     return ", ".join(f"{n} {name}" for name, n in counts.items() if n or name != "running")
 
 
+def search_space(arguments: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(distributions, fixed values) of a search's overrides in Hydra's sweep syntax.
+
+    hydra-optuna-sweeper parses the syntax into Optuna 2's distribution classes
+    (LogUniformDistribution, ...), which Optuna 5 deprecates: each one warns when it is made,
+    and again whenever a process reads it back from the storage. They are rebuilt here as
+    the FloatDistribution/IntDistribution they stand for, so the study stores only those."""
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old classes, replaced below
+        space, fixed = create_params_from_overrides(arguments)
+    modern: dict[str, Any] = {}
+    for key, old in space.items():
+        if isinstance(old, FloatDistribution):  # Uniform, LogUniform, DiscreteUniform
+            modern[key] = FloatDistribution(old.low, old.high, log=old.log, step=old.step)
+        elif isinstance(old, IntDistribution):  # IntUniform, IntLogUniform
+            modern[key] = IntDistribution(old.low, old.high, log=old.log, step=old.step)
+        else:
+            modern[key] = old
+    return modern, fixed
+
+
 def figures(study: optuna.Study) -> dict[str, Any]:
     """Optuna's matplotlib pictures of the search, by file name: optimization history,
     intermediate values (the learning curves pruning acted on), parameter importances and

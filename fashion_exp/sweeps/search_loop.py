@@ -19,12 +19,12 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import optuna
 from hydra.core.utils import JobReturn
-from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
@@ -46,7 +46,7 @@ class Search:
                  timeout: float | None) -> None:
         self.impl = impl
         impl._process_searchspace_config()  # the plugin's own parsing of the search space
-        space, self.fixed = create_params_from_overrides(
+        space, self.fixed = optuna_study.search_space(
             impl._parse_sweeper_params_config() + list(arguments))
         self.space = {k: v for k, v in space.items() if k not in self.fixed}
         self.study = optuna.create_study(
@@ -71,7 +71,10 @@ class Search:
 
     def overrides(self, trial: optuna.Trial) -> list[str]:
         """The job's overrides: the trial's values, and the trial it reports to."""
+        from fashion_exp.sweeps.multirun import child_run_name
+
         [values] = self.impl._configure_trials([trial], self.space, self.fixed)
+        log.info("Trial %d: %s", trial.number, child_run_name(list(values), list(self.space)))
         # Optuna's Trial keeps its id private; the job re-opens the trial by it.
         return [*values, f"++hydra.job.env_set.{TRIAL_ENV}={trial._trial_id}"]
 
@@ -145,7 +148,10 @@ class Search:
         OmegaConf.save(OmegaConf.create({"name": "optuna", "best_params": best.params,
                                          "best_value": best.value}),
                        sweep_dir / "optimization_results.yaml")
-        log.info("Best value %g with %s", best.value, best.params)
+        from fashion_exp.sweeps.multirun import child_run_name
+
+        values = child_run_name([f"{k}={v}" for k, v in best.params.items()], list(best.params))
+        log.info("Best value %.4g (trial %d): %s", best.value, best.number, values)
 
 
 def _numbered(idx: int, function: Any, *args: Any) -> tuple[int, JobReturn]:
@@ -205,11 +211,35 @@ def last_logged(client: Any, run: Any) -> int:
     return max(times, default=run.info.start_time)
 
 
+# Loggers of the launchers, which print every job's full overrides (the trial's values at
+# full precision, and how the job finds its trial): the search prints one line per trial.
+LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher",
+                    "hydra_plugins.hydra_joblib_launcher._core")
+
+
+@contextmanager
+def launcher_lines_hidden() -> Iterator[None]:
+    """The launchers' 'Launching 1 jobs locally' and '#3 : <overrides>' lines left out while
+    the search runs (shown with hydra.verbose=true, which logs at DEBUG)."""
+    loggers = [logging.getLogger(name) for name in LAUNCHER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def run(impl: Any, arguments: list[str], pruner: optuna.pruners.BasePruner,
         timeout: float | None) -> None:
     """The sweeper's sweep: run trials until the study's budget is spent, then draw it."""
 
     quiet_old_distributions()
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):  # hydra.verbose=true shows them
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB"
     search = Search(impl, arguments, pruner, timeout)
     sweep_dir = Path(str(impl.config.hydra.sweep.dir))
     end_orphaned_jobs(sweep_dir.resolve())  # a resumed search: jobs of the killed process
@@ -217,15 +247,16 @@ def run(impl: Any, arguments: list[str], pruner: optuna.pruners.BasePruner,
         print(f"fashion-exp-train: study {impl.study_name}: {reason}; nothing left to run",
               flush=True)
         return
-    log.info("Study %s (%s), pruner %s, sampler %s", impl.study_name,
-             optuna_study.summary(search.study) or "new", type(pruner).__name__,
-             type(impl.sampler).__name__)
+    status = optuna_study.summary(search.study) if search.study.trials else "new"
+    log.info("Study %s (%s), pruner %s, sampler %s", impl.study_name, status,
+             type(pruner).__name__, type(impl.sampler).__name__)
     try:
         try:
-            if (settings := parallel_settings(impl.launcher)) is not None:
-                search.run_parallel(settings)
-            else:
-                search.run_sequential()
+            with launcher_lines_hidden():
+                if (settings := parallel_settings(impl.launcher)) is not None:
+                    search.run_parallel(settings)
+                else:
+                    search.run_sequential()
         finally:
             close(search, sweep_dir)
     except STORAGE_ERRORS as err:

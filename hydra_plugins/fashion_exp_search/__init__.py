@@ -29,10 +29,31 @@ class SearchSweeperConf(OptunaSweeperConf):
     # Optuna's pruner (conf/hydra/sweeper/pruner/<name>.yaml): judges each trial after every
     # epoch on optimized_metric and stops the ones that cannot win.
     pruner: Any = MISSING  # filled by the pruner group (its default above)
+    # Optuna's sampler (hydra/sweeper/sampler=tpe|random|...): only the chosen sampler's keys.
+    sampler: Any = MISSING  # filled by the sampler group (its default above)
     # Seconds the whole study may run (across workers and resumes); null: no limit.
     timeout: float | None = None
 
 
+@dataclass
+class TPESamplerConf:
+    """hydra/sweeper/sampler=tpe: Optuna's TPE sampler with the settings Optuna 5 still
+    supports. It replaces the plugin's own tpe config, which passes five settings Optuna 5
+    deprecates (consider_prior, prior_weight, ...), each a FutureWarning when a search starts."""
+
+    _target_: str = "optuna.samplers.TPESampler"
+    # Seed of the sampler: the same seed proposes the same first trials (null: random).
+    seed: int | None = None
+    # Trials drawn at random before TPE models the results.
+    n_startup_trials: int = 10
+    # Candidates TPE scores before it proposes a value.
+    n_ei_candidates: int = 24
+    # Model the parameters jointly (true) rather than one at a time.
+    multivariate: bool = False
+
+
+ConfigStore.instance().store(group="hydra/sweeper/sampler", name="tpe", node=TPESamplerConf,
+                             provider="fashion_exp")
 ConfigStore.instance().store(group="hydra/sweeper", name="optuna_search",
                              node=SearchSweeperConf, provider="fashion_exp")
 
