@@ -11,8 +11,9 @@
 #
 # Set-up (skipped when already done): the real Fashion-MNIST files (Debian package
 # dataset-fashion-mnist), Debian's chromium (the web page's browser test), wrk (the serving
-# benchmark) and postgresql (the team stack), a virtual environment in .venv with the package
-# installed editable and its pinned dependencies. Re-running is fast: the venv is rebuilt
+# benchmark), postgresql (the team stack), slurm-wlm and munge (the SLURM launcher's tests),
+# a virtual environment in .venv with the package installed editable and its pinned
+# dependencies. Re-running is fast: the venv is rebuilt
 # only when pyproject.toml changes.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -59,6 +60,9 @@ setup_tools() {
   command -v wrk >/dev/null || missing+=(wrk)
   # PostgreSQL server programs: the team stack (scripts/team_stack.py) and its tests.
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+  # SLURM and munge: hydra/launcher=slurm's tests start a one-node cluster (docs/slurm.md).
+  [ -x /usr/sbin/slurmctld ] || command -v slurmctld >/dev/null || missing+=(slurm-wlm)
+  [ -x /usr/sbin/munged ] || command -v munged >/dev/null || missing+=(munge)
   [ ${#missing[@]} = 0 ] || apt_install "${missing[@]}"
 }
 

@@ -35,6 +35,7 @@ from fashion_exp.config import (
 )
 from fashion_exp.core import metrics
 from fashion_exp.sweeps import multirun
+from fashion_exp.sweeps.study_storage import register_resolver
 from fashion_exp.tracking.store_checks import StoreError, check_store
 
 if TYPE_CHECKING:  # loaded when a run needs them: a bad config costs a second, not a minute
@@ -244,10 +245,12 @@ def describe_run(cfg: DictConfig, splits: Splits, threads: int, saved: RunCheckp
     Hydra's output folder."""
     from fashion_exp.core import runtime
     from fashion_exp.paths import git_commit
+    from fashion_exp.sweeps import slurm
 
     run_name, tags, output_dir = run_name_and_tags(cfg)
     tags |= {"git_commit": git_commit(), "data_source": str(splits.source),
              "tf_threads": str(threads or "auto"), "tf_onednn": runtime.onednn_state()}
+    tags |= slurm.job_tags()  # its SLURM job id and node when it runs as one
     child_name, child_tags = multirun.child_name_and_tags(cfg)  # set in a multirun only
     if saved is not None:
         tags["resumed_from_epoch"] = str(saved.state["epochs_done"])
@@ -305,6 +308,7 @@ def figures(plots: ModuleType, history: dict[str, list[float]], result: Evaluati
 
 
 register_configs()
+register_resolver()  # ${study_storage:} of conf/hparams_search/
 
 
 def _exit_invalid(err: ConfigError) -> None:
@@ -382,6 +386,10 @@ def main() -> None:
     except ConfigError as err:
         _exit_invalid(err)
     if line is not None:
+        if sweep:  # hydra/launcher=slurm: the cluster answers and can run this sweep
+            from fashion_exp.sweeps.slurm import check_launcher
+
+            check_launcher(configs[-1])
         _check_stores(configs)
     # SIGTERM stops like Ctrl-C, also between the jobs of a sweep, so every run gets an end.
     interrupts.install()
