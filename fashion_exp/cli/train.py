@@ -35,7 +35,6 @@ from fashion_exp.config import (
 )
 from fashion_exp.core import metrics
 from fashion_exp.sweeps import multirun
-from fashion_exp.sweeps.study_storage import register_resolver
 from fashion_exp.tracking.store_checks import StoreError, check_store
 
 if TYPE_CHECKING:  # loaded when a run needs them: a bad config costs a second, not a minute
@@ -308,7 +307,6 @@ def figures(plots: ModuleType, history: dict[str, list[float]], result: Evaluati
 
 
 register_configs()
-register_resolver()  # ${study_storage:} of conf/hparams_search/
 
 
 def _exit_invalid(err: ConfigError) -> None:
