@@ -1,8 +1,10 @@
-"""Typed config schema: registered in Hydra's ConfigStore, checked before any heavy import.
+"""Composing the config: the schemas (fashion_exp/schemas.py) registered in Hydra's
+ConfigStore, and every command line checked before any heavy import.
 
 Hydra checks key names and types while it composes the config; `validate` then checks values
-(ranges, allowed names) by building the dataclasses below, whose `__post_init__` raise
-`ConfigError`. Nothing here imports TensorFlow or MLflow.
+(ranges, allowed names) by building the schemas' dataclasses, whose `__post_init__` raise
+`ConfigError`. A key that the chosen option of a group does not have is refused in one line
+that names the option and its keys. Nothing here imports TensorFlow or MLflow.
 """
 
 from __future__ import annotations
@@ -10,375 +12,37 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fashion_exp.paths import PACKAGE_PARENT, project_root
-from fashion_exp.uris import MODEL_FORMS, MODEL_SCHEMES, URI_SCHEMES, scheme, shown
+from fashion_exp.schemas import (
+    GROUP_SCHEMAS,
+    GROUPS,
+    OPTIMIZABLE,
+    OPTION_SCHEMAS,
+    Config,
+    ConfigError,
+    EvaluateConfig,
+    NotAKeyError,
+    ServeConfig,
+    _one_of,
+    keys_of,
+    schema_of,
+    unclassified,
+)
 
 # conf/ sits beside the package in the repository (the package is installed editable).
 CONF_DIR = PACKAGE_PARENT / "conf"
 
-MODELS = ("mlp", "cnn")
-OPTIMIZERS = ("sgd", "adam", "rmsprop")
-ACTIVATIONS = ("relu", "elu", "gelu", "selu", "silu", "tanh", "sigmoid")
-POOLINGS = ("max", "avg")
-SCHEDULES = ("constant", "cosine", "one_cycle", "plateau")
-PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-STRATEGIES = ("default", "mirrored")
-# Metrics the runner can hand back to a sweeper.
-OPTIMIZABLE = ("val_accuracy", "val_loss", "accuracy", "loss", "test_accuracy", "test_loss")
-
-
-class ConfigError(ValueError):
-    """A config value that is out of range or not one of the allowed names."""
-
-    def __init__(self, key: str, value: Any, allowed: str) -> None:
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={value!r}: {allowed}")
-
-    def prefixed(self, group: str) -> ConfigError:
-        """The same error with the config group in front of the key."""
-        return ConfigError(f"{group}.{self.key}", self.value, self.allowed)
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, allowed)
-
-
-def _one_of(key: str, value: str, names: tuple[str, ...]) -> None:
-    _check(value in names, key, value, f"use one of {', '.join(names)}")
-
-
-def _dropout(key: str, value: float) -> None:
-    _check(0.0 <= value < 1.0, key, value, "must be in [0, 1)")
-
-
-def _widths(key: str, values: list[int], allow_empty: bool = False) -> None:
-    _check(allow_empty or len(values) > 0, key, values, "must list at least one width")
-    for v in values:
-        _check(v >= 1, key, values, "every width must be >= 1")
-
-
-def _convs_per_block(value: Any, blocks: int) -> None:
-    """One conv count for every block, or a list with one count per block."""
-    is_list = isinstance(value, (list, tuple))
-    counts = list(value) if is_list else [value]
-    ok = (not is_list or len(counts) == blocks) and all(
-        isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in counts)
-    _check(ok, "convs_per_block", value,
-           f"use one count >= 1 for all blocks or a list of {blocks} counts >= 1, one per block")
-
-
-@dataclass
-class DataConfig:
-    dir: str | None = None
-    val_split: float = 0.2
-    limit: int | None = None
-    verify_checksums: bool = True
-    shuffle_seed: int | None = None
-    download: bool = True
-
-    def __post_init__(self) -> None:
-        _check(0.0 < self.val_split < 1.0, "val_split", self.val_split, "must be in (0, 1)")
-        if self.limit is not None:
-            _check(self.limit >= 10, "limit", self.limit, "must be >= 10, or null for all")
-
-
-@dataclass
-class MLPConfig:
-    name: str = "mlp"
-    hidden: list[int] = field(default_factory=lambda: [256, 128, 32])
-    activation: str = "relu"
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        _one_of("name", self.name, ("mlp",))
-        _widths("hidden", self.hidden)
-        _one_of("activation", self.activation, ACTIVATIONS)
-        _dropout("dropout", self.dropout)
-
-
-@dataclass
-class CNNConfig:
-    name: str = "cnn"
-    filters: list[int] = field(default_factory=lambda: [32, 64])
-    # Any: one int for every block or a list with one count per block (OmegaConf 2.3 has no
-    # Union of int and list); __post_init__ checks which it is.
-    convs_per_block: Any = 1
-    kernel_size: int = 3
-    pooling: str = "max"
-    global_pooling: bool = False
-    dense: list[int] = field(default_factory=lambda: [128])
-    activation: str = "relu"
-    batch_norm: bool = False
-    dropout: float = 0.25
-
-    def __post_init__(self) -> None:
-        _one_of("name", self.name, ("cnn",))
-        _widths("filters", self.filters)
-        _convs_per_block(self.convs_per_block, len(self.filters))
-        _check(self.kernel_size in (1, 3, 5, 7), "kernel_size", self.kernel_size,
-               "use 1, 3, 5 or 7")
-        _check(
-            len(self.filters) <= 4, "filters", self.filters,
-            "at most 4 pooled blocks fit a 28x28 image",
-        )
-        _one_of("pooling", self.pooling, POOLINGS)
-        _widths("dense", self.dense, allow_empty=True)
-        _one_of("activation", self.activation, ACTIVATIONS)
-        _dropout("dropout", self.dropout)
-
-
-@dataclass
-class OptimizerConfig:
-    name: str = MISSING
-    lr: float = 0.02
-    momentum: float = 0.0
-    nesterov: bool = False
-    beta_1: float = 0.9
-    beta_2: float = 0.999
-    rho: float = 0.9
-    weight_decay: float = 0.0
-
-    def __post_init__(self) -> None:
-        _one_of("name", self.name, OPTIMIZERS)
-        _check(self.lr > 0, "lr", self.lr, "must be > 0")
-        _check(0.0 <= self.momentum < 1.0, "momentum", self.momentum, "must be in [0, 1)")
-        for key in ("beta_1", "beta_2", "rho"):
-            value = getattr(self, key)
-            _check(0.0 < value < 1.0, key, value, "must be in (0, 1)")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
-
-
-@dataclass
-class ScheduleConfig:
-    name: str = "constant"
-    warmup_epochs: float = 0.0
-    start_lr_ratio: float = 0.04
-    min_lr_ratio: float = 0.0
-    factor: float = 0.5
-    patience: int = 2
-    monitor: str = "val_loss"
-
-    def __post_init__(self) -> None:
-        _one_of("name", self.name, SCHEDULES)
-        _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, "must be >= 0")
-        _check(0 < self.start_lr_ratio <= 1, "start_lr_ratio", self.start_lr_ratio,
-               "must be in (0, 1]")
-        _check(0 <= self.min_lr_ratio < 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1)")
-        _check(0 < self.factor < 1, "factor", self.factor, "must be in (0, 1)")
-        _check(self.patience >= 1, "patience", self.patience, "must be >= 1")
-        _one_of("monitor", self.monitor, ("val_loss", "val_accuracy"))
-
-
-@dataclass
-class AugmentConfig:
-    shift: float = 0.0
-    flip: bool = False
-    erasing: float = 0.0
-    erasing_max_area: float = 0.25
-    test_flip: bool = False
-
-    def __post_init__(self) -> None:
-        _check(0 <= self.shift <= 0.5, "shift", self.shift, "must be in [0, 0.5]")
-        _check(0 <= self.erasing <= 1, "erasing", self.erasing, "must be in [0, 1]")
-        _check(0.02 < self.erasing_max_area <= 1, "erasing_max_area", self.erasing_max_area,
-               "must be in (0.02, 1]")
-
-
-@dataclass
-class TrainerConfig:
-    epochs: int = 30
-    batch_size: int = 32
-    seed: int = 0
-    deterministic: bool = False
-    early_stopping: bool = False
-    patience: int = 5
-    monitor: str = "val_loss"
-    steps_per_execution: int = 32
-    jit_compile: bool | None = None
-    onednn: bool | None = True
-    fused_batch_norm: bool = True
-    threads: int = 0
-    verbose: int = 1
-    label_smoothing: float = 0.0
-    precision: str = "float32"
-    strategy: str = "default"
-    checkpoint: bool = True
-    checkpoint_dir: str | None = None
-    resume: str | None = None
-
-    def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        _check(self.seed >= 0, "seed", self.seed, "must be >= 0")
-        _check(self.patience >= 1, "patience", self.patience, "must be >= 1")
-        _one_of("monitor", self.monitor, ("val_loss", "val_accuracy"))
-        _check(
-            self.steps_per_execution >= 1, "steps_per_execution", self.steps_per_execution,
-            "must be >= 1",
-        )
-        _check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0: TensorFlow decides)")
-        _check(self.verbose in (0, 1, 2), "verbose", self.verbose, "use 0, 1 or 2")
-        _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing,
-               "must be in [0, 1)")
-        _one_of("precision", self.precision, PRECISIONS)
-        _one_of("strategy", self.strategy, STRATEGIES)
-        _check(self.resume is None or bool(re.fullmatch(r"latest|[0-9a-f]{32}", self.resume)),
-               "resume", self.resume, "use a run id (32 hex digits) or latest")
-
-
-@dataclass
-class TrackingConfig:
-    mode: str = "local"
-    uri: str | None = None
-    experiment_name: str = "fashion_exp"
-    log_model: bool = True
-    registered_model_name: str | None = None
-    figures: bool = True
-    request_timeout: float = 10.0
-    retries: int = 3
-    reconnect_seconds: float = 60.0
-    offline_dir: str | None = None
-    connect_timeout: float = 5.0
-
-    def __post_init__(self) -> None:
-        _one_of("mode", self.mode, TRACKING_MODES)
-        kind = scheme(self.uri or "")  # lower case: URI schemes are case-insensitive
-        uri = shown(self.uri) if self.uri else self.uri  # a password in it is not printed
-        _check(not kind or kind in URI_SCHEMES, "uri", uri,
-               f"use a path or a URI of scheme {', '.join(URI_SCHEMES)}")
-        _check(self.mode != "server" or kind in ("http", "https"), "uri", uri,
-               "tracking=server needs the server's http:// or https:// address")
-        _check(self.request_timeout > 0, "request_timeout", self.request_timeout, "must be > 0")
-        _check(self.retries >= 0, "retries", self.retries, "must be >= 0")
-        _check(self.reconnect_seconds >= 0, "reconnect_seconds", self.reconnect_seconds,
-               "must be >= 0")
-        _check(0 < self.connect_timeout <= 600, "connect_timeout", self.connect_timeout,
-               "must be in (0, 600] seconds")
-        _check(bool(self.experiment_name.strip()), "experiment_name", self.experiment_name,
-               "must not be empty")
-
-
-@dataclass
-class Config:
-    data: DataConfig = MISSING
-    model: Any = MISSING
-    optimizer: OptimizerConfig = MISSING
-    schedule: ScheduleConfig = MISSING
-    augment: AugmentConfig = MISSING
-    trainer: TrainerConfig = MISSING
-    tracking: TrackingConfig = MISSING
-    optimized_metric: str = "val_accuracy"
-    task_name: str = "train"
-
-
-TRACKING_MODES = ("local", "server")
-# Stores MLflow can log to: SQL databases, a legacy file store, a tracking server.
-
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-
-
-@dataclass
-class ServiceSettings:
-    """What the prediction service itself needs (fashion_exp/serving/service.py)."""
-
-    top_k: int = 5
-    max_batch: int = 64
-    max_images: int = 16
-    max_upload_bytes: int = 10_000_000
-    max_request_bytes: int = 32_000_000
-    max_image_pixels: int = 40_000_000
-    object_size: int = 28
-    max_models: int = 4
-    decode_workers: int = 2
-    max_header_bytes: int = 32_768
-    header_timeout: float = 10.0
-    body_timeout: float = 60.0
-    follow_seconds: float = 30.0
-    metrics: bool = True
-
-    def __post_init__(self) -> None:
-        _check(1 <= self.top_k <= 10, "top_k", self.top_k, "must be in [1, 10]")
-        _check(8 <= self.object_size <= 28, "object_size", self.object_size,
-               "must be in [8, 28] pixels")
-        for key in ("max_batch", "max_images", "max_upload_bytes", "max_request_bytes",
-                    "max_image_pixels", "max_models"):
-            _check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
-        # Upper bounds too: a limit that cannot bind (inf, 1e12) is no limit.
-        _check(1 <= self.decode_workers <= 64, "decode_workers", self.decode_workers,
-               "must be in [1, 64] threads")
-        _check(1024 <= self.max_header_bytes <= 1_048_576, "max_header_bytes",
-               self.max_header_bytes, "must be in [1024, 1048576] bytes")
-        _check(self.max_image_pixels <= 1_000_000_000, "max_image_pixels", self.max_image_pixels,
-               "must be at most 1000000000 (decoding takes ~7 bytes per pixel)")
-        _check(self.max_images <= 256, "max_images", self.max_images,
-               "must be in [1, 256] (a JSON body may take 16 bytes per pixel: 3.2 MB for 256)")
-        for key in ("header_timeout", "body_timeout"):
-            _check(0 < getattr(self, key) <= 3600, key, getattr(self, key),
-                   "must be in (0, 3600] seconds")
-        _check(self.follow_seconds == 0 or 0.1 <= self.follow_seconds <= 86400,
-               "follow_seconds", self.follow_seconds,
-               "must be 0 (do not follow) or in [0.1, 86400] seconds")
-
-
-@dataclass
-class ServeConfig(ServiceSettings):
-    model_uri: str | None = None
-    host: str = "127.0.0.1"
-    port: int = 8000
-    samples: bool = True
-    threads: int = 0
-    log_level: str = "info"
-    drain_seconds: float = 30.0
-    data: DataConfig = MISSING
-    tracking: TrackingConfig = MISSING
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.model_uri is not None:
-            _check(self.model_uri.startswith(MODEL_SCHEMES), "model_uri", self.model_uri,
-                   f"use {MODEL_FORMS}, or null for the best run")
-        _check(bool(self.host.strip()), "host", self.host, "give an address to listen on: "
-               "127.0.0.1 (this machine only) or 0.0.0.0 (every interface)")
-        _check(1 <= self.port <= 65535, "port", self.port, "must be in [1, 65535]")
-        _check(self.threads >= 0, "threads", self.threads, "must be >= 0 (0: TensorFlow decides)")
-        _one_of("log_level", self.log_level, LOG_LEVELS)
-        _check(0 <= self.drain_seconds <= 3600, "drain_seconds", self.drain_seconds,
-               "must be in [0, 3600] seconds")
-
-
-@dataclass
-class EvaluateConfig:
-    """fashion-exp-evaluate (conf/evaluate.yaml): a logged model scored on the test set."""
-
-    model_uri: str = MISSING
-    batch_size: int = 1024
-    gallery_size: int = 40
-    task_name: str = "evaluate"
-    data: DataConfig = MISSING
-    tracking: TrackingConfig = MISSING
-
-    def __post_init__(self) -> None:
-        _check(self.model_uri.startswith(MODEL_SCHEMES), "model_uri", self.model_uri,
-               f"use {MODEL_FORMS}")
-        _check(self.batch_size >= 1, "batch_size", self.batch_size, "must be >= 1")
-        _check(self.gallery_size >= 1, "gallery_size", self.gallery_size, "must be >= 1")
-
-
-GROUP_SCHEMAS = {"data": DataConfig, "optimizer": OptimizerConfig,
-                 "schedule": ScheduleConfig, "augment": AugmentConfig,
-                 "trainer": TrainerConfig, "tracking": TrackingConfig}
-MODEL_SCHEMAS = {"mlp": MLPConfig, "cnn": CNNConfig}
-
-
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore; the YAML files in conf/ extend them."""
+    missing = unclassified()
+    if missing:  # a programming error: the params of every run would be undecided
+        raise TypeError(f"config keys without a role (option, param or setting) in "
+                        f"fashion_exp/schemas.py: {', '.join(missing)}")
     # ${project_root:} in configs: the repository, wherever the command runs from.
     OmegaConf.register_new_resolver("project_root", lambda: str(project_root()), replace=True)
     # ${pid:} in Hydra's output folders: two runs started in the same second get their own.
@@ -391,16 +55,33 @@ def register_configs() -> None:
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"{group}_schema", node=schema)
-    for name, schema in MODEL_SCHEMAS.items():
-        cs.store(group="model", name=f"{name}_schema", node=schema)
+    for group, options in OPTION_SCHEMAS.items():
+        for name, schema in options.items():
+            cs.store(group=group, name=f"{name}_schema", node=schema)
+
+
+def _schema(group: str, node: Any) -> type:
+    """The schema a group's node was composed with (its option's), else the one its name says."""
+    typed = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    return typed if dataclasses.is_dataclass(typed) else schema_of(group, node)
+
+
+def not_a_key(group: str, node: Any, key: str) -> NotAKeyError:
+    """The error for `group.key` when the group's chosen option (or the group) lacks it."""
+    schema = _schema(group, node)
+    named = any(f.metadata.get("role") == "option" for f in dataclasses.fields(schema))
+    return NotAKeyError(group, node.get("name") if named else None, key, keys_of(schema))
 
 
 def _known_keys(node: DictConfig, prefix: str, known: set[str]) -> None:
     """Hydra lets `+key=value` add any key: refuse keys the schema does not have."""
+    group = prefix.rstrip(".")
     for key in node:
         if key not in known:
+            if group in GROUPS:
+                raise not_a_key(group, node, str(key))
             raise ConfigError(f"{prefix}{key}", node[key],
-                              f"no such key; {prefix.rstrip('.') or 'the config'} has "
+                              f"no such key; {group or 'the config'} has "
                               f"{', '.join(sorted(known - {'hydra'}))}")
 
 
@@ -442,19 +123,42 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(missing[0], "???", "a value is required; set it on the command line")
     _known_keys(cfg, "", {f.name for f in dataclasses.fields(Config)} | {"hydra"})
     _all_fields(cfg, "", Config)
-    for group in ("data", "model", "optimizer", "schedule", "augment", "trainer", "tracking"):
+    for group in GROUPS:
         node = cfg[group]
-        schema = OmegaConf.get_type(node)
-        if dataclasses.is_dataclass(schema):
-            _known_keys(node, f"{group}.", {f.name for f in dataclasses.fields(schema)})
-            _all_fields(node, f"{group}.", schema)
-        if group == "model":
-            _one_of("model.name", node.get("name"), MODELS)
+        schema = _schema(group, node)
+        _known_keys(node, f"{group}.", {f.name for f in dataclasses.fields(schema)})
+        _all_fields(node, f"{group}.", schema)
         try:
             OmegaConf.to_object(node)
         except ConfigError as err:
             raise err.prefixed(group) from None
     _one_of("optimized_metric", cfg.optimized_metric, OPTIMIZABLE)
+
+
+def _option_of(schema: type) -> str | None:
+    """The option a schema is (its `name` default), None for a group's only schema."""
+    for f in dataclasses.fields(schema):
+        if f.metadata.get("role") == "option":
+            return f.default
+    return None
+
+
+def composition_error(err: BaseException, overrides: list[str]) -> ConfigError:
+    """A Hydra/OmegaConf composition error as one line: a key that the chosen option of a
+    group lacks (given on the command line or by a preset) names the option and its keys."""
+    cause: BaseException | None = err
+    while cause is not None:
+        schema = getattr(cause, "object_type", None)
+        full_key = str(getattr(cause, "full_key", "") or "")
+        group, _, key = full_key.partition(".")
+        if group in GROUPS and key and "." not in key and schema is not None and \
+                dataclasses.is_dataclass(schema) and key not in \
+                {f.name for f in dataclasses.fields(schema)}:
+            source = re.match(r"In '([^']+)'", str(err))
+            where = source.group(1) if source and source.group(1) != "config" else None
+            return NotAKeyError(group, _option_of(schema), key, keys_of(schema), where)
+        cause = cause.__cause__ or cause.__context__
+    return ConfigError("overrides", " ".join(overrides), one_line(err))
 
 
 def one_line(err: BaseException) -> str:
@@ -686,7 +390,7 @@ def precheck(overrides: list[str], multirun: bool = False) -> list[DictConfig]:
                 configs.append(compose("config", overrides=variants[0] + hydra_overrides,
                                        return_hydra_config=True))
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
+        raise composition_error(err, overrides) from None
     return configs
 
 
@@ -709,7 +413,7 @@ def compose_checked(config_name: str, overrides: list[str],
             cfg = compose(config_name,
                           overrides=[o for o in overrides if not is_hydra_setting(o)])
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError("overrides", " ".join(overrides), one_line(err)) from None
+        raise composition_error(err, overrides) from None
     for key in sorted(OmegaConf.missing_keys(cfg)):
         raise ConfigError(key, "???", f"required: give {key}=... on the command line")
     refuse_added_keys(cfg)

@@ -11,9 +11,9 @@ from pathlib import Path
 import fashion_exp
 
 PACKAGE = Path(fashion_exp.__file__).parent
-# Modules every layer may use: the config schema and process plumbing.
-SHARED = {"fashion_exp.config", "fashion_exp.paths", "fashion_exp.interrupts",
-          "fashion_exp.procs", "fashion_exp.files"}
+# Modules every layer may use: the config (its schemas, its composition) and process plumbing.
+SHARED = {"fashion_exp.config", "fashion_exp.schemas", "fashion_exp.paths",
+          "fashion_exp.interrupts", "fashion_exp.procs", "fashion_exp.files"}
 
 
 def module_name(path: Path) -> str:

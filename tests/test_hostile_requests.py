@@ -28,8 +28,8 @@ from fastapi.testclient import TestClient
 
 from devtools import servers
 from fashion_exp.cli import serve
-from fashion_exp.config import ServiceSettings
 from fashion_exp.core import preprocess
+from fashion_exp.schemas import ServiceSettings
 from fashion_exp.serving.service import ServedModel, create_app
 from fashion_exp.tracking.logged_models import ModelRef
 

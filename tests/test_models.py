@@ -7,16 +7,19 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from fashion_exp.config import (
-    AugmentConfig,
-    CNNConfig,
-    MLPConfig,
-    OptimizerConfig,
-    ScheduleConfig,
-    TrainerConfig,
-)
 from fashion_exp.core.models import build_model
 from fashion_exp.core.optim import build_optimizer, learning_rate, plateau_callback
+from fashion_exp.schemas import (
+    OPTION_SCHEMAS,
+    AugmentConfig,
+    CNNConfig,
+    ConstantSchedule,
+    CosineSchedule,
+    MLPConfig,
+    OneCycleSchedule,
+    PlateauSchedule,
+    TrainerConfig,
+)
 
 
 def cfg_of(schema, **values):
@@ -74,7 +77,7 @@ def test_scaling_is_part_of_the_model() -> None:
     ("adam", 1e-4, keras.optimizers.AdamW), ("rmsprop", 0.0, keras.optimizers.RMSprop),
 ])
 def test_optimizer_builder(name, decay, cls) -> None:
-    opt = build_optimizer(cfg_of(OptimizerConfig, name=name, lr=0.03, weight_decay=decay))
+    opt = build_optimizer(cfg_of(OPTION_SCHEMAS["optimizer"][name], lr=0.03, weight_decay=decay))
     assert type(opt) is cls
     assert float(keras.ops.convert_to_numpy(opt.learning_rate)) == pytest.approx(0.03)
 
@@ -118,13 +121,13 @@ def lr_at(schedule, step: int) -> float:
 
 
 def test_cosine_and_one_cycle_schedules_follow_their_shape() -> None:
-    cosine = learning_rate(0.1, cfg_of(ScheduleConfig, name="cosine", min_lr_ratio=0.1), 10, 5)
+    cosine = learning_rate(0.1, cfg_of(CosineSchedule, min_lr_ratio=0.1), 10, 5)
     assert lr_at(cosine, 0) == pytest.approx(0.1)
     assert lr_at(cosine, 25) == pytest.approx(0.1 * (0.1 + 0.9 * 0.5), rel=1e-4)  # half-way
     assert lr_at(cosine, 50) == pytest.approx(0.01, rel=1e-4)
-    warm = learning_rate(0.1, cfg_of(ScheduleConfig, name="cosine", warmup_epochs=1), 10, 5)
+    warm = learning_rate(0.1, cfg_of(CosineSchedule, warmup_epochs=1), 10, 5)
     assert lr_at(warm, 0) == pytest.approx(0.0) and lr_at(warm, 10) == pytest.approx(0.1)
-    cycle = learning_rate(0.1, cfg_of(ScheduleConfig, name="one_cycle"), 10, 10)
+    cycle = learning_rate(0.1, cfg_of(OneCycleSchedule), 10, 10)
     peak = 30  # 30% of 100 steps
     assert lr_at(cycle, 0) == pytest.approx(0.004)
     assert lr_at(cycle, peak) == pytest.approx(0.1)
@@ -134,13 +137,13 @@ def test_cosine_and_one_cycle_schedules_follow_their_shape() -> None:
 
 
 def test_constant_and_plateau_keep_the_rate_and_plateau_adds_its_callback() -> None:
-    assert learning_rate(0.1, cfg_of(ScheduleConfig), 10, 5) == 0.1
-    plateau = cfg_of(ScheduleConfig, name="plateau", factor=0.2, patience=3, min_lr_ratio=0.01)
+    assert learning_rate(0.1, cfg_of(ConstantSchedule), 10, 5) == 0.1
+    plateau = cfg_of(PlateauSchedule, factor=0.2, patience=3, min_lr_ratio=0.01)
     assert learning_rate(0.1, plateau, 10, 5) == 0.1
     callback = plateau_callback(plateau, 0.1)
     assert isinstance(callback, keras.callbacks.ReduceLROnPlateau)
     assert (callback.factor, callback.patience, callback.min_lr) == (0.2, 3, pytest.approx(1e-3))
-    assert plateau_callback(cfg_of(ScheduleConfig), 0.1) is None
+    assert plateau_callback(cfg_of(ConstantSchedule), 0.1) is None
 
 
 def test_augmentation_runs_in_training_only() -> None:
@@ -196,7 +199,6 @@ def test_label_smoothing_trains_on_one_hot_targets() -> None:
                                      {"precision": "mixed_float16"},
                                      {"strategy": "mirrored"}])
 def test_gpu_options_do_not_break_cpu_runs(trainer) -> None:
-    from fashion_exp.config import AugmentConfig
     from fashion_exp.core.models import inference_model
 
     out = tiny_fit(trainer)
@@ -281,7 +283,6 @@ def test_fused_batch_norm_model_is_logged_as_plain_keras(tmp_path) -> None:
 
 
 def test_test_flip_averages_each_image_and_its_mirror(tmp_path) -> None:
-    from fashion_exp.config import AugmentConfig
     from fashion_exp.core.models import inference_model, network, with_test_flip
 
     model = build_model(cfg_of(CNNConfig, filters=[4], batch_norm=True, dense=[]),

@@ -384,7 +384,7 @@ def test_a_path_to_a_database_is_not_a_file_store(store, monkeypatch) -> None:
 
 
 def test_connect_timeout_is_checked() -> None:
-    from fashion_exp.config import ConfigError, TrackingConfig
+    from fashion_exp.schemas import ConfigError, TrackingConfig
 
     assert TrackingConfig().connect_timeout == 5.0
     for bad in (0, -1, 601):
@@ -464,7 +464,7 @@ def test_no_path_past_the_early_check_writes_into_a_foreign_database(tmp_path) -
 
 
 def test_passwords_are_masked_in_config_errors() -> None:
-    from fashion_exp.config import ConfigError, TrackingConfig
+    from fashion_exp.schemas import ConfigError, TrackingConfig
 
     with pytest.raises(ConfigError) as err:
         TrackingConfig(uri="postgres://bob:hunter2@127.0.0.1:1/db")

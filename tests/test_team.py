@@ -86,7 +86,9 @@ def test_run_on_the_server_is_complete(team_stack, tmp_path) -> None:
     (run,) = runs_in(team_stack.tracking_uri, "team_run")
     client = client_of(team_stack)
     assert run.info.status == "FINISHED"
-    assert run.data.params["tracking.mode"] == "server"
+    assert not any(key.startswith("tracking.") for key in run.data.params)  # operational
+    saved = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
+    assert "mode: server" in Path(saved).read_text()  # in the logged config file instead
     assert metric_steps(client, run.info.run_id, "epoch/val_accuracy") == [1, 2]
     assert "test_accuracy" in run.data.metrics
     assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}

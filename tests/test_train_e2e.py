@@ -109,8 +109,8 @@ def test_cnn_with_schedule_augmentation_and_label_smoothing(tmp_path, tracking_u
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = runs_of(tracking_uri)
     params = run.data.params
-    assert (params["schedule.name"], params["augment.erasing"], params["trainer.label_smoothing"]) \
-        == ("cosine", "0.5", "0.1")
+    assert (params["schedule"], params["augment"], params["augment.erasing"],
+            params["trainer.label_smoothing"]) == ("cosine", "strong", "0.5", "0.1")
     history = mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id,
                                                                    "training/learning_rate")
     rates = [m.value for m in sorted(history, key=lambda m: m.step)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fashion_exp.config import TrackingConfig
+from fashion_exp.schemas import TrackingConfig
 from fashion_exp.tracking.store_checks import connect_seconds
 
 

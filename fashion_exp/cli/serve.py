@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig
 
 from fashion_exp.config import CONF_DIR, ConfigError, compose_checked
-from fashion_exp.config import ServiceSettings as Settings
+from fashion_exp.schemas import ServiceSettings as Settings
 from fashion_exp.tracking.store_checks import StoreError, check_store, first_line
 
 if TYPE_CHECKING:

@@ -9,6 +9,7 @@ kill at any moment leaves the previous epoch's checkpoint intact.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from fashion_exp.config import GROUP_SCHEMAS, project_root
+from fashion_exp.config import project_root
 from fashion_exp.files import atomic_write, read_json, write_json
+from fashion_exp.schemas import GROUPS, schema_of
 
 if TYPE_CHECKING:  # keras is not imported here: listing runs must not start TensorFlow
     import keras
@@ -114,12 +116,16 @@ def find(ckpt_root: Path, wanted: str, resumable: Any) -> Path:
 
 
 def saved_config(folder: Path) -> DictConfig:
-    """The config a run started with; keys added to a group's schema since it was written
-    take their defaults."""
+    """The config a run started with; keys added to its options' schemas since it was written
+    take their defaults, and keys its option no longer has (read by no option of it: written
+    when one schema held the keys of every option) are dropped."""
     saved = OmegaConf.load(folder / CONFIG_FILE)
-    for group, schema in GROUP_SCHEMAS.items():
+    for group in GROUPS:
         if group in saved:
-            saved[group] = OmegaConf.merge(OmegaConf.structured(schema), saved[group])
+            schema = schema_of(group, saved[group])
+            known = {f.name for f in dataclasses.fields(schema)}
+            kept = {k: v for k, v in saved[group].items() if k in known}
+            saved[group] = OmegaConf.merge(OmegaConf.structured(schema), kept)
     return saved
 
 

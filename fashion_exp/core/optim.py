@@ -10,10 +10,10 @@ def learning_rate(lr: float, cfg: DictConfig, steps_per_epoch: int,
                   epochs: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
     """optimizer.lr as the schedule config says: constant (also for plateau, whose callback
     changes it), cosine decay with optional warm-up, or one cycle."""
-    total = max(1, steps_per_epoch * epochs)
-    warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
     if cfg.name in ("constant", "plateau"):
         return lr
+    total = max(1, steps_per_epoch * epochs)
+    warmup = min(total - 1, round(cfg.warmup_epochs * steps_per_epoch))
     if cfg.name == "one_cycle":
         warmup = warmup or round(0.3 * total)
         start = lr * cfg.start_lr_ratio

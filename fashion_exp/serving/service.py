@@ -42,9 +42,9 @@ from starlette.datastructures import Headers
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from fashion_exp.config import ServiceSettings as Settings
 from fashion_exp.core import preprocess
 from fashion_exp.core.data import CLASSES
+from fashion_exp.schemas import ServiceSettings as Settings
 from fashion_exp.serving import scoring
 from fashion_exp.serving.following import AliasFollower
 from fashion_exp.serving.metrics import CountRequests, ServiceMetrics

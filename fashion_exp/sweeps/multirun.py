@@ -23,9 +23,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_exp import procs
-from fashion_exp.config import flatten
 from fashion_exp.files import file_lock, read_json, write_json
 from fashion_exp.paths import git_commit
+from fashion_exp.schemas import run_params
 from fashion_exp.tracking import views
 from fashion_exp.tracking.store_checks import first_line
 
@@ -226,9 +226,11 @@ def parent_tags(cfg: DictConfig, keys: list[str] | None, sweep_dir: Path) -> dic
 
 
 def describe_parent(client: Any, run_id: str, cfg: DictConfig, keys: list[str] | None) -> None:
-    """The parent's params: the config every job shares, and each swept key with what it
-    sweeps (`0.01,0.05`, or a search space such as `interval(0.001, 0.1)`). Only from the
-    Hydra callback, which knows the swept keys."""
+    """The parent's params, named like its jobs' (schemas.run_params): the params every job
+    shares, and each swept key with what it sweeps (`model`=`mlp,cnn`, `optimizer.lr`=
+    `0.01,0.05`, or a search space such as `interval(0.001, 0.1)`). The keys of a group whose
+    option is swept differ from job to job: only those swept themselves are the parent's. Only
+    from the Hydra callback, which knows the swept keys."""
     from mlflow.entities import Param
 
 
@@ -238,10 +240,11 @@ def describe_parent(client: Any, run_id: str, cfg: DictConfig, keys: list[str] |
 
     job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     try:
-        params = flatten(job)
+        params = run_params(job)
     except Exception as err:  # noqa: BLE001 - an unresolvable value: name the swept keys only
         log.warning("sweep parent: config not logged as params: %s", err)
         params = {}
+    params = {k: v for k, v in params.items() if k in keys or k.partition(".")[0] not in keys}
     spaces = dict(cfg.hydra.sweeper.get("params") or {})
     for override in cfg.hydra.overrides.task:
         name, _, value = override.lstrip("+~").partition("=")

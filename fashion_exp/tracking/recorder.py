@@ -22,8 +22,8 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fashion_exp import interrupts
-from fashion_exp.config import flatten
 from fashion_exp.core.metrics import PER_CLASS_PREFIX, epoch_metric, tidy
+from fashion_exp.schemas import run_params
 from fashion_exp.tracking.offline import Outbox, apply
 
 log = logging.getLogger(__name__)
@@ -94,8 +94,9 @@ class Recorder:
         self._artifact(name, lambda path: path.write_text(text))
 
     def log_config(self, cfg: DictConfig, hydra_dir: Path | None) -> None:
-        """Params (flattened config), the resolved YAML, and Hydra's .hydra/ files."""
-        self.log_params(flatten(cfg))
+        """Params (what determines the result: schemas.run_params), the resolved YAML (every
+        key, operational settings included), and Hydra's .hydra/ files."""
+        self.log_params(run_params(cfg))
         self.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         if hydra_dir is not None and (hydra_dir / ".hydra").is_dir():
             source = hydra_dir / ".hydra"
