@@ -35,6 +35,7 @@ from fashion_exp.config import (
 )
 from fashion_exp.core import metrics
 from fashion_exp.sweeps import multirun
+from fashion_exp.sweeps.study_storage import register_resolver
 from fashion_exp.tracking.store_checks import StoreError, check_store
 
 if TYPE_CHECKING:  # loaded when a run needs them: a bad config costs a second, not a minute
@@ -307,6 +308,7 @@ def figures(plots: ModuleType, history: dict[str, list[float]], result: Evaluati
 
 
 register_configs()
+register_resolver()  # ${study_storage:} of conf/hparams_search/
 
 
 def _exit_invalid(err: ConfigError) -> None:
@@ -348,9 +350,10 @@ def _user_error(err: Exception) -> bool:
 def check_search(cfg: DictConfig) -> None:
     """An Optuna search's sweeper settings (pruner, budget), before Hydra starts it."""
     if "pruner" in cfg.hydra.sweeper:
-        from fashion_exp.sweeps import pruning
+        from fashion_exp.sweeps import pruning, settings
 
         pruning.check_search(cfg.hydra.sweeper, cfg.optimized_metric)
+        settings.check_stored_pruner(cfg.hydra.sweeper)  # a study keeps its first pruner
 
 
 def _check_stores(configs: list[DictConfig]) -> None:

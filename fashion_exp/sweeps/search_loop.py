@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 
 from fashion_exp.sweeps import optuna_study
 from fashion_exp.sweeps.pruning import STORAGE_ERRORS, TRIAL_ENV, quiet_old_distributions
+from fashion_exp.sweeps.settings import PRUNER_ATTR, pruner_line
 
 log = logging.getLogger(__name__)
 
@@ -241,11 +242,15 @@ def run(impl: Any, arguments: list[str], pruner: optuna.pruners.BasePruner,
     if not logging.getLogger().isEnabledFor(logging.DEBUG):  # hydra.verbose=true shows them
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created in RDB"
     search = Search(impl, arguments, pruner, timeout)
+    if PRUNER_ATTR not in search.study.user_attrs:  # checked by the next command (settings)
+        search.study.set_user_attr(PRUNER_ATTR,
+                                   pruner_line(impl.config.hydra.sweeper.get("pruner")))
     sweep_dir = Path(str(impl.config.hydra.sweep.dir))
     end_orphaned_jobs(sweep_dir.resolve())  # a resumed search: jobs of the killed process
     if reason := search.budget.spent(search.study):
-        print(f"fashion-exp-train: study {impl.study_name}: {reason}; nothing left to run",
-              flush=True)
+        print(f"fashion-exp-train: study {impl.study_name}: {reason}; nothing left to run (raise "
+              "hydra.sweeper.n_trials or hydra.sweeper.timeout to go on, or start a new study "
+              "with hydra.sweeper.study_name=<new name>)", flush=True)
         return
     status = optuna_study.summary(search.study) if search.study.trials else "new"
     log.info("Study %s (%s), pruner %s, sampler %s", impl.study_name, status,

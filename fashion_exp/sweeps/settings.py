@@ -154,6 +154,40 @@ def check_pruner(conf: Any, direction: str) -> optuna.pruners.BasePruner:
     return pruner
 
 
+PRUNER_ATTR = "pruner"  # user attribute of a stored study: the pruner its search started with
+SHORT_PRUNER = {"NopPruner": "unpruned", "MedianPruner": "median",
+                "SuccessiveHalvingPruner": "asha", "HyperbandPruner": "hyperband"}
+
+
+def pruner_line(conf: Any) -> str:
+    """How a study records its pruner: 'MedianPruner n_startup_trials=5 n_warmup_steps=2 ...'."""
+    return "NopPruner" if conf is None else _one_line(conf)
+
+
+def check_stored_pruner(sweeper: Any) -> None:
+    """hydra.sweeper.pruner of a stored study that exists: the pruner it was started with. A
+    pruner is not part of an Optuna study; a study whose trials were judged by one pruner and
+    then by another compares nothing, and a finished study would only say 'nothing left to
+    run'. So the pruner is recorded on the study (search_loop) and a different one refused."""
+    storage, name = sweeper.get("storage"), sweeper.get("study_name")
+    if not storage:
+        return
+    store = optuna.storages.get_storage(str(storage))
+    try:
+        study_id = store.get_study_id_from_name(name)
+    except KeyError:  # a new study
+        return
+    stored = store.get_study_user_attrs(study_id).get(PRUNER_ATTR)
+    asked = pruner_line(sweeper.get("pruner"))
+    if stored is None or stored == asked:
+        return
+    kind = asked.split(" ", 1)[0]
+    raise ConfigError("hydra.sweeper.pruner", asked,
+                      f"study {name} was started with {stored}, and a study keeps its pruner: "
+                      f"start a new study (add hydra.sweeper.study_name={name}_"
+                      f"{SHORT_PRUNER.get(kind, 'new')}) or resume this one with its pruner")
+
+
 def check_sampler(conf: Any, direction: str) -> None:
     """hydra.sweeper.sampler: a seed numpy accepts, then the sampler built and run on a
     throwaway study (some of its settings fail only once it samples)."""
