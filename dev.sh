@@ -12,6 +12,8 @@
 # Set-up (skipped when already done): the real Fashion-MNIST files (Debian package
 # dataset-fashion-mnist), Debian's chromium (the web page's browser test), wrk (the serving
 # benchmark), postgresql (the team stack), slurm-wlm and munge (the SLURM launcher's tests),
+# podman, runc and debootstrap (the serving image; scripts/devtools/podman_setup.sh configures
+# podman so that a plain `podman run` works),
 # a virtual environment in .venv with the package installed editable and its pinned
 # dependencies. Re-running is fast: the venv is rebuilt
 # only when pyproject.toml changes.
@@ -63,7 +65,12 @@ setup_tools() {
   # SLURM and munge: hydra/launcher=slurm's tests start a one-node cluster (docs/slurm.md).
   [ -x /usr/sbin/slurmctld ] || command -v slurmctld >/dev/null || missing+=(slurm-wlm)
   [ -x /usr/sbin/munged ] || command -v munged >/dev/null || missing+=(munge)
+  # podman (with runc) and debootstrap: the serving image (fashion-exp-image, docs/deploy.md).
+  command -v podman >/dev/null || missing+=(podman)
+  command -v runc >/dev/null || missing+=(runc)
+  [ -x /usr/sbin/debootstrap ] || command -v debootstrap >/dev/null || missing+=(debootstrap)
   [ ${#missing[@]} = 0 ] || apt_install "${missing[@]}"
+  scripts/devtools/podman_setup.sh
 }
 
 pick_python() {
