@@ -156,7 +156,11 @@ def composition_error(err: BaseException, overrides: list[str]) -> ConfigError:
                 {f.name for f in dataclasses.fields(schema)}:
             source = re.match(r"In '([^']+)'", str(err))
             where = source.group(1) if source and source.group(1) != "config" else None
-            return NotAKeyError(group, _option_of(schema), key, keys_of(schema), where)
+            option = _option_of(schema)
+            if group in GROUP_SCHEMAS and option is not None:  # options sharing one schema
+                node = getattr(cause, "parent_node", None)
+                option = node.get("name", option) if isinstance(node, DictConfig) else option
+            return NotAKeyError(group, option, key, keys_of(schema), where)
         cause = cause.__cause__ or cause.__context__
     return ConfigError("overrides", " ".join(overrides), one_line(err))
 
