@@ -302,22 +302,33 @@ def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
         return None
     info = _state(sweep_dir)
     uri = info["tracking_uri"]
-    try:
-        if store.is_server(uri):
-            store.wait_for_server(uri, info.get("reconnect_seconds", 60.0))
-        return _finish(info, interrupted)
-    except Exception:
-        problem = store.server_problem(uri) if store.is_server(uri) else None
-        if problem is None:
-            raise
-        root = Path(info.get("offline_root") or store.offline_root(None))
-        kept = root / f"sweep-{info['run_id']}"
-        kept.mkdir(parents=True, exist_ok=True)
-        write_json(kept / PENDING_FILE, {"sweep_dir": str(sweep_dir), "interrupted": interrupted})
-        print(f"fashion-exp-train: the tracking server {uri} did not come back "
-              f"({problem}); sweep {info['run_id']} is left RUNNING; finish it "
-              f"with: fashion-exp-runs upload {kept}", flush=True)
-        return None
+    deadline = time.monotonic() + info.get("reconnect_seconds", 60.0)
+    while True:
+        try:
+            if store.is_server(uri):
+                store.wait_for_server(uri, max(0.0, deadline - time.monotonic()))
+            return _finish(info, interrupted)
+        except Exception:
+            problem = store.server_problem(uri) if store.is_server(uri) else None
+            if problem is None:
+                raise
+            if time.monotonic() < deadline:
+                continue  # the server went away while the parent was written: wait again
+            _keep(info, sweep_dir, interrupted, problem)
+            return None
+
+
+def _keep(info: dict[str, Any], sweep_dir: Path, interrupted: bool, problem: str) -> None:
+    """Leave an unfinished sweep in the outbox folder for `fashion-exp-runs upload`."""
+    from fashion_exp.tracking import store
+
+    root = Path(info.get("offline_root") or store.offline_root(None))
+    kept = root / f"sweep-{info['run_id']}"
+    kept.mkdir(parents=True, exist_ok=True)
+    write_json(kept / PENDING_FILE, {"sweep_dir": str(sweep_dir), "interrupted": interrupted})
+    print(f"fashion-exp-train: the tracking server {info['tracking_uri']} did not come back "
+          f"({problem}); sweep {info['run_id']} is left RUNNING; finish it "
+          f"with: fashion-exp-runs upload {kept}", flush=True)
 
 
 def finish_kept(folder: Path) -> str | None:
@@ -357,7 +368,7 @@ def _finish(info: dict[str, Any], interrupted: bool) -> str:
         now = int(time.time() * 1000)
         client.log_batch(info["run_id"], metrics=[
             Metric(m, best[m], now, 0) for m in leaderboard.metric_columns(metric)
-            if best[m] is not None])
+            if best[m] is not None and parent.data.metrics.get(m) != best[m]])  # once, if retried
         client.set_tag(info["run_id"], "best_run_id", best["run_id"])
         client.set_tag(info["run_id"], "best_run_name", best["run"])
     describe_result(client, parent, rows, finished[0] if finished else None, metric)

@@ -359,8 +359,8 @@ def server_problem(url: str, timeout: float = 5.0) -> str | None:
         return f"GET /health answered {err.code}"
     except OSError:  # a malformed URL (ValueError) is the caller's to report
         return "does not answer (GET /health)"
-    try:
-        with urllib.request.urlopen(f"{base}{STORE_PROBE}", timeout=timeout):
+    try:  # a slow answer from its store is not an outage: thrice the connect timeout
+        with urllib.request.urlopen(f"{base}{STORE_PROBE}", timeout=3 * timeout):
             return None
     except urllib.error.HTTPError as err:
         return None if err.code < 500 else f"answers but its store fails (HTTP {err.code})"

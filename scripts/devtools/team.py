@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from devtools.servers import free_port, wait_until_up
-from fashion_exp.tracking.store_checks import server_up
+from fashion_exp.tracking.store_checks import server_problem, server_up
 
 STATE_FILE = "stack.json"
 DATABASES = ("mlflow", "optuna")  # one for the tracking server, one for Optuna studies
@@ -135,6 +135,9 @@ def start_mlflow(stack_dir: Path, backend_uri: str, port: int) -> int:
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         wait_until_up(proc, f"http://127.0.0.1:{port}/health", 120, log)
+        # Its first request to the database opens the connection pool: a few seconds on a busy
+        # machine, which a client's first probe should not have to wait for.
+        server_problem(f"http://127.0.0.1:{port}", timeout=60)
     except RuntimeError as err:
         _kill_group(proc.pid)
         raise StackError(f"mlflow server did not start: {err}") from None
