@@ -211,10 +211,16 @@ def search_space(arguments: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     return modern, fixed
 
 
+MIN_IMPORTANCE_TRIALS = 10  # complete trials before parameter importances are drawn
+FIGURE_SIZE = (9, 5.5)  # inches at 100 dpi: readable at 100% in the MLflow UI
+
+
 def figures(study: optuna.Study) -> dict[str, Any]:
     """Optuna's matplotlib pictures of the search, by file name: optimization history,
     intermediate values (the learning curves pruning acted on), parameter importances and
-    parallel coordinates; a picture that needs more trials than there are is left out."""
+    parallel coordinates, made readable (every trial drawn and told apart, no cut labels).
+    Importances are drawn from MIN_IMPORTANCE_TRIALS complete trials on; before that the
+    picture says why it is empty; a picture Optuna cannot draw yet is left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,8 +233,9 @@ def figures(study: optuna.Study) -> dict[str, Any]:
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     found = {}
     for name, draw in drawers.items():
-        if name == "param_importances.png" and len(complete) < 2:
-            continue  # importances need two complete trials
+        if name == "param_importances.png" and len(complete) < MIN_IMPORTANCE_TRIALS:
+            found[name] = too_few_for_importances(len(complete))
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna marks these plots experimental
             try:
@@ -237,36 +244,128 @@ def figures(study: optuna.Study) -> dict[str, Any]:
                 log.info("no %s: %s", name, err)
                 continue
         first = axes.flat[0] if hasattr(axes, "flat") else axes
+        figure = first.figure
+        figure.set_size_inches(*FIGURE_SIZE)
         if name == "intermediate_values.png":
             readable_curves(first, study)
-        figure = first.figure
-        figure.set_size_inches(9, 5.5)
+        elif name == "parallel_coordinate.png":
+            readable_parallel(first, study, len(complete))
+        elif name == "param_importances.png":
+            first.set_title(f"Parameter importances (fANOVA) from {len(complete)} complete "
+                            "trials")
         figure.tight_layout()
         found[name] = figure
     return found
 
 
-MAX_LEGEND = 12  # more trials than this: the curves are drawn without a legend
+def too_few_for_importances(complete: int) -> Any:
+    """The importances picture of a search with too few complete trials: why it is empty.
+    Optuna's fANOVA fits a random forest to the complete trials' values; with a handful of
+    trials it ranks parameters by noise, and the ranking changes with every new trial."""
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=FIGURE_SIZE)
+    axes.axis("off")
+    axes.text(0.5, 0.5, f"Parameter importances need at least {MIN_IMPORTANCE_TRIALS} complete "
+              f"trials;\nthis search has {complete}.\n\nThey are estimated (fANOVA) by fitting "
+              "a random forest to the complete trials:\nwith fewer, the ranking is noise and "
+              "changes with every new trial.", ha="center", va="center", fontsize=13,
+              wrap=True)
+    axes.set_title("Parameter importances: not enough complete trials yet")
+    return figure
+
+
+MAX_LEGEND = 20  # more trials than this: coloured by trial number, without a legend
+
+
+def trial_colours(count: int) -> list[Any]:
+    """`count` colours that are told apart: tab10, then tab20 with its dark halves first
+    (Optuna's tab20 in its own order gives trials 0 and 1 a dark and a light shade of one
+    hue; the curves mark the light ten with squares); past MAX_LEGEND a sequential map by
+    trial order."""
+    import matplotlib.pyplot as plt
+
+    if count <= 10:
+        return [plt.get_cmap("tab10")(i) for i in range(count)]
+    if count <= MAX_LEGEND:
+        order = [*range(0, 20, 2), *range(1, 20, 2)]
+        return [plt.get_cmap("tab20")(order[i]) for i in range(count)]
+    return [plt.get_cmap("viridis")(i / (count - 1)) for i in range(count)]
 
 
 def readable_curves(axes: Any, study: optuna.Study) -> None:
-    """Optuna's intermediate-values plot made readable for many trials: epochs on the x axis,
-    no legend past MAX_LEGEND trials, and the y axis zoomed to the best three quarters of the
-    reported values (a few diverged trials would otherwise flatten every curve)."""
+    """Optuna's intermediate-values plot made readable: epochs on the x axis, every trial in
+    its own colour with markers (a trial pruned at epoch 1 is one point), pruned trials
+    dashed, and the y axis cut only below outliers (diverged trials), which the title counts."""
     import numpy as np
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.ticker import MaxNLocator
 
     axes.set_xlabel("epoch")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    trials = study.get_trials(deepcopy=False)
-    if axes.get_legend() is not None and len(trials) > MAX_LEGEND:
+    trials = {f"Trial{t.number}": t for t in study.get_trials(deepcopy=False)
+              if t.intermediate_values}
+    lines = [line for line in axes.get_lines() if line.get_label() in trials]
+    colours = trial_colours(len(lines))
+    for index, (line, colour) in enumerate(zip(lines, colours, strict=True)):
+        trial = trials[line.get_label()]
+        pruned = trial.state == TrialState.PRUNED
+        line.set_color(colour)
+        line.set_alpha(1.0)
+        line.set_linestyle("--" if pruned else "-")
+        line.set_marker("o" if index < 10 else "s")  # the light tab20 shades: squares
+        line.set_markersize(8 if len(line.get_xdata()) == 1 else 4)
+        line.set_label(f"trial {trial.number}" + (" (pruned)" if pruned else ""))
+    if axes.get_legend() is not None:
         axes.get_legend().remove()
-    values = [v for t in trials for v in t.intermediate_values.values() if np.isfinite(v)]
+    if len(lines) <= MAX_LEGEND:
+        axes.legend(handles=lines, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8,
+                    frameon=False, title="dashed: pruned", title_fontsize=8)
+    elif lines:
+        axes.figure.colorbar(ScalarMappable(Normalize(0, len(lines) - 1), "viridis"), ax=axes,
+                             label="trial (in order)")
+    values = [v for t in trials.values() for v in t.intermediate_values.values()
+              if np.isfinite(v)]
+    title = f"Intermediate values of {len(trials)} trials"
     if len(values) > 4:
+        q1, q3 = np.percentile(values, [25, 75])
+        fence = 3 * (q3 - q1)
         maximize = study.direction == optuna.study.StudyDirection.MAXIMIZE
-        low, high = ((np.percentile(values, 25), max(values)) if maximize
-                     else (min(values), np.percentile(values, 75)))
+        kept = [v for v in values if (v >= q1 - fence if maximize else v <= q3 + fence)]
+        low, high = min(kept), max(kept)
         pad = (high - low) * 0.05 or 0.01
         axes.set_ylim(low - pad, high + pad)
-        axes.set_title(f"Intermediate values of {len(trials)} trials "
-                       f"({'lowest' if maximize else 'highest'} quarter cut off)")
+        if cut := len(values) - len(kept):
+            title += (f" ({cut} values of diverged trials "
+                      f"{'below' if maximize else 'above'} the axis)")
+    axes.set_title(title)
+
+
+def readable_parallel(axes: Any, study: optuna.Study, complete: int) -> None:
+    """Optuna's parallel-coordinate plot made readable: axes named by their short keys
+    (Optuna cuts names at 17 characters), wide enough that the value labels of neighbouring
+    axes do not overlap, and a title that says which trials it draws."""
+    from fashion_exp.sweeps.multirun import short_keys
+
+    names = sorted({k for t in study.get_trials(deepcopy=False) for k in t.params})
+    short = short_keys(names)
+    labels = []
+    for tick in axes.get_xticklabels():
+        text = tick.get_text()
+        full = next((n for n in names if n == text or (
+            text.endswith("...") and n.startswith(text[:-3]))), None)
+        labels.append(short[full] if full else "objective" if text == "Objective Value"
+                      else text)
+    axes.set_xticks(axes.get_xticks(), labels, rotation=20, ha="right")
+    axes.figure.set_size_inches(max(FIGURE_SIZE[0], 1.25 * len(labels) + 2), FIGURE_SIZE[1])
+    for lines in axes.collections[:1]:  # Blues draws the worst trials white on grey
+        lines.set_cmap("viridis_r" if lines.get_cmap().name.endswith("_r") else "viridis")
+        lines.set_linewidth(2)
+        if lines.colorbar is not None:
+            lines.colorbar.update_normal(lines)
+    for twin in axes.figure.axes:
+        if twin is not axes:
+            twin.tick_params(labelsize=8)
+    axes.set_title(f"Parallel coordinates of the {complete} complete trials "
+                   "(pruned trials are not drawn)", y=1.03)
