@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -153,6 +154,31 @@ def test_content_types_as_mlflow_answers_them(content_type, status) -> None:
     assert answer.status_code == status, answer.text
     if status == 415:
         assert answer.headers["content-type"].startswith("text/plain")
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("body,status", [
+    (npy(np.stack([IMAGE, IMAGE]).astype(np.uint8)), 200),
+    (npy(np.stack([IMAGE]).astype(np.float32) + 0.5), 200),  # truncated, as in JSON
+    (npy(np.stack([IMAGE]).astype(np.int64) + 300), 400),  # outside a byte
+    (npy(np.stack([IMAGE]).astype(np.float64) * np.nan), 400),
+    (npy(IMAGE.astype(np.uint8)), 400),  # one image needs the batch axis: (1, 28, 28)
+    (npy(np.array(["a", "b"])), 400),
+    (npy(np.zeros((17, 28, 28), np.uint8)), 413),  # max_images is 16
+    (b"not an array", 400),
+])
+def test_invocations_take_one_npy_array(body, status) -> None:
+    with app_for(Registry()) as client:
+        answer = client.post("/invocations", content=body,
+                             headers={"Content-Type": "application/x-npy"})
+    assert answer.status_code == status, answer.text
+    if status == 200:
+        assert np.array(answer.json()["predictions"]).shape[1] == 10
 
 
 def test_limits_answer_413_before_parsing() -> None:

@@ -29,6 +29,7 @@ import numpy as np
 
 SIDE = 28
 CONTENT_TYPE = "application/json"
+NPY_TYPE = "application/x-npy"  # one array as numpy.save writes it: (n, 28, 28) numbers
 FORMAT_KEYS = ("dataframe_split", "dataframe_records", "inputs", "instances")
 EXPECTED = '{"inputs": [<28 rows of 28 integers 0-255>, ...]}'
 # The MLflow release whose protocol this is (GET /version answers it, as MLflow's server does).
@@ -71,11 +72,14 @@ def too_large(message: str) -> ScoringError:
     return ScoringError(413, "BAD_REQUEST", message)
 
 
-def check_content_type(header: str | None) -> None:
-    """ScoringError(415) unless the request is JSON in UTF-8, checked in MLflow's order:
-    charset, parameters, then the type (csv and parquet: 400, as MLflow cannot read them as
-    this tensor either). A missing header is 415 here (MLflow's server fails with 500)."""
+def check_content_type(header: str | None) -> str:
+    """The request's media type: JSON in UTF-8, or NPY_TYPE (one .npy array, which MLflow's
+    server does not take). ScoringError(415) otherwise, checked in MLflow's order: charset,
+    parameters, then the type (csv and parquet: 400, as MLflow cannot read them as this tensor
+    either). A missing header is 415 here (MLflow's server fails with 500)."""
     mime, *parameters = [part.strip() for part in (header or "").split(";")]
+    if mime.lower() == NPY_TYPE and not parameters:
+        return NPY_TYPE
     pairs = dict(p.partition("=")[::2] for p in parameters if p)
     if pairs.get("charset", "utf-8").strip().lower() != "utf-8":
         raise ScoringError(415, "", "The scoring server only supports UTF-8")
@@ -88,7 +92,32 @@ def check_content_type(header: str | None) -> None:
                           f"(-1, 28, 28); send {CONTENT_TYPE} {EXPECTED}")
     if mime != CONTENT_TYPE:
         raise ScoringError(415, "", "This predictor only supports the following content types: "
-                                    f"Types: ['{CONTENT_TYPE}']. Got {header or ''!r}.")
+                                    f"Types: ['{CONTENT_TYPE}', '{NPY_TYPE}']. "
+                                    f"Got {header or ''!r}.")
+    return CONTENT_TYPE
+
+
+def parse_npy(body: bytes, max_images: int) -> np.ndarray:
+    """(n, 28, 28) uint8 images from one .npy array (numpy.save's format, no pickled
+    objects), converted by the rules of JSON bodies; ScoringError otherwise."""
+    import io
+
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise bad_request(f"{NPY_TYPE}: not one .npy array: {str(err)[:100]}") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise bad_request(f"{NPY_TYPE}: an array of numbers is needed, not "
+                          f"{getattr(array, 'dtype', type(array).__name__)}")
+    if array.ndim == 3 and len(array) > max_images:
+        raise too_large(f"{len(array)} images in one request: the limit is {max_images}")
+    if array.ndim != 3 or array.shape[1:] != (SIDE, SIDE) or len(array) == 0:
+        raise wrong_shape(array.shape)
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise bad_request("pixel values must be finite numbers in [0, 256)")
+    return to_uint8(array)
 
 
 def parse(body: bytes, max_images: int) -> np.ndarray:

@@ -691,12 +691,14 @@ def create_app(default: ServedModel, resolver: Callable[[str], ModelRef],
         answers: {"inputs": [...]} or {"instances": [...]} in, {"predictions": [...]} out."""
         served = models.default  # this request is answered by this model, whatever swaps
         try:
-            scoring.check_content_type(request.headers.get("content-type"))
+            mime = scoring.check_content_type(request.headers.get("content-type"))
             try:
                 body = await read_body(request, json_limit(settings))
             except HTTPException as err:
                 raise scoring.too_large(str(err.detail)) from None
-            if len(body) <= JSON_INLINE_BYTES:
+            if mime == scoring.NPY_TYPE:
+                images = scoring.parse_npy(body, settings.max_images)
+            elif len(body) <= JSON_INLINE_BYTES:
                 images = scoring.parse(body, settings.max_images)
             else:
                 images = await asyncio.to_thread(scoring.parse, body, settings.max_images)
