@@ -233,3 +233,39 @@ def test_the_sweep_parent_names_its_params_like_its_jobs(tmp_path) -> None:
     params = client.get_run(run.info.run_id).data.params
     assert params == {k: v for k, v in run_params(job).items() if not k.startswith("model.")} \
         | {"model": "mlp,cnn", "optimizer.lr": "0.01,0.05"}
+
+
+@pytest.mark.parametrize("search", ["mlp_optuna", "cnn_optuna"])
+def test_every_trial_of_a_search_space_composes(search) -> None:
+    """Each combination of the options a search draws (optimizer, schedule...), and each
+    listed value of its other keys, composes (the other keys at their first value, an
+    interval at its lower end): no key of the space is missing from an option it may draw."""
+    import itertools
+
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from fashion_exp.config import CONF_DIR, register_configs, validate
+
+    space = yaml.safe_load((CONF_DIR / "hparams_search" / f"{search}.yaml").read_text())
+    parser = OverridesParser.create()
+    values: dict[str, list[str]] = {}
+    for key, text in space["hydra"]["sweeper"]["params"].items():
+        sweep = parser.parse_override(f"{key}={text}").value()
+        values[key] = ([str(v) for v in sweep.list] if hasattr(sweep, "list")
+                       else [str(sweep.start)])
+    groups = [k for k in values if k in schemas.GROUPS]
+    assert groups, "the search draws options"
+    first = {k: v[0] for k, v in values.items()}
+    lines = [first | dict(zip(groups, chosen, strict=True))
+             for chosen in itertools.product(*(values[g] for g in groups))]
+    lines += [first | {key: value} for key in values if key not in groups
+              for value in values[key][1:]]
+    register_configs()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):  # once: 20-odd configs
+        for line in lines:
+            cfg = compose("config", overrides=[f"hparams_search={search}"]
+                          + [f"{k}={v}" for k, v in line.items()])
+            validate(cfg)
+            assert all(run_params(cfg)[g] == line[g] for g in groups), line

@@ -89,3 +89,24 @@ def test_sweep_whose_jobs_all_fail_ends_failed(tmp_path, tracking_uri) -> None:
     assert result.returncode == 1
     assert [c.info.status for c in children] == ["FAILED", "FAILED"]
     assert parent.info.status == "FAILED"
+
+
+def test_a_sweep_over_models_names_params_by_option(tmp_path, tracking_uri) -> None:
+    """`-m model=mlp,cnn`: each job has the param `model` and only its own model's keys; the
+    parent has `model`=`mlp,cnn` and neither model's keys; no job or parent has a setting."""
+    result, parent, children = sweep(tmp_path, tracking_uri, "model=mlp,cnn")
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_model = {c.data.params["model"]: c.data.params for c in children}
+    assert sorted(by_model) == ["cnn", "mlp"]
+    mlp, cnn = by_model["mlp"], by_model["cnn"]
+    assert {k for k in mlp if k.startswith("model.")} == {
+        "model.hidden", "model.activation", "model.dropout"}
+    assert "model.filters" in cnn and "model.hidden" not in cnn
+    assert "optimizer.beta_1" not in mlp and "schedule.factor" not in mlp  # options not chosen
+    for params in (mlp, cnn, parent.data.params):
+        assert not [k for k in params if k.startswith("tracking.") or k in
+                    ("trainer.verbose", "trainer.checkpoint_dir", "trainer.resume")]
+    assert parent.data.params["model"] == "mlp,cnn"
+    assert not [k for k in parent.data.params if k.startswith("model.")]  # each job's own
+    assert {k: v for k, v in mlp.items() if not k.startswith("model")} == \
+        {k: v for k, v in parent.data.params.items() if not k.startswith("model")}

@@ -53,6 +53,18 @@ def test_params_tags_and_metrics(logged) -> None:
     assert params["optimizer.lr"] == "0.02" and params["model.hidden"] == "[256, 128, 32]"
     assert params["trainer.epochs"] == "2" and tags["model.param_count"] == "238314"
     assert "model.param_count" not in params and "model.num_layers" not in params
+    # Exactly what determines the result: the options and their keys, no setting (tracking.*,
+    # trainer.verbose, checkpoints...) and no key of an option not chosen.
+    assert params == {
+        "data.val_split": "0.2", "data.limit": "1000", "data.shuffle_seed": "null",
+        "model": "mlp", "model.hidden": "[256, 128, 32]", "model.activation": "relu",
+        "model.dropout": "0.0", "optimizer": "sgd", "optimizer.lr": "0.02",
+        "optimizer.momentum": "0.0", "optimizer.weight_decay": "0.0", "schedule": "constant",
+        "augment": "none", "augment.shift": "0.0", "augment.flip": "False",
+        "augment.erasing": "0.0", "augment.test_flip": "False", "trainer.epochs": "2",
+        "trainer.batch_size": "64", "trainer.seed": "0", "trainer.deterministic": "False",
+        "trainer.early_stopping": "False", "trainer.label_smoothing": "0.0",
+        "trainer.precision": "float32", "trainer.strategy": "default"}
     # Named by what shapes the model; where it is logged (tracking.*) only in the tag.
     assert run.info.run_name == " ".join(o for o in tags["overrides"].split()
                                          if not o.startswith("tracking."))
@@ -111,6 +123,11 @@ def test_cnn_with_schedule_augmentation_and_label_smoothing(tmp_path, tracking_u
     params = run.data.params
     assert (params["schedule"], params["augment"], params["augment.erasing"],
             params["trainer.label_smoothing"]) == ("cosine", "strong", "0.5", "0.1")
+    assert {k for k in params if k.split(".")[0] in ("model", "optimizer", "schedule")} == {
+        "model", "model.filters", "model.convs_per_block", "model.kernel_size", "model.pooling",
+        "model.global_pooling", "model.dense", "model.activation", "model.batch_norm",
+        "model.dropout", "optimizer", "optimizer.lr", "optimizer.beta_1", "optimizer.beta_2",
+        "optimizer.weight_decay", "schedule", "schedule.warmup_epochs", "schedule.min_lr_ratio"}
     history = mlflow.MlflowClient(tracking_uri).get_metric_history(run.info.run_id,
                                                                    "training/learning_rate")
     rates = [m.value for m in sorted(history, key=lambda m: m.step)]
