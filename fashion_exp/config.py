@@ -393,9 +393,36 @@ def precheck(overrides: list[str], multirun: bool = False) -> list[DictConfig]:
                 hydra_overrides = [o for o in overrides if o not in job_overrides]
                 configs.append(compose("config", overrides=variants[0] + hydra_overrides,
                                        return_hydra_config=True))
+                search_space_keys(configs[-1])
     except (HydraException, OmegaConfBaseException) as err:
         raise composition_error(err, overrides) from None
     return configs
+
+
+def search_space_keys(cfg: DictConfig) -> None:
+    """NotAKeyError for a key of a search space (hydra.sweeper.params) that an option the
+    search may use lacks: every option a `choice` of the group lists, or the config's option
+    when the group is not searched (`optimizer.momentum` beside `optimizer: choice(sgd, adam)`
+    would fail every trial that draws adam)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    space = OmegaConf.select(cfg, "hydra.sweeper.params", default=None)
+    if not isinstance(space, DictConfig):
+        return
+    parser = OverridesParser.create()
+    for group, options in OPTION_SCHEMAS.items():
+        keys = [str(k).partition(".")[2] for k in space if str(k).startswith(f"{group}.")]
+        if not keys:
+            continue
+        drawn = parser.parse_override(f"{group}={space[group]}").value() if group in space \
+            else None
+        names = [str(v) for v in getattr(drawn, "list", None) or [cfg[group].name]]
+        for name in names:
+            if name in options:  # an unknown option is Hydra's to refuse, in the trial
+                for key in keys:
+                    if key not in keys_of(options[name]):
+                        raise NotAKeyError(group, name, key, keys_of(options[name]),
+                                           "the search space hydra.sweeper.params")
 
 
 def compose_checked(config_name: str, overrides: list[str],

@@ -269,3 +269,31 @@ def test_every_trial_of_a_search_space_composes(search) -> None:
                           + [f"{k}={v}" for k, v in line.items()])
             validate(cfg)
             assert all(run_params(cfg)[g] == line[g] for g in groups), line
+
+
+@pytest.mark.parametrize(("command", "space", "message"), [
+    ([], {"optimizer": "choice(sgd, adam)", "optimizer.momentum": "interval(0.0, 0.9)"},
+     "optimizer.momentum is not a key of optimizer=adam (its keys: lr, beta_1, beta_2, "
+     "weight_decay), set by the search space hydra.sweeper.params"),
+    (["optimizer=adam"], {"optimizer.rho": "interval(0.8, 0.99)"},
+     "optimizer.rho is not a key of optimizer=adam"),
+    (["model=cnn"], {"schedule": "choice(constant, cosine)",
+                     "schedule.warmup_epochs": "interval(0, 2)"},
+     "schedule.warmup_epochs is not a key of schedule=constant (it has no keys)"),
+    ([], {"optimizer": "choice(sgd, rmsprop)", "optimizer.momentum": "interval(0.0, 0.9)",
+          "schedule": "choice(cosine, one_cycle)", "schedule.min_lr_ratio": "choice(0.0, 0.1)"},
+     None),
+])
+def test_a_search_space_key_every_drawn_option_lacks_is_refused(command, space,
+                                                                message) -> None:
+    from fashion_exp.config import search_space_keys
+
+    job = compose_checked("config", command)
+    cfg = OmegaConf.create({**OmegaConf.to_container(job),
+                            "hydra": {"sweeper": {"params": space}}})
+    if message is None:
+        search_space_keys(cfg)
+        return
+    with pytest.raises(ConfigError) as err:
+        search_space_keys(cfg)
+    assert str(err.value).startswith(message), err.value
