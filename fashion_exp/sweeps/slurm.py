@@ -215,9 +215,11 @@ def requeued_run(sweep_dir: Path, job_num: int, checkpoint_dir: str | None) -> s
     return None
 
 
-def end_lost_run(sweep_dir: Path, job_num: int, reason: str) -> None:
+def end_lost_run(sweep_dir: Path, job_num: int, reason: str,
+                 statuses: tuple[str, ...] = ("RUNNING",)) -> None:
     """End FAILED, with `reason`, the run of a job that SLURM ended without a result and that
-    was left RUNNING (its process was killed outright)."""
+    was left RUNNING (its process was killed outright), or one stopped for a requeue that
+    SLURM no longer granted (KILLED)."""
     from mlflow import MlflowClient
 
     from fashion_exp.files import read_json
@@ -231,7 +233,9 @@ def end_lost_run(sweep_dir: Path, job_num: int, reason: str) -> None:
     for run in client.search_runs(
             [info["experiment_id"]], max_results=10,
             filter_string=f"tags.sweep_id = '{info['run_id']}' and tags.sweep = 'child' and "
-                          f"tags.sweep_job = '{job_num}' and attributes.status = 'RUNNING'"):
+                          f"tags.sweep_job = '{job_num}'"):
+        if run.info.status not in statuses:
+            continue
         client.set_tag(run.info.run_id, "error", reason)
         client.set_terminated(run.info.run_id, "FAILED", end_time=last_logged(client, run))
 
@@ -250,6 +254,15 @@ def _stop_on_requeue() -> None:
             raise KeyboardInterrupt(REQUEUED) from None
 
     signal.signal(signal.SIGUSR2, requeue_then_stop)
+
+
+def _over_memory(job: Any) -> bool:
+    """Whether SLURM killed the job for exceeding its memory (its stderr says so)."""
+    try:
+        tail = Path(job.paths.stderr).read_text(errors="replace")[-4000:].lower()
+    except OSError:
+        return False
+    return "memory limit" in tail or "oom-kill" in tail or "out of memory" in tail
 
 
 def _failed(overrides: list[str], job_num: int, reason: str) -> JobReturn:
@@ -277,7 +290,8 @@ class Requeueable:
             log.info("Requeued job %d continues run %s <trainer.resume>", job_num, run_id)
             extra.append(f"trainer.resume={run_id}")
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-        if cpus and not OmegaConf.select(cfg, "trainer.threads", default=0):
+        if cpus and not OmegaConf.select(cfg, "trainer.threads", default=0) and not any(
+                o.lstrip("+").startswith("trainer.threads=") for o in sweep_overrides):
             extra.append(f"trainer.threads={cpus}")  # not every core of the node
         return super().__call__(list(sweep_overrides) + extra, job_dir_key,  # type: ignore
                                 job_num, job_id, singleton_state)
@@ -331,10 +345,17 @@ class Requeueable:
         from submitit.core.utils import UncompletedJobError
 
         try:
-            return job.results()[0]
+            ret = job.results()[0]
         except UncompletedJobError:
-            state = job.state
-            reason = f"SLURM job {job.job_id} ended {state} without a result"
+            reason = f"SLURM job {job.job_id} ended {job.state} without a result"
+            if _over_memory(job):
+                reason += (": killed for using more memory than it asked for (raise "
+                           "hydra.launcher.mem_gb or mem_per_cpu)")
             log.error("job %d failed: %s", job_num, reason)
             end_lost_run(sweep_dir, job_num, reason)
             return _failed(overrides, job_num, reason)
+        if ret.status == JobStatus.FAILED and isinstance(ret._return_value, UncompletedJobError):
+            # at its time limit more often than max_num_timeout allows: not requeued again
+            reason = f"SLURM job {job.job_id}: {ret._return_value}"
+            end_lost_run(sweep_dir, job_num, reason, statuses=("RUNNING", "KILLED"))
+        return ret
