@@ -79,8 +79,26 @@ def test_a_job_reports_each_epoch_and_stops_when_its_trial_is_pruned() -> None:
     job.end_pruned()
     (trial,) = study.trials
     assert trial.state == TrialState.PRUNED and trial.intermediate_values == {1: 0.7, 2: 0.5}
+    # Renamed: the runs table tells a pruned trial from a finished one by its name.
     assert job.tags == {"optuna_study": study.study_name, "optuna_trial": "0",
-                        "pruned": "true", "pruned_at_epoch": "2"}
+                        "pruned": "true", "pruned_at_epoch": "2",
+                        "mlflow.runName": "trial 0 (pruned at epoch 2)"}
+
+
+def test_a_trial_judged_at_its_last_epoch_is_complete_not_pruned() -> None:
+    import keras
+
+    study = optuna.create_study(direction="maximize",
+                                pruner=optuna.pruners.ThresholdPruner(lower=0.6))
+    job = pruning.JobTrial(study, study.ask(), "val_accuracy")
+    callback = job.callback()
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    callback.set_model(model)
+    callback.set_params({"epochs": 2, "verbose": 0, "steps": 1})  # as Keras's fit sets them
+    callback.on_epoch_end(0, {"val_accuracy": 0.7})
+    callback.on_epoch_end(1, {"val_accuracy": 0.5})  # below the threshold, but all trained
+    assert job.pruned_at is None and not getattr(model, "stop_training", False)
+    assert "pruned" not in job.tags and study.trials[0].intermediate_values == {1: 0.7, 2: 0.5}
 
 
 def sweeper(**settings) -> SimpleNamespace:

@@ -8,7 +8,9 @@
 
 Writes leaderboard.csv, leaderboard.md, val_accuracy.png, metric_vs_params.png (and
 seeds.csv / seeds.md when runs differ only by seed) into --out (default
-outputs/compare/<what>), and prints the leaderboard.
+outputs/compare/<what> under the current directory), and prints the leaderboard. A sweep's
+columns are the keys it swept (its parent's `swept` tag); other runs' are the params that
+differ.
 
 Flags (argparse), not Hydra overrides like the entry points that train, evaluate or serve: it
 only reads a store and has no experiment config to compose.
@@ -23,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from fashion_exp.cli.options import add_store_options
-from fashion_exp.config import project_root
 from fashion_exp.core.metrics import epoch_metric, objective_metric
 from fashion_exp.sweeps.leaderboard import (
     counts,
@@ -32,6 +33,8 @@ from fashion_exp.sweeps.leaderboard import (
     metric_columns,
     rows_of,
     seed_groups,
+    short_number,
+    swept_params,
     varied_params,
 )
 from fashion_exp.tracking import views
@@ -52,6 +55,12 @@ class Selection:
     name: str
     metric: str
     ui_link: str = ""  # the UI address after the server's: a sweep's saved view, or a search
+    swept: list[str] | None = None  # a sweep's swept keys; None: the params that differ
+
+    @property
+    def varied(self) -> list[str]:
+        """The param columns: what the sweep varied, else whatever differs between runs."""
+        return self.swept if self.swept is not None else varied_params(self.runs)
 
 
 def select(client: Any, experiment: str, sweep: str | None, filter_string: str | None,
@@ -83,6 +92,7 @@ def select(client: Any, experiment: str, sweep: str | None, filter_string: str |
         search = f"tags.sweep_id = '{sweep}' and tags.sweep = 'child'"
         link = (views.view_link(exp.experiment_id, sweep) if views.has_view(exp, sweep)
                 else views.search_link(exp.experiment_id, search, objective_metric(metric)))
+        swept = swept_params(parent) or None
     else:
         try:
             runs = client.search_runs(ids, filter_string or "", max_results=5000)
@@ -91,13 +101,14 @@ def select(client: Any, experiment: str, sweep: str | None, filter_string: str |
         runs = [r for r in runs if r.data.tags.get("sweep") != "parent"]
         metric = "val_accuracy"
         name = "filtered" if filter_string else "all"
+        swept = None
         link = views.search_link(exp.experiment_id, filter_string or "",
                                  objective_metric(metric))
     if not runs:
         what = f"sweep {sweep}" if sweep else f"filter {filter_string!r}" if filter_string \
             else f"experiment {experiment!r}"
         raise CompareError(f"no runs in {what}")
-    return Selection(runs=runs, name=name, metric=metric, ui_link=link)
+    return Selection(runs=runs, name=name, metric=metric, ui_link=link, swept=swept)
 
 
 def curves_figure(client: Any, runs: list, key: str = CURVE) -> Any:
@@ -121,7 +132,9 @@ def curves_figure(client: Any, runs: list, key: str = CURVE) -> Any:
     return fig
 
 
-MAX_LEGEND = 10  # more groups than this are drawn in one colour, without a legend
+MAX_LEGEND = 8  # more colours than this are hard to tell apart: one colour, no legend
+PANEL_COLUMNS = 3  # panels per row of metric_vs_params.png: 1200 px wide at most
+LOG_SPAN = 30  # numbers whose largest is this many times their smallest get a log axis
 
 
 def _positions(raw: list[str]) -> tuple[list[float], list[str] | None]:
@@ -134,45 +147,71 @@ def _positions(raw: list[str]) -> tuple[list[float], list[str] | None]:
         return [float(labels.index(v)) for v in raw], labels
 
 
+def _colour_key(varied: list[str], key: str, rows: list[dict[str, Any]]) -> str | None:
+    """The param whose values colour `key`'s panel: the other swept key when there are two,
+    and only if it has few values (with more keys, colours would stand for combinations no
+    one can read)."""
+    others = [k for k in varied if k != key]
+    if len(others) != 1 or len({str(r.get(others[0])) for r in rows}) > MAX_LEGEND:
+        return None
+    return others[0]
+
+
 def params_figure(rows: list[dict[str, Any]], varied: list[str], metric: str) -> Any:
-    """`metric` (a leaderboard column) against each varied param, one panel per param, points
-    coloured by the values of the other varied params (numbers on a log axis when they span
-    decades)."""
+    """`metric` (a leaderboard column) against each swept param, one panel per param in a
+    grid of up to three columns; numbers on a log axis when they span decades (LOG_SPAN),
+    anything else as categories; with two params, points coloured by the other one. Pruned
+    runs (their best value so far) are hollow."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     keys = varied or ["run"]
-    fig = Figure(figsize=(4.6 * len(keys), 4.0), layout="constrained")
-    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    ncols = min(PANEL_COLUMNS, len(keys))
+    nrows = -(-len(keys) // ncols)
+    fig = Figure(figsize=(4.0 * ncols, 3.2 * nrows + 0.4), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     done = [r for r in rows if r.get(metric) is not None]
-    for ax, key in zip(axes, keys, strict=True):
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes, keys, strict=False):
         xs, labels = _positions([str(r.get(key)) for r in done])
-        others = [k for k in varied if k != key]
+        colour = _colour_key(varied, key, done)
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(done):
-            name = "  ".join(f"{k.rsplit('.', 1)[-1]}={r.get(k)}" for k in others)
-            groups.setdefault(name, []).append(i)
-        many = len(groups) > MAX_LEGEND
-        for name, members in sorted(groups.items()):
-            ax.scatter([xs[i] for i in members], [done[i][metric] for i in members],
-                       label=None if many else (name or None),
-                       color="tab:blue" if many else None)
+            groups.setdefault(short_number(r.get(colour)) if colour else "", []).append(i)
+        for n, (name, members) in enumerate(sorted(groups.items())):
+            for hollow in (False, True):
+                picked = [i for i in members if (done[i].get("status") == "PRUNED") == hollow]
+                if picked:
+                    ax.scatter([xs[i] for i in picked], [done[i][metric] for i in picked],
+                               color=f"C{n}", facecolors="none" if hollow else None,
+                               label=None if hollow else name or None)
         if labels is not None:
-            ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-        elif xs and min(xs) > 0 and max(xs) / min(xs) >= 100:
+            shown = [short_number(v) for v in labels]
+            ax.set_xticks(range(len(labels)), shown,
+                          rotation=30 if sum(map(len, shown)) > 24 else 0,
+                          ha="right" if sum(map(len, shown)) > 24 else "center", fontsize=8)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        elif xs and min(xs) > 0 and max(xs) / min(xs) >= LOG_SPAN:
             ax.set_xscale("log")
-        ax.set(xlabel=key, ylabel=metric)
+            ax.xaxis.set_minor_formatter(NullFormatter())  # 10^k only: no crowded labels
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric if ax.get_subplotspec().is_first_col() else "")
         ax.grid(alpha=0.3)
-        if others and not many:
-            ax.legend(fontsize=8, title=", ".join(k.rsplit(".", 1)[-1] for k in others),
-                      title_fontsize=8)
-    fig.suptitle(f"{metric} against the varied params")
+        if colour and len(groups) > 1:
+            ax.legend(fontsize=7, title=colour, title_fontsize=7, loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    if any(r.get("status") == "PRUNED" for r in done):
+        fig.suptitle(f"{metric} against the swept params (hollow: pruned, best so far)")
+    else:
+        fig.suptitle(f"{metric} against the swept params")
     return fig
 
 
 def compare(selection: Selection, client: Any, out: Path) -> str:
     """Write the tables and figures into `out`; returns the printed report."""
     out.mkdir(parents=True, exist_ok=True)
-    varied = varied_params(selection.runs)
+    varied = selection.varied
     rows = rows_of(selection.runs, varied, selection.metric)
     (out / "leaderboard.csv").write_text(csv_text(rows))
     (out / "leaderboard.md").write_text(markdown(rows))
@@ -203,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                                        "'cnn'\"")
     what.add_argument("--all", action="store_true", help="every run of the experiment")
     add_store_options(parser)
-    parser.add_argument("--out", type=Path, default=None, help="output folder")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: outputs/compare/<sweep_id|all|filtered> "
+                             "under the current directory)")
     args = parser.parse_args(argv)
 
     try:  # before MLflow is imported; comparing only reads: a read-only store is fine
@@ -220,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     except CompareError as err:
         print(f"fashion-exp-compare: {err}", file=sys.stderr)
         return 2
-    out = args.out or project_root() / "outputs" / "compare" / selection.name
+    out = args.out or Path.cwd() / "outputs" / "compare" / selection.name
     print(compare(selection, client, out))
     print(f"in the MLflow UI: {views.ui_hint(uri, selection.ui_link)}")
     return 0

@@ -18,9 +18,42 @@ SEED_KEYS = ("trainer.seed", "data.shuffle_seed")
 
 
 def varied_params(runs: list) -> list[str]:
-    """Param keys whose value is not the same in every run."""
+    """Param keys whose value is not the same in every run (runs that are not one sweep)."""
     keys = sorted({k for r in runs for k in r.data.params})
     return [k for k in keys if len({r.data.params.get(k) for r in runs}) > 1]
+
+
+def swept_params(parent: Any) -> list[str]:
+    """The keys a sweep varies, as its parent run records them (tag `swept`)."""
+    return parent.data.tags.get("swept", "").split()
+
+
+def param(run: Any, key: str) -> str | None:
+    """A run's value of a param key; for a config group (`model`) its chosen option, which
+    runs logged before options were params recorded as `<group>.name`."""
+    params = run.data.params
+    return params.get(key, params.get(f"{key}.name"))
+
+
+def short_number(value: Any) -> str:
+    """A value as a table or a name shows it: floats (and float strings) to 4 significant
+    digits (0.0024234724 -> 0.002423, 1234.5 -> 1234), integers and words as they are."""
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, str):
+        if value.lstrip("+-").isdigit():
+            return value
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return str(value)
+    if 1e4 <= abs(value) < 1e9:  # e.g. seconds: whole, not 1.235e+04
+        return str(round(value))
+    return f"{value:.4g}"
 
 
 def _best(metric: str) -> Any:
@@ -44,7 +77,7 @@ def rows_of(runs: list, varied: list[str], metric: str) -> list[dict[str, Any]]:
     for r in runs:
         end = r.info.end_time or r.info.start_time
         row = {"run": r.info.run_name, "status": status(r)}
-        row |= {k: r.data.params.get(k) for k in varied}
+        row |= {k: param(r, k) for k in varied}
         row |= {m: _value(r, m) for m in columns}
         row |= {"duration_s": round((end - r.info.start_time) / 1000, 1),
                 "run_id": r.info.run_id}
@@ -90,16 +123,14 @@ def seed_groups(rows: list[dict[str, Any]], varied: list[str], metric: str,
             xs = [row[m] for row in members if row[m] is not None]
             if xs:
                 std = statistics.stdev(xs) if len(xs) > 1 else 0.0
-                entry[m] = f"{statistics.mean(xs):.4f} ± {std:.4f}"
+                entry[m] = f"{short_number(statistics.mean(xs))} ± {short_number(std)}"
         out.append(entry)
     return out
 
 
 def _cell(value: Any) -> str:
-    """A table cell: floats to at most four decimals without trailing zeros (4.9, 0.8871)."""
-    if isinstance(value, float):
-        return f"{value:.4f}".rstrip("0").rstrip(".")
-    return "" if value is None else str(value)
+    """A table cell: numbers to at most 4 significant digits (4.9, 0.8871, 0.002423)."""
+    return short_number(value)
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

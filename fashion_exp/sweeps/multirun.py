@@ -266,8 +266,8 @@ def describe_result(client: Any, parent: Any, rows: list[dict[str, Any]],
              + f"{len(rows)} runs, " + leaderboard.counts(rows) + "."]
     if best is not None:
         column = leaderboard.metric_columns(metric)[0]
-        lines.append(f"Best: **{best['run']}**, {column} {best[column]:.4f}"
-                     + (f", test_accuracy {best['test_accuracy']:.4f}"
+        lines.append(f"Best: **{best['run']}**, {column} {leaderboard.short_number(best[column])}"
+                     + (f", test_accuracy {leaderboard.short_number(best['test_accuracy'])}"
                         if best.get("test_accuracy") is not None else "") + ".")
     client.set_tag(parent.info.run_id, "mlflow.note.content", "\n\n".join(lines))
 
@@ -283,6 +283,11 @@ def child_name_and_tags(cfg: DictConfig) -> tuple[str | None, dict[str, str]]:
     overrides = list(HydraConfig.get().overrides.task)
     tags = {"mlflow.parentRunId": parent, "sweep_id": parent, "sweep": "child",
             "sweep_job": str(HydraConfig.get().job.num)}
+    from fashion_exp.sweeps import pruning  # a search's trial is named by its number
+
+    number = pruning.trial_number()
+    if number is not None:
+        return pruning.trial_name(number), tags
     return child_run_name(overrides, list(keys)) or " ".join(overrides) or "defaults", tags
 
 
@@ -358,7 +363,8 @@ def _finish(info: dict[str, Any], interrupted: bool) -> str:
     children = client.search_runs([info["experiment_id"]],
                                   filter_string=f"tags.sweep_id = '{info['run_id']}'"
                                   " and tags.sweep = 'child'", max_results=5000)
-    rows = leaderboard.rows_of(children, leaderboard.varied_params(children), metric)
+    swept = info.get("swept_keys") or leaderboard.swept_params(parent)
+    rows = leaderboard.rows_of(children, swept or leaderboard.varied_params(children), metric)
     objective = leaderboard.metric_columns(metric)[0]
     finished = [r for r in rows if r["status"] == "FINISHED" and r[objective] is not None]
     if finished:
@@ -388,6 +394,8 @@ def _finish(info: dict[str, Any], interrupted: bool) -> str:
     log.info("Sweep %s ended %s: %d jobs, best %s", info["run_id"], status, len(rows),
              finished[0]["run"] if finished else "none")
     if info.get("swept_keys"):
+        views.fit_run_names(client, info["experiment_id"], info["run_id"],
+                            [r["run"] for r in rows])
         print(f"sweep {info['run_id']} {status}: {len(rows)} runs; compare them: "
               + views.ui_hint(info["tracking_uri"],
                               views.view_link(info["experiment_id"], info["run_id"])),

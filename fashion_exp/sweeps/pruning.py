@@ -4,7 +4,12 @@ The search loop (fashion_exp/sweeps/search_loop.py) starts each job with the env
 variable TRIAL_ENV naming its trial; the job opens the same study with the same pruner (a
 pruner is code, not stored in the study) and, after every epoch, reports the optimized
 metric and asks whether to go on. A pruned trial stops at the end of that epoch and is told
-PRUNED here, by the process that knows the epoch.
+PRUNED here, by the process that knows the epoch. A trial is never pruned at its last epoch:
+it has trained every epoch, so it ends complete (tested, its model logged) like any other.
+
+A search's jobs are named by their trial (`trial 12`): the values they try are the view's
+columns. A pruned trial's run is renamed `trial 12 (pruned at epoch 3)`, so the runs table
+tells it from a finished one (MLflow shows both with the same FINISHED icon).
 """
 
 from __future__ import annotations
@@ -54,7 +59,8 @@ class JobTrial:
         """Tags of the job's MLflow run: which trial it is, and where it was pruned."""
         found = {"optuna_study": self.study.study_name, "optuna_trial": str(self.trial.number)}
         if self.pruned_at is not None:
-            found |= {"pruned": "true", "pruned_at_epoch": str(self.pruned_at)}
+            found |= {"pruned": "true", "pruned_at_epoch": str(self.pruned_at),
+                      "mlflow.runName": pruned_name(self.trial.number, self.pruned_at)}
         return found
 
     def callback(self) -> keras.callbacks.Callback:
@@ -78,7 +84,8 @@ class JobTrial:
                     log.warning("the study storage failed at epoch %d (%s); this trial "
                                 "trains on without pruning", epoch + 1, first_line(err))
                     return
-                if pruned:
+                # At its last epoch a trial has trained all it would: it ends complete.
+                if pruned and epoch + 1 < (self.params or {}).get("epochs", epoch + 2):
                     job.pruned_at = epoch + 1
                     self.model.stop_training = True
 
@@ -105,6 +112,30 @@ def job_trial(metric: str) -> JobTrial | None:
     # asked for it (its distributed examples run the objective where the trial was asked);
     # Trial(study, trial_id) is what Study.ask itself builds.
     return JobTrial(study, optuna.Trial(study, int(found)), metric)
+
+
+def trial_name(number: int) -> str:
+    """The run name of a search's trial: `trial 12`."""
+    return f"trial {number}"
+
+
+def pruned_name(number: int, epoch: int) -> str:
+    """The run name of a pruned trial: `trial 12 (pruned at epoch 3)`."""
+    return f"{trial_name(number)} (pruned at epoch {epoch})"
+
+
+def trial_number() -> int | None:
+    """The number of the trial this job runs in its study (None outside a search, or when the
+    study's storage does not answer: the job is then named by its values)."""
+    found = os.environ.get(TRIAL_ENV)
+    storage = HydraConfig.get().sweeper.get("storage") if HydraConfig.initialized() else None
+    if not found or not storage:
+        return None
+    try:
+        return optuna.storages.get_storage(str(storage)).get_trial_number_from_id(int(found))
+    except (*STORAGE_ERRORS, KeyError, ValueError) as err:
+        log.warning("trial %s: its number is not known (%s)", found, first_line(err))
+        return None
 
 
 def build_pruner(conf: Any) -> optuna.pruners.BasePruner:

@@ -30,40 +30,73 @@ def column(kind: str, key: str) -> str:
     return f"{kind}.`{key}`"
 
 
+RUN_NAME = column("attributes", "Run Name")
+MODELS = column("attributes", "Models")
+CREATED = "runDateAndNestInfo"  # MLflow's id of its Created column (with the status icon)
+DURATION = "duration"  # MLflow's id of its Duration column
+
+
+def header_width(name: str) -> int:
+    """Pixels a column needs to show its header `name` whole (MLflow cuts headers at its
+    default 100 px: best_val_accuracy, trainer.batch_size). Its headers' text is about 6 px a
+    character, its cells' padding 30 px (measured in Chromium at 1440 px)."""
+    return max(70, 6 * len(name) + 30)
+
+
+def name_width(names: list[str]) -> int:
+    """Pixels the Run Name column needs to show the longest of `names` whole (its links are
+    about 5.1 px a character, after a colour dot); 190, MLflow's own width, before any run
+    is named."""
+    return min(420, max(150, round(5.3 * max(map(len, names))) + 45)) if names else 190
+
+
 def sweep_state(parent_id: str, swept: list[str], metric: str,
-                tags: tuple[str, ...] = ()) -> dict[str, Any]:
+                tags: tuple[str, ...] = (), names: list[str] | None = None) -> dict[str, Any]:
     """The view of one sweep: its jobs' runs, best first (the parent, which repeats the best
-    one's values, left out); columns: the swept params, the optimized value (e.g.
-    best_val_accuracy), the test metrics, the given tags (a pruned search's
-    pruned_at_epoch), the logged model."""
+    one's values, left out); columns, left to right: the swept params (a config group's
+    chosen option, `model` = `cnn`, is a param named after its group), the optimized value
+    (e.g. best_val_accuracy), the given tags (a pruned search's pruned_at_epoch), the test
+    metrics, the logged model and the duration (MLflow always shows Duration; it goes last).
+    Widths fit the headers and the run names (`names`, when the jobs have them), so that at
+    1440 px every swept key of a 7-key search is on screen."""
     metrics = key_metrics(metric)
-    objective = metrics[0]
+    objective, others = metrics[0], metrics[1:]
+    params = [column("params", k) for k in swept]
+    shown_tags = [column("tags", t) for t in tags]
     return {
         "searchFilter": f"tags.sweep_id = '{parent_id}' and tags.sweep = 'child'",
         "orderByKey": column("metrics", objective),
         "orderByAsc": "loss" in metric,
-        "selectedColumns": [column("params", k) for k in swept]
-        + [column("metrics", m) for m in metrics] + [column("tags", t) for t in tags]
-        + [column("attributes", "Models")],
+        "selectedColumns": params + [column("metrics", m) for m in metrics] + shown_tags
+        + [MODELS],
         # MLflow applies widths only to the columns named in columnOrder (ids of its table).
-        "columnOrder": ["0", column("attributes", "Run Name"), "runDateAndNestInfo",
-                        "duration", column("attributes", "Models")]
-        + [column("metrics", m) for m in metrics] + [column("tags", t) for t in tags]
-        + [column("params", k) for k in swept],
-        # Wide enough for the metric and tag names (MLflow's 100 px cut best_val_accuracy off), the
-        # model link narrower: the swept params stay on a laptop's screen.
-        "columnWidths": {column(kind, k): max(100, 7 * len(k) + 30)
-                         for kind, keys in (("metrics", metrics), ("tags", tags)) for k in keys}
-        | {column("attributes", "Models"): 100, "runDateAndNestInfo": 150},
+        "columnOrder": ["0", RUN_NAME, CREATED] + params + [column("metrics", objective)]
+        + shown_tags + [column("metrics", m) for m in others] + [MODELS, DURATION],
+        "columnWidths": {column("params", k): header_width(k) for k in swept}
+        | {column("metrics", m): header_width(m) for m in metrics}
+        | {column("tags", t): header_width(t) for t in tags}
+        | {RUN_NAME: name_width(names or []), CREATED: 135, MODELS: 100, DURATION: 80},
     }
 
 
 def save_sweep_view(client: Any, experiment_id: str, parent_id: str, swept: list[str],
-                    metric: str, tags: tuple[str, ...] = ()) -> str:
+                    metric: str, tags: tuple[str, ...] = (),
+                    names: list[str] | None = None) -> str:
     """Store the sweep's view on its experiment; returns its share key (the parent run id)."""
-    state = sweep_state(parent_id, swept, metric, tags)
+    state = sweep_state(parent_id, swept, metric, tags, names)
     client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + parent_id, json.dumps(state))
     return parent_id
+
+
+def fit_run_names(client: Any, experiment_id: str, key: str, names: list[str]) -> None:
+    """Widen (or narrow) a saved view's Run Name column to its runs' names, once they are
+    known (a search's pruned trials are renamed when they stop)."""
+    experiment = client.get_experiment(experiment_id)
+    if not has_view(experiment, key):
+        return
+    state = json.loads(experiment.tags[SHARED_VIEW_TAG + key])
+    state["columnWidths"][RUN_NAME] = name_width(names)
+    client.set_experiment_tag(experiment_id, SHARED_VIEW_TAG + key, json.dumps(state))
 
 
 def view_link(experiment_id: str, key: str) -> str:
