@@ -6,6 +6,7 @@ reused by a later process is not mistaken for the original owner.
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -13,11 +14,30 @@ import psutil
 
 
 def start_time(pid: int) -> str | None:
-    """The process's start time (seconds since the epoch, as text); None if it is gone."""
+    """The process's start time, ISO 8601 in UTC to the microsecond
+    (2026-12-05T14:01:20.481920+00:00); None if it is gone."""
     try:
-        return repr(psutil.Process(pid).create_time())
+        created = psutil.Process(pid).create_time()
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
         return None
+    return datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat(
+        timespec="microseconds")
+
+
+def seconds(started: str) -> float | None:
+    """A recorded start time as seconds since the epoch: ISO 8601, or the bare number that
+    runs and trials recorded before; None if it is neither."""
+    try:
+        return float(started)
+    except ValueError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(started).timestamp()
+    except ValueError:
+        return None
+
+
+SAME_START_S = 1e-3  # a recorded start kept to the microsecond: the same process within this
 
 
 def this_process() -> dict[str, str]:
@@ -32,4 +52,9 @@ def alive(owner: dict[str, str]) -> bool | None:
     if not owner.get("pid") or owner.get("host") != socket.gethostname():
         return None
     started = start_time(int(owner["pid"]))
-    return started is not None and started == owner.get("started", started)
+    if started is None:
+        return False
+    if "started" not in owner:
+        return True
+    now, then = seconds(started), seconds(owner["started"])
+    return now is not None and then is not None and abs(now - then) < SAME_START_S

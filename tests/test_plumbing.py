@@ -21,6 +21,19 @@ def test_a_process_is_alive_until_it_ends_and_a_reused_pid_is_not_its_owner() ->
     assert procs.alive(me | {"pid": str(child.pid), "started": ""}) is False
 
 
+def test_a_process_start_is_recorded_readable_and_older_records_still_match() -> None:
+    import datetime
+
+    import psutil
+
+    me = procs.this_process()
+    started = datetime.datetime.fromisoformat(me["started"])  # ISO 8601, in UTC
+    assert started.tzinfo == datetime.UTC and me["started"].endswith("+00:00")
+    created = psutil.Process().create_time()
+    assert abs(started.timestamp() - created) < 1e-3
+    assert procs.alive(me | {"started": repr(created)}) is True  # as runs recorded it before
+
+
 def test_state_files_are_replaced_whole(tmp_path) -> None:
     path = tmp_path / "state.json"
     write_json(path, {"run_id": "a" * 32, "epochs_done": 1})

@@ -221,11 +221,13 @@ def test_evaluate_logged_and_registered_model(logged, tmp_path) -> None:
                               tmp_path=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         assert f"source_run_id={source}" in result.stdout and "most confused:" in result.stdout
+        assert "on 1,000 test images" in result.stdout  # data.limit=1000
     evaluations = [r for r in runs_of(uri) if r.data.tags.get("evaluation") == "true"]
     assert len(evaluations) == 2
     client = mlflow.MlflowClient(uri)
     for ev in evaluations:
         assert ev.info.status == "FINISHED" and ev.data.tags["source_run_id"] == source
+        assert ev.data.params["test_images"] == "1000"
         # Same model, same test images: the same accuracy as the training run measured.
         assert ev.data.metrics["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
         assert ev.data.metrics["test_loss"] == pytest.approx(run.data.metrics["test_loss"],

@@ -68,6 +68,8 @@ def evaluate(cfg: DictConfig) -> float:
         probs = model.predict(splits.x_test, batch_size=cfg.batch_size, verbose=0)
         result = training.score(probs, splits.y_test)
         run.log_evaluation(result, epochs_trained=0)
+        # How many images the accuracy is of: a data.limit run scores a part of the test set.
+        run.log_params({"test_images": len(splits.y_test)})
         pairs = training.most_confused(result.confusion)
         lines = [f"{true} predicted as {pred}: {count}" for true, pred, count in pairs]
         run.log_text("\n".join(lines) + "\n", "confused_pairs.txt")
@@ -76,7 +78,8 @@ def evaluate(cfg: DictConfig) -> float:
             "misclassified.png": plots.predictions(splits.x_test, splits.y_test, result.probs,
                                                    n=0, n_wrong=cfg.gallery_size),
         })
-    print(f"test_accuracy={result.accuracy:.4f}  test_loss={result.loss:.4f}  most confused: "
+    print(f"test_accuracy={result.accuracy:.4f}  test_loss={result.loss:.4f}  on "
+          f"{len(splits.y_test):,} test images  most confused: "
           f"{'; '.join(lines[:3])}  run_id={run.run_id}  source_run_id={source}  view: "
           f"{store.ui_hint(uri, exp_id, run.run_id)}", flush=True)
     return result.accuracy

@@ -78,8 +78,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         epochs = "-" if r["epochs_done"] is None else str(r["epochs_done"])
         lines.append(f"{r['run_id']:32}  {r['status']:8}  {r['state']:8}  {r['host'][:12]:12}"
                      f"  {epochs:>6}  {r['name'][:60]}")
-    lines.append("orphaned: its process is gone (fashion-exp-runs mark-failed ends them FAILED); "
-                 "with epochs: resume with  fashion-exp-runs resume <run_id>")
+    if any(r["state"] == "orphaned" for r in rows):
+        lines.append("orphaned: its process is gone (fashion-exp-runs mark-failed ends them "
+                     "FAILED)")
+    if any(r["epochs_done"] is not None for r in rows):
+        lines.append("with epochs: resume with  fashion-exp-runs resume <run_id>")
     return "\n".join(lines)
 
 
