@@ -1,0 +1,232 @@
+"""Sweeps and searches through hydra/launcher=slurm against a real one-node SLURM cluster
+(scripts/devtools/slurm.py: Debian's slurm-wlm and munge, in a loopback-only network
+namespace, started once per session and stopped by process id)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+
+from fashion_exp.sweeps.multirun import STATE_FILE
+
+from .conftest import REPO, requires_real_data
+
+pytestmark = [
+    pytest.mark.slow, requires_real_data,
+    pytest.mark.skipif((os.geteuid() != 0 or not Path("/usr/sbin/slurmctld").exists())
+                       and not os.environ.get("CI"),
+                       reason="needs root and slurm-wlm (./dev.sh setup installs it)"),
+]
+FAST = ["debug=fast", "data.limit=600", "tracking.log_model=false", "tracking.figures=false",
+        "trainer.verbose=0", "tracking.experiment_name=slurm"]
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A one-node SLURM cluster for the session (2 CPUs), stopped by process id."""
+    from devtools import slurm
+
+    folder = Path(tempfile.mkdtemp(prefix="fashion-exp-slurm-"))
+    started = slurm.start(folder, cpus=2)
+    yield started
+    slurm.stop_cluster(started)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_sweep_left():
+    """A sweep a failed test left running is killed (by its process id)."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def start_sweep(cluster, tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    """`fashion-exp-train -m hydra/launcher=slurm ...` inside the cluster's namespace."""
+    argv = [sys.executable, "-m", "fashion_exp.cli.train", "-m", "hydra/launcher=slurm",
+            *FAST, f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides]
+    env = cluster.env({**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"})
+    env.pop("MLFLOW_TRACKING_URI", None)
+    STARTED.append(subprocess.Popen(cluster.command(argv), cwd=REPO, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return STARTED[-1]
+
+
+def release_requeued(cluster) -> None:
+    """SLURM holds a requeued job for 2 minutes (BeginTime): start it now."""
+    pending = cluster.run(["squeue", "-h", "-t", "PD", "-o", "%i|%r"], check=False).stdout
+    for line in pending.splitlines():
+        job, _, reason = line.partition("|")
+        if reason == "BeginTime":
+            cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+
+
+def finish(cluster, proc: subprocess.Popen, timeout: float = 400) -> tuple[str, str]:
+    """Wait for the sweep, starting requeued jobs at once; its (stdout, stderr)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        assert time.monotonic() < deadline, "the sweep did not end"
+        release_requeued(cluster)
+        time.sleep(1)
+    return proc.communicate()
+
+
+def epochs_logged(db: Path, job: str) -> tuple[int, str | None]:
+    """(last epoch logged, SLURM job id) of sweep job number `job`, from the store itself."""
+    if not db.exists():
+        return 0, None
+    try:
+        with sqlite3.connect(db, timeout=20) as conn:
+            row = conn.execute(
+                "SELECT max(m.step), (SELECT value FROM tags t2 WHERE t2.run_uuid = t.run_uuid "
+                "AND t2.key = 'slurm_job_id') FROM tags t JOIN metrics m "
+                "ON m.run_uuid = t.run_uuid WHERE t.key = 'sweep_job' AND t.value = ? "
+                "AND m.key = 'epoch/loss'", (job,)).fetchone()
+    except sqlite3.OperationalError:  # the store is still being created
+        return 0, None
+    return (row[0] or 0, row[1]) if row else (0, None)
+
+
+def runs(tmp_path: Path) -> tuple[mlflow.entities.Run, list[mlflow.entities.Run]]:
+    """The sweep's parent run and its children."""
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent_id = json.loads((tmp_path / "sweep" / STATE_FILE).read_text())["run_id"]
+    everything = client.search_runs([client.get_experiment_by_name("slurm").experiment_id])
+    children = [r for r in everything if r.data.tags.get("sweep_id") == parent_id
+                and r.data.tags.get("sweep") == "child"]
+    return client.get_run(parent_id), children
+
+
+def steps(tmp_path: Path, run_id: str, key: str = "epoch/loss") -> list[int]:
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_sweep_with_a_preempted_and_a_failing_job(cluster, tmp_path) -> None:
+    # Job 0 is requeued (as SLURM preempts) after its second epoch; lr=1e9 diverges.
+    proc = start_sweep(cluster, tmp_path, "hydra.launcher.cpus_per_task=1",
+                       "trainer.epochs=20", "optimizer.lr=0.05,0.1,1e9")
+    deadline = time.monotonic() + 300
+    while (logged := epochs_logged(tmp_path / "mlflow.db", "0"))[0] < 2:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.3)
+    assert logged[0] < 20, "job 0 ended before it could be preempted"
+    cluster.run(["scontrol", "requeue", logged[1]])
+    out, err = finish(cluster, proc)
+    assert proc.returncode == 1, err[-3000:]  # one job failed; the others ran
+
+    parent, children = runs(tmp_path)
+    assert len(children) == 3  # no second run for the requeued job
+    by_job = {c.data.tags["sweep_job"]: c for c in children}
+    preempted = by_job["0"]
+    assert preempted.info.status == "FINISHED"
+    assert preempted.data.tags["slurm_restarts"] == "1"
+    assert int(preempted.data.tags["resumed_from_epoch"]) >= 2
+    assert "SIGTERM" in preempted.data.tags["stopped_by"]
+    for key in ("epoch/loss", "epoch/val_accuracy"):  # one value per epoch, none lost
+        assert steps(tmp_path, preempted.info.run_id, key) == list(range(1, 21)), key
+    assert by_job["1"].info.status == "FINISHED"
+    assert by_job["2"].info.status == "FAILED"
+    assert "TrainingDiverged" in by_job["2"].data.tags["error"]
+    for child in children:  # each job names its SLURM job and node
+        assert child.data.tags["slurm_job_id"].endswith(f"_{child.data.tags['sweep_job']}")
+        assert child.data.tags["slurm_node"] == "node1"
+    assert parent.info.status == "FINISHED" and parent.data.tags["jobs_failed"] == "1"
+    assert parent.data.tags["best_run_id"] in {by_job["0"].info.run_id, by_job["1"].info.run_id}
+    assert "leaderboard.csv" in {a.path for a in mlflow.MlflowClient(
+        f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(parent.info.run_id)}
+    assert "viewStateShareKey=" in out
+
+
+def test_job_at_its_time_limit_is_requeued_and_finishes(cluster, tmp_path) -> None:
+    # A 1-minute limit with SIGUSR2 40 s before it: the signal comes mid-training.
+    proc = start_sweep(cluster, tmp_path, "hydra.launcher.cpus_per_task=2",
+                       "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=40",
+                       "hydra.launcher.max_num_timeout=5", "trainer.epochs=30",
+                       "optimizer.lr=0.05")
+    out, err = finish(cluster, proc, timeout=500)
+    assert proc.returncode == 0, err[-3000:]
+    _, (child,) = runs(tmp_path)
+    assert child.info.status == "FINISHED"
+    assert int(child.data.tags["slurm_restarts"]) >= 1
+    assert "SLURM requeued the job" in child.data.tags["stopped_by"]
+    assert steps(tmp_path, child.info.run_id) == list(range(1, 31))
+
+
+def test_pruned_search_through_slurm(cluster, tmp_path) -> None:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    proc = start_sweep(cluster, tmp_path, "hparams_search=mlp_optuna", "trainer.epochs=3",
+                       "trainer.early_stopping=false", "hydra.sweeper.study_name=slurm",
+                       f"hydra.sweeper.storage={storage}", "hydra.sweeper.n_trials=3",
+                       "hydra.sweeper.pruner.reduction_factor=2",
+                       "hydra.launcher.cpus_per_task=2")
+    out, err = finish(cluster, proc)
+    assert proc.returncode == 0, err[-3000:]
+    study = optuna.load_study(study_name="slurm", storage=storage)
+    assert len(study.trials) == 3  # the study's budget
+    assert {t.state.name for t in study.trials} <= {"COMPLETE", "PRUNED"}
+    parent, children = runs(tmp_path)
+    assert len(children) == 3 and all(c.info.status == "FINISHED" for c in children)
+    assert all(c.data.tags["slurm_node"] == "node1" for c in children)
+    pruned = [t for t in study.trials if t.state.name == "PRUNED"]
+    assert parent.data.tags["jobs_pruned"] == str(len(pruned))
+    for child in children:
+        trial = study.trials[int(child.data.tags["optuna_trial"])]
+        assert (child.data.tags.get("pruned") == "true") == (trial.state.name == "PRUNED")
+
+
+def test_bad_input_stops_in_one_line_and_leaves_nothing_running(cluster, tmp_path) -> None:
+    def sweep(folder: str, *overrides: str, slurm: bool = True) -> tuple[int, str]:
+        where = tmp_path / folder
+        where.mkdir()
+        if slurm:
+            proc = start_sweep(cluster, where, "optimizer.lr=0.05,0.1", *overrides)
+        else:  # no cluster reachable: outside its namespace
+            env = {**os.environ, "SLURM_CONF": cluster.conf}
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fashion_exp.cli.train", "-m", "hydra/launcher=slurm",
+                 *FAST, f"tracking.uri=sqlite:///{where / 'mlflow.db'}",
+                 f"hydra.sweep.dir={where / 'sweep'}", "optimizer.lr=0.05,0.1"],
+                cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = finish(cluster, proc)
+        lines = [ln for ln in err.splitlines() if ln.startswith("fashion-exp-train: error:")]
+        if (where / "mlflow.db").exists():
+            client = mlflow.MlflowClient(f"sqlite:///{where / 'mlflow.db'}")
+            left = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      "attributes.status = 'RUNNING'")
+            assert not left, [r.info.run_name for r in left]
+        return proc.returncode, lines[-1] if lines else err[-2000:]
+
+    rc, line = sweep("away", slurm=False)
+    assert rc == 1 and "no SLURM cluster answers" in line, line
+    rc, line = sweep("partition", "hydra.launcher.partition=gpu")
+    assert rc == 1 and "hydra.launcher.partition=gpu: no such partition" in line, line
+    assert "(partitions: debug)" in line
+    rc, line = sweep("relative", "trainer.checkpoint_dir=ckpt")
+    assert rc == 1 and "trainer.checkpoint_dir=ckpt is a relative path" in line, line
+    rc, line = sweep("option", "hydra.launcher.constraint=bigmem")
+    assert rc == 1 and "SLURM refused the jobs" in line and "Invalid feature" in line, line
+    assert not (tmp_path / "option" / "sweep" / ".submitit").exists() or not any(
+        (tmp_path / "option" / "sweep" / ".submitit").glob("*/*.out"))
+    # 150 MB is less than TensorFlow needs: both jobs are killed for memory.
+    rc, line = sweep("memory", "hydra.launcher.mem_per_cpu=150M",
+                     "hydra.launcher.cpus_per_task=1")
+    assert rc == 1 and "killed for using more memory than it asked for" in line, line
