@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import httpx
+import mlflow
 import numpy as np
 import pytest
 from PIL import Image
@@ -122,9 +123,19 @@ def api_prediction(service: str, photo: Path, model: str | None = None) -> dict:
     return answer.json()
 
 
+UNSURE_TOP, UNSURE_GAP = 0.5, 0.15  # the page's rule for a low-confidence answer
+
+
+def unsure(top: list[dict]) -> bool:
+    return (top[0]["probability"] < UNSURE_TOP
+            or len(top) > 1 and top[0]["probability"] - top[1]["probability"] < UNSURE_GAP)
+
+
 def verdict_of(answer: dict) -> str:
-    best = answer["predictions"][0]["top"][0]
-    return f"{best['label']} ({100 * best['probability']:.1f}%)"
+    """The verdict the page shows: the best class, or a question when the model is unsure."""
+    top = answer["predictions"][0]["top"]
+    shown = [f"{c['label']} ({100 * c['probability']:.1f}%)" for c in top[:2]]
+    return f"Not sure: {shown[0]} or {shown[1]}?" if unsure(top) else shown[0]
 
 
 def upload(tab, photo: Path) -> None:
@@ -162,6 +173,17 @@ def test_first_load_shows_nothing_broken_and_readable_model_names(page, service,
     assert [OTHER_MODEL, "fashion_serve v1"] in options
     assert all(uri not in label for uri, label in options)  # a name, not the raw URI
     assert page.get_attribute("link[rel=icon]", "href").startswith("data:image/svg+xml,")
+    # What it knows, where its model came from, and the API's description.
+    assert page.eval_on_selector_all("#classes li", "ls => ls.map(l => l.textContent)") == \
+        default["classes"] and len(default["classes"]) == 10
+    assert page.is_visible("#known") and page.text_content("#class-count") == "10"
+    link = page.get_attribute("#run-link", "href")
+    assert link == default["run_url"] and page.is_visible("#run-link")
+    experiment = mlflow.MlflowClient(served_store[0]).get_run(run_id).info.experiment_id
+    assert link == (f"http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}"
+                    "?workflowType=machine_learning")  # the local UI: ./dev.sh ui
+    assert page.get_attribute("#docs-link", "href") == "/docs"
+    assert httpx.get(f"{service}/docs").status_code == 200
     assert httpx.get(f"{service}/favicon.ico").status_code == 204  # for browsers that ask
 
 
@@ -169,6 +191,10 @@ def test_upload_a_photo_and_read_the_prediction(page, service, photo, tmp_path) 
     upload(page, photo)
     api = api_prediction(service, photo)
     assert page.text_content("#verdict") == verdict_of(api)
+    info = httpx.get(f"{service}/model").json()
+    assert page.text_content("#answered-by") == f"Answered by run {info['run_name']}"
+    confidence = "low" if unsure(api["predictions"][0]["top"]) else "high"
+    assert page.get_attribute("#result", "data-confidence") == confidence
     assert page.get_attribute("#verdict", "data-model") == api["model"]["uri"]
     # The canvas shows the 28x28 image the model saw, pixel for pixel.
     drawn = page.evaluate("""() => Array.from(document.getElementById('seen').getContext('2d')
@@ -188,13 +214,57 @@ def test_random_test_image_is_shown_large_and_replaces_the_upload(page, photo) -
     page.wait_for_function("document.getElementById('truth').textContent.includes('true label')"
                            f" && {BARS_SHOWN} && {UPLOAD_LOADED}")
     assert page.get_attribute("#upload", "src").startswith("data:image/png")
+    best = page.text_content("#bars li:first-child span")  # the best class's name
+    truth = page.text_content("#truth")
+    right = truth.split("true label: ")[1].startswith(best + " ")
+    assert page.get_attribute("#truth", "data-correct") == str(right).lower()
+    assert truth.endswith("\u2713 right" if right else "\u2717 wrong")
     upload_shown, seen = page.evaluate(SHOWN)
     assert upload_shown["width"] >= 140 and upload_shown["width"] == seen["width"]
     assert upload_shown["pixelated"] and upload_shown["loaded"]
     upload(page, photo)  # and back: the test image's label goes with it
     assert page.text_content("#truth") == ""
+    assert page.get_attribute("#truth", "data-correct") is None
     assert page.get_attribute("#upload", "src").startswith("blob:")
     assert not page.evaluate(SHOWN)[0]["pixelated"]
+
+
+def answer_with(top: list[tuple[str, float]]) -> dict:
+    """A /predict answer of the registered model with these class probabilities (the rest of
+    the top 5 at 0)."""
+    rest = [(label, 0.0) for label in ("Pullover", "Ankle boot", "Bag", "Coat", "Dress")
+            if label not in dict(top)]
+    return {"model": {**STALE_PREDICTION["model"], "uri": OTHER_MODEL, "name": "fashion_serve"},
+            "predictions": [{"source": "x", "image": [[0] * 28] * 28, "top": [
+                {"label": label, "index": 0, "probability": p}
+                for label, p in (top + rest)[:5]]}]}
+
+
+@pytest.mark.parametrize(("top", "confidence", "verdict", "note"), [
+    ([("Bag", 0.401), ("Sneaker", 0.400), ("Sandal", 0.1)], "low",
+     "Not sure: Bag (40.1%) or Sneaker (40.0%)?", "The model is not sure: its best guess has only"),
+    ([("Shirt", 0.55), ("T-shirt/top", 0.42), ("Coat", 0.03)], "low",
+     "Not sure: Shirt (55.0%) or T-shirt/top (42.0%)?", "cannot decide: Shirt and T-shirt/top "
+                                                        "are 13.0 points apart"),
+    ([("Trouser", 0.9), ("Dress", 0.05), ("Bag", 0.05)], "high", "Trouser (90.0%)", None),
+], ids=["top-two-close-and-low", "top-two-close", "sure"])
+def test_a_low_confidence_answer_says_the_model_is_not_sure(page, service, photo, top,
+                                                            confidence, verdict, note,
+                                                            tmp_path) -> None:
+    page.route("**/predict?*", lambda route: route.fulfill(json=answer_with(top)))
+    upload(page, photo)
+    page.wait_for_function(f"document.getElementById('verdict').dataset.model === "
+                           f"'{OTHER_MODEL}'")
+    assert page.get_attribute("#result", "data-confidence") == confidence
+    assert page.text_content("#verdict") == verdict
+    assert page.is_visible("#unsure") == (note is not None)
+    if note:
+        assert note in page.text_content("#unsure")
+        shot = (REPO / "docs" / "serve_page_unsure.png" if UPDATE_SCREENSHOTS and
+                confidence == "low" and top[0][1] < 0.5 else tmp_path / "unsure.png")
+        page.locator("#result").screenshot(path=str(shot))
+    # The model that answered, by its registered name (and its run, once described).
+    assert page.text_content("#answered-by").startswith("Answered by fashion_serve v1 (run ")
 
 
 def test_model_switch_shows_only_the_new_models_answer(page, service, photo) -> None:
@@ -275,6 +345,33 @@ def test_a_late_random_image_is_ignored(page, photo) -> None:
     assert page.get_attribute("#upload", "src").startswith("blob:")
 
 
+# The phone's model choices: the widest one's right edge, and whether any is cut.
+CHOICES = """() => [...document.querySelectorAll('#choices label')].map((l) => ({
+  text: l.textContent, right: l.getBoundingClientRect().right,
+  cut: l.scrollWidth > l.clientWidth}))"""
+
+
+def test_phone_shows_whole_model_choices_and_touch_wording(phone, service) -> None:
+    choices = phone.evaluate(CHOICES)
+    labels = phone.eval_on_selector_all("#model option", "os => os.map(o => o.text)")
+    assert [c["text"] for c in choices] == labels and len(labels) >= 2
+    assert all(c["right"] <= PHONE["viewport"]["width"] and not c["cut"] for c in choices)
+    assert not phone.is_visible("#model")  # the picker would cut its longest name
+    phone.check(f"#choices input[value='{OTHER_MODEL}']")
+    assert phone.input_value("#model") == OTHER_MODEL
+    phone.wait_for_function("document.getElementById('model-info').textContent"
+                            ".includes('registered as fashion_serve v1')")
+    assert not phone.is_visible("#drop .pointer-only")  # "Drop a photo here"
+    assert phone.text_content("#drop .touch-only") == "Choose a photo"
+    assert phone.is_visible("#drop .touch-only")
+
+
+def test_desktop_says_drop_a_photo_and_has_a_picker(page) -> None:
+    assert page.is_visible("#drop .pointer-only") and not page.is_visible("#drop .touch-only")
+    assert page.text_content("#drop .pointer-only").startswith("Drop a photo here")
+    assert page.is_visible("#model") and not page.is_visible("#choices")
+
+
 def test_phone_scrolls_the_verdict_into_view(phone, photo, tmp_path) -> None:
     screen = [PHONE["viewport"]["width"]] * 2
     assert phone.evaluate(LAYOUT_WIDTH) == screen  # nothing to scroll sideways to
@@ -285,4 +382,5 @@ def test_phone_scrolls_the_verdict_into_view(phone, photo, tmp_path) -> None:
                                  document.getElementById('result').getBoundingClientRect())""")
     assert phone.evaluate(LAYOUT_WIDTH) == screen
     assert all(s["width"] >= 140 for s in phone.evaluate(SHOWN))
-    phone.screenshot(path=str(tmp_path / "phone.png"))
+    shot = REPO / "docs" / "serve_page_phone.png" if UPDATE_SCREENSHOTS else tmp_path / "phone.png"
+    phone.screenshot(path=str(shot), full_page=True)

@@ -92,7 +92,20 @@ def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
         log.warning("refused %s (%s): %s", ref.uri, ref.model_id, problem)
         raise ModelUnusable(ref.uri, problem)
     run = client.get_run(ref.run_id)
-    return ServedModel(ref, run.info.run_name or ref.run_id, model_metrics(client, ref), predict)
+    return ServedModel(ref, run.info.run_name or ref.run_id, model_metrics(client, ref), predict,
+                       run_url=run_page(client.tracking_uri, run))
+
+
+LOCAL_UI = "http://127.0.0.1:5000"  # where `./dev.sh ui` (mlflow ui) shows a local store
+
+
+def run_page(tracking_uri: str, run: Any) -> str:
+    """The run's page in the MLflow UI: on the tracking server, or in the local UI."""
+    from fashion_exp.tracking.views import run_link
+
+    server = tracking_uri.startswith(("http://", "https://"))
+    base = tracking_uri.rstrip("/") if server else LOCAL_UI
+    return f"{base}/{run_link(run.info.experiment_id, run.info.run_id)}"
 
 
 def model_metrics(client: Any, ref: Any) -> dict[str, float]:

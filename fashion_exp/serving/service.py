@@ -110,6 +110,9 @@ class ModelInfo(ModelRefOut):
     run_name: str
     metrics: dict[str, float]
     classes: list[str]
+    run_url: str = Field("", description="the run's page in the MLflow UI: the tracking "
+                                          "server's, or for a local store the UI that "
+                                          "./dev.sh ui starts at 127.0.0.1:5000")
     follows: FollowStatus | None = Field(None, description="for the default model when it is "
                                                            "a registry alias that is followed")
 
@@ -271,11 +274,12 @@ class ServedModel:
     metrics: dict[str, float]
     predict: Predict
     batcher: Batcher | None = field(default=None, repr=False)
+    run_url: str = ""  # the run's page in the MLflow UI
 
     def info(self, asked: ModelRef) -> dict[str, Any]:
         """The JSON of GET /model, for the reference a request asked with."""
         return {**ref_json(asked), "run_name": self.run_name, "metrics": self.metrics,
-                "classes": list(CLASSES)}
+                "classes": list(CLASSES), "run_url": self.run_url}
 
 
 def ref_json(ref: ModelRef) -> dict[str, Any]:
