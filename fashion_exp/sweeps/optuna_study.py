@@ -251,6 +251,7 @@ def figures(study: optuna.Study) -> dict[str, Any]:
         elif name == "parallel_coordinate.png":
             readable_parallel(first, study, len(complete))
         elif name == "param_importances.png":
+            first.set_title("", loc="left")  # Optuna's own title, in the left slot
             first.set_title(f"Parameter importances (fANOVA) from {len(complete)} complete "
                             "trials")
         figure.tight_layout()
