@@ -31,8 +31,6 @@ from fashion_exp.core import data
 
 from .conftest import real_data_dir
 
-pytestmark = pytest.mark.slow  # builds an image and starts containers
-
 PODMAN = shutil.which("podman")
 TAG = "localhost/fashion-exp-test"  # :model (the model baked in), :generic (none)
 
@@ -144,6 +142,7 @@ def outside_predictions(served_app, images: np.ndarray) -> np.ndarray:
 
 # --- The contract ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_the_image_serves_sagemakers_contract_with_the_answers_of_the_service_outside(
         images, served_app, test_images) -> None:
     expected = outside_predictions(served_app, test_images[:4])
@@ -174,6 +173,7 @@ def test_the_image_serves_sagemakers_contract_with_the_answers_of_the_service_ou
         assert model["uri"] == "models:/fashion_serve/1"  # named by what it was built from
 
 
+@pytest.mark.slow
 def test_a_model_tar_gz_in_opt_ml_model_is_served_read_only_as_a_non_root_user(
         images, served_app, test_images, tmp_path) -> None:
     model = tmp_path / "model"
@@ -190,6 +190,7 @@ def test_a_model_tar_gz_in_opt_ml_model_is_served_read_only_as_a_non_root_user(
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_sigterm_answers_the_requests_in_flight_then_exits_0_within_30_s(
         images, test_images) -> None:
     body = json.dumps({"inputs": test_images.tolist()})
@@ -240,6 +241,7 @@ def bad_folder(kind: str, tmp_path: Path, tarball: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, reason", [
     ("empty", "holds no MLmodel file"),
     ("not-keras", "is not a Keras model logged with MLflow (flavors: ['python_function', "
@@ -257,3 +259,55 @@ def test_a_bad_model_folder_stops_the_container_in_one_line(images, tmp_path, ki
     assert ours == [lines[-1]], done.stderr  # one line, the last (TensorFlow logs before it)
     assert ours[0].startswith("fashion-exp-image: error: ") and reason in ours[0], ours[0]
     assert "Traceback" not in done.stderr
+
+
+# --- Without podman: the lock, the options, the entry point -------------------------------
+
+def test_the_lock_pins_every_requirement_exactly_and_exclude_drops_only_what_it_alone_needs(
+        ) -> None:
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    from fashion_exp.image.lock import runtime_pins
+    from fashion_exp.paths import PACKAGE_PARENT
+
+    pins = runtime_pins()
+    project = tomllib.loads((PACKAGE_PARENT / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"]:
+        req = Requirement(text)
+        assert pins[canonicalize_name(req.name)] == str(next(iter(req.specifier)).version)
+    assert "pytest" not in pins and "playwright" not in pins  # dev extras stay out
+    assert {"sqlalchemy", "alembic"} <= set(pins)  # MLflow's own requirements are walked
+    trimmed = runtime_pins(["optuna"])
+    assert "optuna" not in trimmed and "colorlog" not in trimmed  # only optuna needs colorlog
+    assert "sqlalchemy" in trimmed  # MLflow still needs it
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["tag=Not A Tag"], "tag='Not A Tag': not an image name"),
+    (["model_tarball=/tmp/model.tar.gz"], "model_tarball='/tmp/model.tar.gz': needs model_uri="),
+    (["no_such_key=1"], "Key 'no_such_key' not in 'ImageConfig'"),
+])
+def test_bad_options_are_refused_in_one_line(overrides, message) -> None:
+    done = fashion_exp_image(*overrides)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["train"], {}, "unknown command 'train': this image only serves"),
+    (["serve"], {"FASHION_EXP_MODEL_DIR": "/nonexistent/model"},
+     "model folder /nonexistent/model does not exist"),
+    (["serve"], {"SAGEMAKER_BIND_TO_PORT": "80a"},
+     "SAGEMAKER_BIND_TO_PORT='80a' is not a TCP port"),
+])
+def test_the_entry_point_refuses_what_it_cannot_serve_in_one_line(args, env, message) -> None:
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "fashion_exp.cli.container", *args],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    assert done.returncode == 2
+    assert done.stderr.startswith("fashion-exp-image: error: ") and message in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
