@@ -160,3 +160,36 @@ def test_metric_against_seven_params_is_a_readable_grid_without_warnings(tmp_pat
     assert [ax.get_xlabel() for ax in panels] == keys
     assert panels[1].get_xscale() == "log" and panels[3].get_xscale() == "linear"
     assert not any(ax.get_legend() for ax in panels)  # colours only for two keys
+
+
+def test_compare_shows_the_swept_keys_and_writes_under_the_current_folder(
+        tmp_path, monkeypatch, capsys) -> None:
+    """A 2-key sweep compares on its 2 keys, though its runs differ in more params (each
+    option's own keys); the files go under the folder compare runs in."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("fashion_exp")
+    parent = client.create_run(exp, run_name="sweep lr,model",
+                               tags={"sweep": "parent", "swept": "optimizer.lr model"})
+    client.set_tag(parent.info.run_id, "sweep_id", parent.info.run_id)
+    for i, (lr, model, extra) in enumerate([("0.0024234724484675954", "mlp", "model.hidden"),
+                                            ("0.05", "cnn", "model.filters")]):
+        run = client.create_run(exp, run_name=f"lr={lr[:6]} model={model}",
+                                tags={"sweep": "child", "sweep_id": parent.info.run_id})
+        client.log_batch(run.info.run_id, params=[
+            mlflow.entities.Param(k, v) for k, v in
+            {"optimizer.lr": lr, "model": model, extra: "[64]", "trainer.seed": str(i)}.items()],
+            metrics=[mlflow.entities.Metric("best_val_accuracy", 0.5 + i / 10, 0, 1)])
+        client.set_terminated(run.info.run_id)
+    client.set_terminated(parent.info.run_id)
+    monkeypatch.chdir(tmp_path)
+    assert compare.main(["--tracking-uri", uri]) == 0
+    printed = capsys.readouterr().out
+    assert "varied params: optimizer.lr, model\n" in printed
+    assert "| run | status | optimizer.lr | model | best_val_accuracy |" in printed
+    assert "| 0.002423 | mlp |" in printed  # 4 significant digits
+    out = tmp_path / "outputs" / "compare" / f"sweep_{parent.info.run_id[:8]}"
+    assert (out / "metric_vs_params.png").is_file()
+    assert "0.0024234724484675954" in (out / "leaderboard.csv").read_text()  # as logged
