@@ -22,12 +22,16 @@ from fashion_exp.sweeps.multirun import STATE_FILE
 
 from .conftest import REPO, requires_real_data
 
-pytestmark = [
-    pytest.mark.slow, requires_real_data,
-    pytest.mark.skipif((os.geteuid() != 0 or not Path("/usr/sbin/slurmctld").exists())
-                       and not os.environ.get("CI"),
-                       reason="needs root and slurm-wlm (./dev.sh setup installs it)"),
-]
+needs_cluster = pytest.mark.skipif(
+    (os.geteuid() != 0 or not Path("/usr/sbin/slurmctld").exists()) and not os.environ.get("CI"),
+    reason="needs root and slurm-wlm (./dev.sh setup installs it)")
+
+
+def on_cluster(test):
+    """A test that runs sweeps on the session's cluster: slow, real data, root, SLURM."""
+    return pytest.mark.slow(requires_real_data(needs_cluster(test)))
+
+
 FAST = ["debug=fast", "data.limit=600", "tracking.log_model=false", "tracking.figures=false",
         "trainer.verbose=0", "tracking.experiment_name=slurm"]
 
@@ -120,6 +124,7 @@ def steps(tmp_path: Path, run_id: str, key: str = "epoch/loss") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+@on_cluster
 def test_sweep_with_a_preempted_and_a_failing_job(cluster, tmp_path) -> None:
     # Job 0 is requeued (as SLURM preempts) after its second epoch; lr=1e9 diverges.
     proc = start_sweep(cluster, tmp_path, "hydra.launcher.cpus_per_task=1",
@@ -156,6 +161,7 @@ def test_sweep_with_a_preempted_and_a_failing_job(cluster, tmp_path) -> None:
     assert "viewStateShareKey=" in out
 
 
+@on_cluster
 def test_job_at_its_time_limit_is_requeued_and_finishes(cluster, tmp_path) -> None:
     # A 1-minute limit with SIGUSR2 40 s before it: the signal comes mid-training. Once the
     # job is requeued its limit is raised, so the test does not depend on the machine's speed.
@@ -182,6 +188,7 @@ def test_job_at_its_time_limit_is_requeued_and_finishes(cluster, tmp_path) -> No
     assert steps(tmp_path, child.info.run_id) == list(range(1, 26))
 
 
+@on_cluster
 def test_pruned_search_through_slurm(cluster, tmp_path) -> None:
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     proc = start_sweep(cluster, tmp_path, "hparams_search=mlp_optuna", "trainer.epochs=3",
@@ -204,6 +211,7 @@ def test_pruned_search_through_slurm(cluster, tmp_path) -> None:
         assert (child.data.tags.get("pruned") == "true") == (trial.state.name == "PRUNED")
 
 
+@on_cluster
 def test_bad_input_stops_in_one_line_and_leaves_nothing_running(cluster, tmp_path) -> None:
     def sweep(folder: str, *overrides: str, slurm: bool = True) -> tuple[int, str]:
         where = tmp_path / folder
@@ -241,3 +249,26 @@ def test_bad_input_stops_in_one_line_and_leaves_nothing_running(cluster, tmp_pat
     rc, line = sweep("memory", "hydra.launcher.mem_per_cpu=150M",
                      "hydra.launcher.cpus_per_task=1")
     assert rc == 1 and "killed for using more memory than it asked for" in line, line
+
+
+@pytest.mark.parametrize(("overrides", "nodes", "refused"), [
+    (["tracking.uri=sqlite:////shared/mlflow.db"], 1, None),  # one node: SQLite works
+    (["tracking.uri=sqlite:////shared/mlflow.db"], 4, "tracking.uri=sqlite:////shared"),
+    (["tracking.uri=http://10.0.0.5:5000", "hydra.sweeper.storage=sqlite:////s/optuna.db"], 4,
+     "hydra.sweeper.storage=sqlite:////s/optuna.db is a file on this machine"),
+    (["tracking.uri=http://10.0.0.5:5000",
+      "hydra.sweeper.storage=postgresql+psycopg://db/optuna"], 4, None),
+    (["data.dir=data"], 1, "data.dir=data is a relative path"),
+    (["tracking.offline_dir=out"], 4, "tracking.offline_dir=out is a relative path"),
+])
+def test_shared_state_a_cluster_needs(overrides, nodes, refused) -> None:
+    from omegaconf import OmegaConf
+
+    from fashion_exp.sweeps.slurm import SlurmError, check_shared_state
+
+    cfg = OmegaConf.from_dotlist([o for o in overrides])
+    if refused is None:
+        check_shared_state(cfg, nodes)
+    else:
+        with pytest.raises(SlurmError, match=refused.replace("+", r"\+")):
+            check_shared_state(cfg, nodes)
