@@ -114,6 +114,9 @@ case "$cmd" in
   test)  setup; ruff check . && exec pytest "$@" ;;
   test-fast) setup; ruff check . && exec pytest -m "not slow and not browser" "$@" ;;
   serve) setup; exec fashion-exp-serve "$@" ;;
-  ui)    setup; exec mlflow ui --backend-store-uri "sqlite:///$PWD/mlruns/mlflow.db" "$@" ;;
+  # One worker (a local UI has one user; MLflow's default 4 each import MLflow, ~30 s on 2
+  # cores), and without the Starlette deprecation warning MLflow's server code triggers.
+  ui)    setup; PYTHONWARNINGS="ignore:starlette.middleware.wsgi is deprecated${PYTHONWARNINGS:+,$PYTHONWARNINGS}" \
+           exec mlflow ui --workers 1 --backend-store-uri "sqlite:///$PWD/mlruns/mlflow.db" "$@" ;;
   *)     echo "dev.sh: unknown command '$cmd'; use run, test, test-fast, serve, ui or setup" >&2; exit 2 ;;
 esac
