@@ -218,11 +218,13 @@ def check_sampler(conf: Any, direction: str) -> None:
 
 def check_space(params: Any) -> None:
     """hydra.sweeper.params: each search space one Optuna distribution accepts."""
-    from fashion_exp.sweeps.optuna_study import search_space
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 
     for key, value in (params or {}).items():
         try:
-            search_space([f"{key}={value}"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # Optuna 2's distributions
+                create_params_from_overrides([f"{key}={value}"])
         except Exception as err:  # noqa: BLE001 - Hydra's parser or Optuna's distribution
             raise ConfigError(f"hydra.sweeper.params.{key}", value,
                               f"not a search space Optuna accepts: {first_line(err)}",
