@@ -50,6 +50,9 @@ def evaluate(cfg: DictConfig) -> float:
     uri = check_store(cfg.tracking.uri, write=True, connect_timeout=cfg.tracking.connect_timeout)
     ref = model_ref(uri, cfg.model_uri)
 
+    from fashion_exp.core import runtime
+
+    runtime.load_tensorflow()  # its start-up lines in the log, not the terminal
     from fashion_exp.core import data, plots, training
 
     splits = data.load(cfg.data.dir, cfg.data.val_split, 0, cfg.data.limit,
