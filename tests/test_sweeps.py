@@ -67,8 +67,8 @@ def test_grid_with_failing_jobs_is_one_group_with_a_leaderboard(tmp_path, tracki
     assert f"Best: **{best.info.run_name}**" in tags["mlflow.note.content"]
     board = mlflow.artifacts.load_text(f"{parent.info.artifact_uri}/leaderboard.csv")
     lines = board.strip().splitlines()
-    # Only the swept params are columns; best first, failed jobs last.
-    assert lines[0].startswith("run,status,model.hidden,optimizer.lr,best_val_accuracy,"
+    # Only the swept keys are columns, in the order swept; best first, failed jobs last.
+    assert lines[0].startswith("run,status,optimizer.lr,model.hidden,best_val_accuracy,"
                                "test_accuracy,test_loss,duration_s")
     assert best.info.run_id in lines[1]
     assert lines[3].split(",")[1] == lines[4].split(",")[1] == "FAILED"
