@@ -4,9 +4,11 @@ namespace, started once per session and stopped by process id)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -74,13 +76,35 @@ def start_sweep(cluster, tmp_path: Path, *overrides: str) -> subprocess.Popen:
     return STARTED[-1]
 
 
+def requeued(cluster) -> list[str]:
+    """The ids of jobs SLURM holds after a requeue (pending for BeginTime)."""
+    pending = cluster.run(["squeue", "-h", "-t", "PD", "-o", "%i|%r"], check=False).stdout
+    return [job for job, _, reason in (line.partition("|") for line in pending.splitlines())
+            if reason == "BeginTime"]
+
+
 def release_requeued(cluster) -> None:
     """SLURM holds a requeued job for 2 minutes (BeginTime): start it now."""
-    pending = cluster.run(["squeue", "-h", "-t", "PD", "-o", "%i|%r"], check=False).stdout
-    for line in pending.splitlines():
-        job, _, reason = line.partition("|")
-        if reason == "BeginTime":
-            cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+    for job in requeued(cluster):
+        cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+
+
+def job_pids(cluster, job: str) -> list[int]:
+    """The process ids of a running SLURM job (`scontrol listpids`)."""
+    out = cluster.run(["scontrol", "listpids", job], check=False).stdout
+    return [int(line.split()[0]) for line in out.splitlines()[1:]
+            if line.split() and line.split()[0].isdigit()]
+
+
+def held(pid: int, signum: int) -> bool:
+    """Whether process `pid` is still stopped and `signum` has not reached it yet."""
+    try:
+        status = dict(line.split(":", 1) for line in
+                      Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    except OSError:  # the process has ended
+        return False
+    pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+    return status["State"].strip().startswith("T") and not pending & (1 << (signum - 1))
 
 
 def finish(cluster, proc: subprocess.Popen, timeout: float = 400) -> tuple[str, str]:
@@ -163,28 +187,49 @@ def test_sweep_with_a_preempted_and_a_failing_job(cluster, tmp_path) -> None:
 
 @on_cluster
 def test_job_at_its_time_limit_is_requeued_and_finishes(cluster, tmp_path) -> None:
-    # A 1-minute limit with SIGUSR2 40 s before it: the signal comes mid-training. Once the
-    # job is requeued its limit is raised, so the test does not depend on the machine's speed.
+    # A 2-minute limit with SIGUSR2 90 s before it. SLURM checks time limits only every 30 s,
+    # so the signal comes 0-60 s into the job, and a fast machine could finish the 25 epochs
+    # by then. The test therefore stops (SIGSTOP) the job's processes once epoch 2 is logged
+    # and waits for SLURM's SIGUSR2 (SLURM sends a SIGCONT with it; were it to come without,
+    # the test sends the SIGCONT): the signal lands mid-training on any machine. The requeued
+    # job gets a 10-minute limit and starts at once.
     proc = start_sweep(cluster, tmp_path, "hydra.launcher.cpus_per_task=2",
-                       "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=40",
+                       "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=90",
                        "data.limit=2000", "trainer.epochs=25", "optimizer.lr=0.05")
-    deadline, lifted = time.monotonic() + 500, False
+    db, deadline = tmp_path / "mlflow.db", time.monotonic() + 400
+    paused: list[int] = []
+    while not paused and proc.poll() is None and not requeued(cluster):
+        assert time.monotonic() < deadline, "the job never logged its second epoch"
+        epoch, job = epochs_logged(db, "0")
+        if epoch >= 2 and job:
+            paused = job_pids(cluster, job)
+            for pid in paused:
+                os.kill(pid, signal.SIGSTOP)
+        time.sleep(0.05)
+    try:
+        while paused and all(held(pid, signal.SIGUSR2) for pid in paused):
+            assert time.monotonic() < deadline, "SLURM never sent SIGUSR2"
+            time.sleep(0.2)
+    finally:
+        for pid in paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    lifted = False
     while proc.poll() is None:
         assert time.monotonic() < deadline, "the sweep did not end"
-        pending = cluster.run(["squeue", "-h", "-t", "PD", "-o", "%i|%r"], check=False).stdout
-        for job, _, reason in (line.partition("|") for line in pending.splitlines()):
-            if reason == "BeginTime":  # requeued at its time limit
-                cluster.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10",
-                             "StartTime=now"])
-                lifted = True
+        for job in requeued(cluster):
+            cluster.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10", "StartTime=now"])
+            lifted = True
         time.sleep(1)
     out, err = proc.communicate()
     assert proc.returncode == 0, err[-3000:]
+    assert paused, "the job ended before its second epoch was seen"
     assert lifted, "the job was never requeued"
     _, (child,) = runs(tmp_path)
     assert child.info.status == "FINISHED"
     assert child.data.tags["slurm_restarts"] == "1"
     assert "SLURM requeued the job" in child.data.tags["stopped_by"]
+    assert 2 <= int(child.data.tags["resumed_from_epoch"]) < 25
     assert steps(tmp_path, child.info.run_id) == list(range(1, 26))
 
 
