@@ -3,7 +3,7 @@
     fashion-exp-compare                              # the latest sweep
     fashion-exp-compare --sweep <parent run id>      # one sweep
     fashion-exp-compare --all                        # every run of the experiment
-    fashion-exp-compare --filter "params.model.name = 'cnn'"
+    fashion-exp-compare --filter "params.model = 'cnn'"
     fashion-exp-compare --experiment my_exp --tracking-uri sqlite:////abs/mlflow.db --out cmp/
 
 Writes leaderboard.csv, leaderboard.md, val_accuracy.png, metric_vs_params.png (and
@@ -238,8 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Compare fashion_exp runs in MLflow.")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--sweep", help="parent run id of a sweep (default: the latest sweep)")
-    what.add_argument("--filter", help="an MLflow filter string, e.g. \"params.model.name = "
-                                       "'cnn'\"")
+    what.add_argument("--filter", help="an MLflow filter string, e.g. \"params.model = 'cnn'\"")
     what.add_argument("--all", action="store_true", help="every run of the experiment")
     add_store_options(parser)
     parser.add_argument("--out", type=Path, default=None,
