@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from fashion_exp import procs
+from fashion_exp.sweeps.study_storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -58,23 +58,6 @@ def close_stale_trials(study: optuna.Study) -> int:
     return len(stale_trials)
 
 
-def create_tables(storage: str, attempts: int = 5) -> None:
-    """Create Optuna's tables in a new database, tolerating workers that do it at once.
-
-    Two processes creating the schema together collide (PostgreSQL: duplicate type or table);
-    the loser retries and finds the tables made by the winner."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    for attempt in range(attempts):
-        try:
-            optuna.storages.RDBStorage(storage)
-            return
-        except SQLAlchemyError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(1 + attempt)
-
-
 def resume(impl: Any) -> None:
     """Before a sweep: close stale trials of the stored study (impl: the plugin's
     OptunaSweeperImpl); the trials already counted lower what is left of the budget.
@@ -88,7 +71,7 @@ def resume(impl: Any) -> None:
     shared = not str(impl.storage).startswith("sqlite")
     if shared:
         impl.sampler.reseed_rng()
-        create_tables(str(impl.storage))
+    open_storage(str(impl.storage))  # workers that start together share one new database
     try:
         study = optuna.load_study(study_name=impl.study_name, storage=impl.storage)
     except KeyError:  # a new study

@@ -22,6 +22,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from fashion_exp.config import ConfigError
+from fashion_exp.sweeps.study_storage import open_storage
 from fashion_exp.tracking.store_checks import first_line
 
 MAX_SETTING = 1_000_000  # epochs, trials, rungs: anything larger is a typo
@@ -172,7 +173,7 @@ def check_stored_pruner(sweeper: Any) -> None:
     storage, name = sweeper.get("storage"), sweeper.get("study_name")
     if not storage:
         return
-    store = optuna.storages.get_storage(str(storage))
+    store = open_storage(str(storage))
     try:
         study_id = store.get_study_id_from_name(name)
     except KeyError:  # a new study

@@ -10,7 +10,9 @@ study across machines.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -37,3 +39,22 @@ def study_storage(tracking_uri: str | None) -> str:
 def register_resolver() -> None:
     """${study_storage:<tracking uri>} in configs."""
     OmegaConf.register_new_resolver("study_storage", study_storage, replace=True)
+
+
+def open_storage(url: str, attempts: int = 5) -> Any:
+    """Optuna's storage at `url`, its tables created if the database is new, tolerating
+    workers that create them at once.
+
+    Two processes creating the schema together collide (SQLite: the alembic version row;
+    PostgreSQL: a duplicate type or table); the loser retries and finds the winner's tables."""
+    import optuna
+    from sqlalchemy.exc import SQLAlchemyError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.get_storage(url)
+        except SQLAlchemyError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
