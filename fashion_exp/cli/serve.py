@@ -55,12 +55,11 @@ def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
     ModelUnusable if it cannot be served. Every load goes through here (start-up, a request's
     `model=`, a followed alias), so a model serves only once it has answered a probe batch
     with 10 finite class probabilities per image."""
-    import numpy as np
-    import tensorflow as tf
 
     from fashion_exp.serving.service import (
         ModelUnusable,
         ServedModel,
+        graph_predictor,
         output_problem,
         probe_images,
     )
@@ -73,13 +72,7 @@ def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
                     first_line(err))
         raise ModelUnusable(ref.uri) from None
 
-    # One traced graph for every batch size: no retracing as batches grow and shrink.
-    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8)])
-    def forward(images: tf.Tensor) -> tf.Tensor:
-        return model(images, training=False)
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        return forward(images).numpy()
+    predict = graph_predictor(model)
 
     probe = probe_images()
     try:

@@ -54,10 +54,13 @@ def load(folder: Path) -> Any:
     probe images, as a ServedModel; BadModel with the reason otherwise."""
     spec = read_flavors(folder)
     import mlflow.tensorflow
-    import numpy as np
-    import tensorflow as tf
 
-    from fashion_exp.serving.service import ServedModel, output_problem, probe_images
+    from fashion_exp.serving.service import (
+        ServedModel,
+        graph_predictor,
+        output_problem,
+        probe_images,
+    )
     from fashion_exp.tracking.logged_models import ModelRef
 
     try:
@@ -66,12 +69,7 @@ def load(folder: Path) -> Any:
         raise BadModel(f"cannot load the Keras model in {folder}: {type(err).__name__}: "
                        f"{first_line(err)}") from None
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 28, 28], tf.uint8)])
-    def forward(images: tf.Tensor) -> tf.Tensor:
-        return model(images, training=False)
-
-    def predict(images: np.ndarray) -> np.ndarray:
-        return forward(images).numpy()
+    predict = graph_predictor(model)
 
     probe = probe_images()
     try:

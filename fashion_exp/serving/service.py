@@ -173,6 +173,21 @@ def probe_images() -> np.ndarray:
                      noise]).astype(np.uint8)
 
 
+def graph_predictor(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """A Keras model as a function of (n, 28, 28) uint8 batches, traced once as a graph for
+    every batch size (no retracing as batches grow and shrink)."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([None, SIDE, SIDE], tf.uint8)])
+    def forward(images: tf.Tensor) -> tf.Tensor:
+        return model(images, training=False)
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        return forward(images).numpy()
+
+    return predict
+
+
 def output_problem(probs: Any, count: int, what: str = "images") -> str | None:
     """What is wrong with a model's answer to `count` images; None when it is `count` rows of
     10 finite class probabilities (each in [0, 1], each row summing to 1)."""
