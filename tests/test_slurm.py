@@ -187,14 +187,14 @@ def test_sweep_with_a_preempted_and_a_failing_job(cluster, tmp_path) -> None:
 
 @on_cluster
 def test_job_at_its_time_limit_is_requeued_and_finishes(cluster, tmp_path) -> None:
-    # A 2-minute limit with SIGUSR2 90 s before it. SLURM checks time limits only every 30 s,
-    # so the signal comes 0-60 s into the job, and a fast machine could finish the 25 epochs
+    # A 2-minute limit with SIGUSR2 60 s before it. SLURM checks time limits only every 30 s,
+    # so the signal comes 30-90 s into the job, and a fast machine could finish the 25 epochs
     # by then. The test therefore stops (SIGSTOP) the job's processes once epoch 2 is logged
     # and waits for SLURM's SIGUSR2 (SLURM sends a SIGCONT with it; were it to come without,
     # the test sends the SIGCONT): the signal lands mid-training on any machine. The requeued
     # job gets a 10-minute limit and starts at once.
     proc = start_sweep(cluster, tmp_path, "hydra.launcher.cpus_per_task=2",
-                       "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=90",
+                       "hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=60",
                        "data.limit=2000", "trainer.epochs=25", "optimizer.lr=0.05")
     db, deadline = tmp_path / "mlflow.db", time.monotonic() + 400
     paused: list[int] = []
@@ -223,13 +223,13 @@ def test_job_at_its_time_limit_is_requeued_and_finishes(cluster, tmp_path) -> No
         time.sleep(1)
     out, err = proc.communicate()
     assert proc.returncode == 0, err[-3000:]
-    assert paused, "the job ended before its second epoch was seen"
     assert lifted, "the job was never requeued"
     _, (child,) = runs(tmp_path)
     assert child.info.status == "FINISHED"
     assert child.data.tags["slurm_restarts"] == "1"
     assert "SLURM requeued the job" in child.data.tags["stopped_by"]
-    assert 2 <= int(child.data.tags["resumed_from_epoch"]) < 25
+    # On a loaded machine the signal may come before the test sees epoch 2 (not held then).
+    assert (2 if paused else 1) <= int(child.data.tags["resumed_from_epoch"]) < 25
     assert steps(tmp_path, child.info.run_id) == list(range(1, 26))
 
 
@@ -317,3 +317,25 @@ def test_shared_state_a_cluster_needs(overrides, nodes, refused) -> None:
     else:
         with pytest.raises(SlurmError, match=refused.replace("+", r"\+")):
             check_shared_state(cfg, nodes)
+
+
+@pytest.mark.slow
+@requires_real_data
+def test_slurm_local_runs_a_sweep_without_a_cluster(tmp_path) -> None:
+    # hydra/launcher=slurm_local: the launcher's code through submitit's local executor.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("SLURM_CONF", "MLFLOW_TRACKING_URI")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "fashion_exp.cli.train", "-m", "hydra/launcher=slurm_local",
+         *FAST, "optimizer.lr=0.05,0.1", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=REPO, env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"}, capture_output=True, text=True,
+        timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    parent, children = runs(tmp_path)
+    assert parent.info.status == "FINISHED" and parent.data.tags["jobs_total"] == "2"
+    assert sorted(c.data.params["optimizer.lr"] for c in children) == ["0.05", "0.1"]
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert not any("slurm_job_id" in c.data.tags for c in children)  # not SLURM jobs
+    assert len(list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))) == 2
+    assert "viewStateShareKey=" in proc.stdout
