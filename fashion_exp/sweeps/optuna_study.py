@@ -71,9 +71,9 @@ def resume(impl: Any) -> None:
     shared = not str(impl.storage).startswith("sqlite")
     if shared:
         impl.sampler.reseed_rng()
-    open_storage(str(impl.storage))  # workers that start together share one new database
+    storage = open_storage(str(impl.storage))  # workers that start together share a new one
     try:
-        study = optuna.load_study(study_name=impl.study_name, storage=impl.storage)
+        study = optuna.load_study(study_name=impl.study_name, storage=storage)
     except KeyError:  # a new study
         return
     if study.trials and not shared:

@@ -50,11 +50,9 @@ def open_storage(url: str, attempts: int = 5) -> Any:
     import optuna
     from sqlalchemy.exc import SQLAlchemyError
 
-    for attempt in range(attempts):
+    for attempt in range(attempts - 1):
         try:
             return optuna.storages.get_storage(url)
         except SQLAlchemyError:
-            if attempt == attempts - 1:
-                raise
             time.sleep(1 + attempt)
-    raise AssertionError("unreachable")
+    return optuna.storages.get_storage(url)  # the last attempt's error is the user's
