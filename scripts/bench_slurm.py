@@ -100,7 +100,10 @@ def main() -> None:
         sys.exit(f"--preempt-after={args.preempt_after}: must be from 1 to --epochs - 1")
     with tempfile.TemporaryDirectory(prefix="bench-slurm-") as tmp:
         root = Path(tmp)
-        cluster = slurm.start(root / "cluster", cpus=os.cpu_count() or 1)
+        try:
+            cluster = slurm.start(root / "cluster", cpus=os.cpu_count() or 1)
+        except (slurm.ClusterError, PermissionError) as err:
+            sys.exit(f"bench_slurm: no cluster could start: {err} (run as root)")
         try:
             four = ["debug=fast", "trainer.seed=0,1,2,3"]
             local = finish(cluster, sweep(cluster, root / "local", *four), time.perf_counter())
