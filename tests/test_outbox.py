@@ -148,3 +148,42 @@ def test_a_sweep_whose_server_is_away_at_its_end_is_kept_for_upload(tmp_path, ca
     assert line.startswith(f"fashion-exp-train: the tracking server {uri} did not come back")
     assert line.endswith(f"sweep {'p' * 32} is left RUNNING; finish it with: "
                          f"fashion-exp-runs upload {kept}")
+
+
+class _RetriedBatch:
+    """A client whose log_batch fails the way a retried request does on a database server
+    (the first try was written, the retry hits the unique key), then passes reads through."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+
+    def log_batch(self, *args, **kwargs) -> None:
+        from mlflow.exceptions import MlflowException
+
+        raise MlflowException('duplicate key value violates unique constraint "param_pk"')
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+
+def test_a_retried_batch_already_written_counts_as_done_and_any_other_fails(tmp_path) -> None:
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.exceptions import MlflowException
+
+    from fashion_exp.tracking.offline import log_batch_once
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("retried")).info.run_id
+    written = dict(metrics=[Metric("loss", 0.5, 1, 1), Metric("loss", 0.25, 2, 2)],
+                   params=[Param("optimizer.lr", "0.02")], tags=[RunTag("note", "a")])
+    log_batch_once(client, run_id, **written)  # an ordinary batch goes through
+    retried = _RetriedBatch(client)
+    log_batch_once(retried, run_id, **written)  # every value already there: done
+    for missing in (dict(params=[Param("optimizer.lr", "0.05")]),  # another value
+                    dict(params=[Param("trainer.epochs", "3")]),  # a param not written
+                    dict(tags=[RunTag("note", "b")]),
+                    dict(metrics=[Metric("loss", 0.25, 3, 3)]),  # a step not written
+                    dict(metrics=[Metric("loss", 0.3, 2, 2)])):  # another value at a step
+        with pytest.raises(MlflowException, match="duplicate key"):
+            log_batch_once(retried, run_id, **missing)

@@ -78,8 +78,8 @@ def assert_complete(uri: str, run_id: str, params_before: dict[str, str]) -> Non
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_stopped_run_is_killed_with_a_checkpoint_and_resumes(sig, tmp_path, tracking_uri):
     run_id, code = stop_after_epochs(tmp_path, tracking_uri, sig)
-    assert code == 130
     log = (tmp_path / "train.log").read_text()
+    assert code == 130, log[-4000:]
     assert f"resume with  fashion-exp-train trainer.resume={run_id}" in log
     client = mlflow.MlflowClient(tracking_uri)
     run = client.get_run(run_id)

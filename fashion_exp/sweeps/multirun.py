@@ -233,6 +233,7 @@ def describe_parent(client: Any, run_id: str, cfg: DictConfig, keys: list[str] |
     from the Hydra callback, which knows the swept keys."""
     from mlflow.entities import Param
 
+    from fashion_exp.tracking.offline import log_batch_once
 
     if not keys or "hydra" not in cfg:
         return
@@ -251,7 +252,7 @@ def describe_parent(client: Any, run_id: str, cfg: DictConfig, keys: list[str] |
         if name in keys:
             spaces[name] = value
     params |= {k: str(spaces.get(k, params.get(k, ""))) for k in keys}
-    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+    log_batch_once(client, run_id, params=[Param(k, v) for k, v in params.items()])
 
 
 def describe_result(client: Any, parent: Any, rows: list[dict[str, Any]],

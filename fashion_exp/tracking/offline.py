@@ -21,6 +21,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 from fashion_exp.files import read_json, write_json
 from fashion_exp.tracking.store_checks import server_up
@@ -53,18 +54,52 @@ def _sent(folder: Path) -> int:
     return int((folder / SENT).read_text()) if (folder / SENT).is_file() else 0
 
 
+def log_batch_once(client: MlflowClient, run_id: str, metrics: list[Metric] = (),
+                   params: list[Param] = (), tags: list[RunTag] = ()) -> None:
+    """client.log_batch, safe to have been retried.
+
+    MLflow's client retries a request that timed out (tracking.request_timeout) while the
+    server may still be carrying out the first try; on a database server the two then insert
+    the same rows and the second fails ("duplicate key value violates unique constraint").
+    A failed batch whose every value is already in the run was written by such a first try
+    and counts as done; any other failure is raised."""
+    try:
+        client.log_batch(run_id, metrics=list(metrics), params=list(params), tags=list(tags))
+    except MlflowException:
+        if not _already_logged(client, run_id, metrics, params, tags):
+            raise
+        log.debug("run %s: a retried log_batch found its values already written", run_id)
+
+
+def _already_logged(client: MlflowClient, run_id: str, metrics: Any, params: Any,
+                    tags: Any) -> bool:
+    """Whether the run holds every param and tag with these values, and every metric value
+    at its step."""
+    data = client.get_run(run_id).data
+    if any(data.params.get(p.key) != p.value for p in params) or \
+            any(data.tags.get(t.key) != t.value for t in tags):
+        return False
+    history: dict[str, set[tuple[int, float]]] = {}
+    for m in metrics:
+        if m.key not in history:
+            history[m.key] = {(h.step, h.value) for h in client.get_metric_history(run_id, m.key)}
+        if (m.step, m.value) not in history[m.key]:
+            return False
+    return True
+
+
 def apply(client: MlflowClient, run_id: str, folder: Path, entry: dict[str, Any]) -> None:
     """Make one logging call of a run: a journal entry, whose files are under `folder`. The
     recorder's live calls and the journal's replay both come through here."""
     kind = entry["kind"]
     if kind == "metrics":
-        client.log_batch(run_id, metrics=[
+        log_batch_once(client, run_id, metrics=[
             Metric(key, value, entry["timestamp"], entry["step"])
             for key, value in entry["metrics"].items()])
     elif kind == "params":
-        client.log_batch(run_id, params=[Param(k, v) for k, v in entry["params"].items()])
+        log_batch_once(client, run_id, params=[Param(k, v) for k, v in entry["params"].items()])
     elif kind == "tags":
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in entry["tags"].items()])
+        log_batch_once(client, run_id, tags=[RunTag(k, v) for k, v in entry["tags"].items()])
     elif kind == "artifact":
         path = folder / entry["file"]
         if path.is_dir():  # a folder's files go under artifact_path itself
