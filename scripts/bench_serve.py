@@ -160,7 +160,7 @@ def swap_under_load(model_uri: str, uri: str, seconds: int, work: Path) -> dict[
     client.create_registered_model("bench")
     for _ in range(2):
         run = client.create_run(experiment)
-        logged_models.log_keras(model, run.info.run_id, "bench", 0)
+        logged_models.log_keras(model, swap_uri, run.info.run_id, "bench", 0)
         client.set_terminated(run.info.run_id)
     client.set_registered_model_alias("bench", "champion", "1")
     port = servers.free_port()

@@ -352,7 +352,7 @@ def shop_store(tmp_path_factory) -> str:
               tiny_model(outputs=1, scalar=True), tiny_model(activation=None)]
     for number, model in enumerate(models, start=1):
         run = client.create_run(experiment.experiment_id, run_name=f"shop_v{number}")
-        logged_models.log_keras(model, run.info.run_id, "shop", 0)
+        logged_models.log_keras(model, uri, run.info.run_id, "shop", 0)
         client.set_terminated(run.info.run_id)
     client.set_registered_model_alias("shop", "champion", "1")
     return uri

@@ -132,7 +132,7 @@ def second_model(uri: str, run_id: str) -> str:
     # (Set as the active one: MLflow creates a logged model in the active experiment.)
     experiment = mlflow.set_experiment("serve_alias")
     run = client.create_run(experiment.experiment_id, run_name="shifted")
-    logged_models.log_keras(model, run.info.run_id, None, 0)
+    logged_models.log_keras(model, uri, run.info.run_id, None, 0)
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 

@@ -36,7 +36,8 @@ def test_relative_uris_become_absolute(tmp_path, monkeypatch) -> None:
 
 @pytest.fixture
 def experiment(tracking_uri: str) -> str:
-    uri, exp_id = store.setup(tracking_uri, "statuses")
+    exp_id = store.setup(tracking_uri, "statuses")
+    mlflow.set_tracking_uri(tracking_uri)  # the test's own reads of the store
     yield exp_id
     while mlflow.active_run():
         mlflow.end_run()
@@ -53,8 +54,8 @@ def test_artifacts_live_beside_the_database(tracking_uri, experiment) -> None:
     assert location == (Path(tracking_uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
 
 
-def test_finished(experiment) -> None:
-    with store.tracked_run(experiment, "ok", {"k": "v"}) as run:
+def test_finished(tracking_uri, experiment) -> None:
+    with store.tracked_run(tracking_uri, experiment, "ok", {"k": "v"}) as run:
         run.log_metrics({"m": 1.0}, 0)
     run = _only_run(experiment)
     assert (run.info.status, run.info.run_name, run.data.tags["k"]) == ("FINISHED", "ok", "v")
@@ -62,9 +63,9 @@ def test_finished(experiment) -> None:
     assert run.data.tags["mlflow.source.type"] == "LOCAL"  # MLflow's own run-context tags
 
 
-def test_failed_records_the_error(experiment) -> None:
+def test_failed_records_the_error(tracking_uri, experiment) -> None:
     with pytest.raises(ZeroDivisionError):
-        with store.tracked_run(experiment, "bad", {}):
+        with store.tracked_run(tracking_uri, experiment, "bad", {}):
             1 / 0  # noqa: B018
     run = _only_run(experiment)
     assert run.info.status == "FAILED"
@@ -73,25 +74,26 @@ def test_failed_records_the_error(experiment) -> None:
     assert "1 / 0" in text
 
 
-def test_sigterm_ends_killed(experiment, monkeypatch) -> None:
+def test_sigterm_ends_killed(tracking_uri, experiment, monkeypatch) -> None:
     from fashion_exp import interrupts
 
     monkeypatch.setattr(interrupts, "_requested", None)
     with pytest.raises(KeyboardInterrupt):
-        with store.tracked_run(experiment, "term", {}):
+        with store.tracked_run(tracking_uri, experiment, "term", {}):
             os.kill(os.getpid(), signal.SIGTERM)
             signal.sigtimedwait([], 0)  # let the handler run
     assert _only_run(experiment).info.status == "KILLED"
 
 
-def test_a_stop_during_a_store_write_waits_for_the_write(experiment, monkeypatch) -> None:
+def test_a_stop_during_a_store_write_waits_for_the_write(tracking_uri, experiment,
+        monkeypatch) -> None:
     """Ctrl-C while a metric is written, and again while the error tag is: the metric is
     kept, and the run still ends KILLED."""
     from fashion_exp import interrupts
 
     monkeypatch.setattr(interrupts, "_requested", None)
     with pytest.raises(KeyboardInterrupt, match="SIGINT"):
-        with store.tracked_run(experiment, "cut", {}) as run:
+        with store.tracked_run(tracking_uri, experiment, "cut", {}) as run:
             write = run.client.log_batch
 
             def interrupted(*args, **kwargs):  # Ctrl-C in the middle of every write
@@ -105,7 +107,7 @@ def test_a_stop_during_a_store_write_waits_for_the_write(experiment, monkeypatch
     assert (run.info.status, run.data.metrics["m"]) == ("KILLED", 1.0)
 
 
-def test_a_stop_while_the_run_starts_ends_it_killed(experiment, monkeypatch) -> None:
+def test_a_stop_while_the_run_starts_ends_it_killed(tracking_uri, experiment, monkeypatch) -> None:
     from fashion_exp import interrupts
 
     monkeypatch.setattr(interrupts, "_requested", None)
@@ -117,16 +119,17 @@ def test_a_stop_while_the_run_starts_ends_it_killed(experiment, monkeypatch) -> 
 
     monkeypatch.setattr(mlflow.MlflowClient, "create_run", interrupted)
     with pytest.raises(KeyboardInterrupt, match="SIGINT"):
-        with store.tracked_run(experiment, "early", {}):
+        with store.tracked_run(tracking_uri, experiment, "early", {}):
             pytest.fail("a stopped run's body ran")
     assert _only_run(experiment).info.status == "KILLED"
 
 
-def test_a_stop_while_the_run_finishes_lets_it_finish(experiment, monkeypatch) -> None:
+def test_a_stop_while_the_run_finishes_lets_it_finish(tracking_uri, experiment,
+        monkeypatch) -> None:
     from fashion_exp import interrupts
 
     monkeypatch.setattr(interrupts, "_requested", None)
-    with store.tracked_run(experiment, "last", {}) as run:
+    with store.tracked_run(tracking_uri, experiment, "last", {}) as run:
         end = run.client.set_terminated
 
         def interrupted(*args, **kwargs):  # Ctrl-C while the run is set FINISHED
@@ -166,7 +169,8 @@ def test_parallel_first_use_of_a_fresh_store_does_not_corrupt_it(tmp_path) -> No
 
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
     code = ("import sys, mlflow; from fashion_exp.tracking import store; "
-            "store.setup(sys.argv[1], 'shared'); "
+            "store.setup(sys.argv[1], 'shared'); mlflow.set_tracking_uri(sys.argv[1]); "
+            "mlflow.set_experiment('shared'); "
             "mlflow.start_run(); mlflow.log_metric('m', 1); mlflow.end_run()")
     procs = [subprocess.Popen([sys.executable, "-c", code, uri], stderr=subprocess.PIPE,
                               text=True) for _ in range(4)]

@@ -57,17 +57,16 @@ def evaluate(cfg: DictConfig) -> float:
 
     splits = data.load(cfg.data.dir, cfg.data.val_split, 0, cfg.data.limit,
                        cfg.data.verify_checksums, cfg.data.download)
-    mlflow.set_tracking_uri(uri)  # a tracking server's models are downloaded from it
     try:
-        model = logged_models.load_keras(ref)  # the Keras model itself, read in place
+        model = logged_models.load_keras(ref, uri)  # the Keras model itself, read in place
     except (mlflow.exceptions.MlflowException, OSError, ValueError) as err:
         raise ConfigError("model_uri", cfg.model_uri,
                           f"{str(err).splitlines()[0]} (tracking store {uri})") from None
-    exp_id = store.setup(uri, cfg.tracking.experiment_name, checked=True)[1]
+    exp_id = store.setup(uri, cfg.tracking.experiment_name, checked=True)
 
     source = ref.run_id
     tags = {"model_uri": cfg.model_uri, "source_run_id": source, "evaluation": "true"}
-    with store.tracked_run(exp_id, f"evaluate {cfg.model_uri}", tags) as run:
+    with store.tracked_run(uri, exp_id, f"evaluate {cfg.model_uri}", tags) as run:
         probs = model.predict(splits.x_test, batch_size=cfg.batch_size, verbose=0)
         result = training.score(probs, splits.y_test)
         run.log_evaluation(result, epochs_trained=0)

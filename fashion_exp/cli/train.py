@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +37,7 @@ from fashion_exp.config import (
 from fashion_exp.core import metrics
 from fashion_exp.sweeps import multirun
 from fashion_exp.sweeps.study_storage import register_resolver
-from fashion_exp.tracking.store_checks import StoreError, check_store
+from fashion_exp.tracking.store_checks import StoreError, check_store, request_settings
 
 if TYPE_CHECKING:  # loaded when a run needs them: a bad config costs a second, not a minute
     import keras
@@ -70,16 +71,17 @@ def train(cfg: DictConfig) -> float:
     from fashion_exp.tracking import store  # MLflow, not TensorFlow yet
 
     cfg, saved = resume_point(cfg)
+    os.environ.update(request_settings(cfg.tracking))  # this job's, in a worker too
     uri = store.connect(cfg.tracking)  # the store answers before anything is trained
     splits = load_data(cfg)
     threads = start_tensorflow(cfg.trainer)
     from fashion_exp.core import models, optim, plots, training
 
     exp_id = store.setup(uri, cfg.tracking.experiment_name, cfg.tracking.connect_timeout,
-                         checked=True, wait_seconds=cfg.tracking.reconnect_seconds)[1]
+                         checked=True, wait_seconds=cfg.tracking.reconnect_seconds)
     run_name, tags, output_dir = describe_run(cfg, splits, threads, saved)
     ckpt = saved or RunCheckpoints(cfg, uri)
-    with ckpt.kept_if_stopped(), store.tracked_run(exp_id, run_name, tags, cfg.tracking,
+    with ckpt.kept_if_stopped(), store.tracked_run(uri, exp_id, run_name, tags, cfg.tracking,
                                                       ckpt.run_id) as run:
         if not ckpt.resumed:  # a resumed run has its params already: MLflow keeps them once
             run.log_config(cfg, output_dir)
@@ -392,6 +394,8 @@ def main() -> None:
 
             check_launcher(configs[-1])
         _check_stores(configs)
+        # MLflow's request timeout and retries, for a sweep's parent run as for its jobs.
+        os.environ.update(request_settings(configs[-1].tracking))
     # SIGTERM stops like Ctrl-C, also between the jobs of a sweep, so every run gets an end.
     interrupts.install()
     try:

@@ -169,13 +169,13 @@ def fetch_model(model_uri: str, tracking_uri: str, folder: Path) -> dict[str, An
     from fashion_exp.tracking import logged_models
 
     client = mlflow.MlflowClient(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
     try:
         ref = logged_models.resolve(client, model_uri)
     except logged_models.UnknownModel as err:
         raise ImageError(f"model_uri={model_uri!r} {err.reason} ({tracking_uri})") from None
     with tempfile.TemporaryDirectory(prefix="model-", dir=folder.parent) as tmp:
-        got = mlflow.artifacts.download_artifacts(artifact_uri=ref.location, dst_path=tmp)
+        got = mlflow.artifacts.download_artifacts(artifact_uri=ref.location, dst_path=tmp,
+                                                  tracking_uri=tracking_uri)
         shutil.copytree(got, folder, dirs_exist_ok=True)
     try:  # a model the image could not serve fails the build, not the container's start
         read_flavors(folder)

@@ -157,12 +157,9 @@ def ensure_parent(sweep_dir: Path, cfg: DictConfig, keys: list[str] | None = Non
                     client.update_run(info["run_id"], status="RUNNING")
                     log.info("Reopened sweep parent run %s", info["run_id"])
             return info["run_id"]
-        uri = store.resolve_uri(cfg.tracking.uri)
-        if store.is_server(uri):  # a sweep that starts during an outage waits, as its jobs do
-            store.wait_for_server(uri, cfg.tracking.reconnect_seconds,
-                                  cfg.tracking.connect_timeout)
-        uri, exp_id = store.setup(cfg.tracking.uri, cfg.tracking.experiment_name,
-                                     cfg.tracking.connect_timeout)
+        uri = store.connect(cfg.tracking)  # during an outage, waits as the sweep's jobs do
+        exp_id = store.setup(uri, cfg.tracking.experiment_name, cfg.tracking.connect_timeout,
+                             checked=True)
         client = MlflowClient(uri)
         key = group_key(sweeper if sweeper is not None else HydraConfig.get().sweeper)
         shared = _shared_parent(client, exp_id, key) if key else None

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,18 +121,42 @@ def _not_found(err: Exception) -> bool:
         "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "BAD_REQUEST")
 
 
-def load_keras(ref: ModelRef) -> Any:
+def load_keras(ref: ModelRef, tracking_uri: str | None = None) -> Any:
     """The Keras model of a resolved reference, loaded from where the store keeps it.
 
     A local store's model is read in place (MLflow copies nothing for file:// locations); a
-    server's is downloaded to a temporary folder that is removed once the model is in memory.
-    The tracking URI must be set (mlflow.set_tracking_uri) for server locations."""
+    server's is downloaded from `tracking_uri` to a temporary folder that is removed once the
+    model is in memory."""
+    import mlflow.artifacts
     import mlflow.tensorflow
 
     if ref.location.startswith("file:"):
         return mlflow.tensorflow.load_model(ref.location)
     with tempfile.TemporaryDirectory(prefix="fashion-exp-model-") as folder:
-        return mlflow.tensorflow.load_model(ref.location, dst_path=folder)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=ref.location, dst_path=folder,
+                                                    tracking_uri=tracking_uri)
+        return mlflow.tensorflow.load_model(local)
+
+
+@contextmanager
+def _logging_to(tracking_uri: str, run_id: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `tracking_uri` while inside (then put back),
+    and its active experiment set to the run's.
+
+    MLflow 3.x logs a model (mlflow.<flavor>.log_model: the logged model, its files, its
+    registration) only through the process-wide tracking URI, and creates the logged model in
+    the active experiment, not the run's (experiment 0 if none is set); it has no
+    client-level log_model. This is the one place that sets either."""
+    import mlflow
+
+    before = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient(tracking_uri)
+                              .get_run(run_id).info.experiment_id)
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
 
 
 # --- Logging a Keras model ---------------------------------------------------------------------
@@ -147,9 +173,10 @@ def signature() -> Any:
     )
 
 
-def log_keras(model: Any, run_id: str, registered_name: str | None, step: int) -> str:
-    """Log a Keras model to a run under MODEL_ARTIFACT (and register it); MLflow links to it
-    the run's metrics at `step`. Returns the model's URI."""
+def log_keras(model: Any, tracking_uri: str, run_id: str, registered_name: str | None,
+              step: int) -> str:
+    """Log a Keras model to a run of the store at `tracking_uri` under MODEL_ARTIFACT (and
+    register it); MLflow links to it the run's metrics at `step`. Returns the model's URI."""
     import keras
     import mlflow.tensorflow
     import tensorflow as tf
@@ -157,19 +184,21 @@ def log_keras(model: Any, run_id: str, registered_name: str | None, step: int) -
     # Explicit requirements: inferring them costs ~11 s per run in a subprocess.
     requirements = [f"tensorflow-cpu=={tf.__version__}", f"keras=={keras.__version__}",
                     f"mlflow=={mlflow.__version__}"]
-    info = mlflow.tensorflow.log_model(
-        model, name=MODEL_ARTIFACT, signature=signature(), pip_requirements=requirements,
-        registered_model_name=registered_name, step=step, run_id=run_id,
-    )
+    with _logging_to(tracking_uri, run_id):
+        info = mlflow.tensorflow.log_model(
+            model, name=MODEL_ARTIFACT, signature=signature(), pip_requirements=requirements,
+            registered_model_name=registered_name, step=step, run_id=run_id,
+        )
     return info.model_uri
 
 
-def log_saved_keras(path: str, run_id: str, registered_name: str | None, step: int) -> str:
+def log_saved_keras(path: str, tracking_uri: str, run_id: str, registered_name: str | None,
+                    step: int) -> str:
     """log_keras for a model saved to a .keras file (kept while the server was away)."""
     import keras
 
-    return log_keras(keras.models.load_model(path, compile=False), run_id, registered_name,
-                     step)
+    return log_keras(keras.models.load_model(path, compile=False), tracking_uri, run_id,
+                     registered_name, step)
 
 
 def fail_unfinished(client: Any, run_id: str) -> list[str]:

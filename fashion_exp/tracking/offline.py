@@ -107,12 +107,9 @@ def apply(client: MlflowClient, run_id: str, folder: Path, entry: dict[str, Any]
         else:
             client.log_artifact(run_id, str(path), entry["artifact_path"])
     elif kind == "model":  # needs TensorFlow: imported only when a model is logged
-        import mlflow
-
         from fashion_exp.tracking import logged_models
 
-        mlflow.set_tracking_uri(client.tracking_uri)  # MLflow logs models to the global URI
-        logged_models.log_saved_keras(str(folder / entry["file"]), run_id,
+        logged_models.log_saved_keras(str(folder / entry["file"]), client.tracking_uri, run_id,
                                       entry["registered_name"], entry.get("step", 0))
         logged_models.fail_unfinished(client, run_id)  # a live try cut short by the outage
     elif kind == "end":

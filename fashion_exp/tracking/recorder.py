@@ -146,8 +146,8 @@ class Recorder:
         self._send({"kind": "model", "file": "model.keras", "registered_name": registered_name,
                     "step": step},
                    write=lambda folder: model.save(folder / "model.keras"),
-                   live=lambda: logged_models.log_keras(model, self.run_id, registered_name,
-                                                        step))
+                   live=lambda: logged_models.log_keras(model, self.client.tracking_uri,
+                                                        self.run_id, registered_name, step))
 
     # --- How a run ends -----------------------------------------------------------------------
 

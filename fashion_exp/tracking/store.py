@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,19 +71,13 @@ def is_server(uri: str) -> bool:
 
 def connect(cfg: DictConfig) -> str:
     """The resolved tracking URI of cfg.tracking, once the store is usable for recording runs
-    (StoreError if not). For a server, MLflow's request timeout and retries are set from the
-    config, and a server that cannot take runs is waited for (wait_for_server)."""
+    (StoreError if not); a server that cannot take runs now is waited for (wait_for_server)."""
     uri = resolve_uri(cfg.uri)
     if cfg.mode == "server" and not is_server(uri):
         raise TrackingUnavailable(f"tracking=server needs an http(s):// URI, got {uri}")
     if is_server(uri):
-        # MLflow retries a failed request 7 times with backoff 2 (minutes of stalled training);
-        # fewer, shorter retries here, and the outbox keeps the data of a longer outage.
-        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(int(max(1, cfg.request_timeout)))
-        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(cfg.retries)
-        os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
         wait_for_server(uri, cfg.reconnect_seconds, cfg.connect_timeout)
-    return check_store(cfg.uri, write=True, create=True, connect_timeout=cfg.connect_timeout)
+    return check_store(uri, write=True, create=True, connect_timeout=cfg.connect_timeout)
 
 
 def wait_for_server(uri: str, seconds: float, timeout: float = 5.0) -> None:
@@ -115,32 +108,30 @@ def offline_root(cfg: DictConfig | None) -> Path:
     return project_root() / "mlruns" / "offline"
 
 
-def setup(uri: str | None, experiment_name: str, connect_timeout: float = 5.0,
-          checked: bool = False, wait_seconds: float = 0.0) -> tuple[str, str]:
-    """Point MLflow at the store (creating it if new) and return (uri, experiment id).
+def setup(uri: str, experiment_name: str, connect_timeout: float = 5.0,
+          checked: bool = False, wait_seconds: float = 0.0) -> str:
+    """The id of the experiment `experiment_name` in the store at `uri`, created if new.
 
     Every path that may create or migrate a store comes through here, so the store is
     checked here (StoreError) unless the caller has just checked it (`checked`: a URI that
-    check_store returned): whatever skipped the entry points' early check (Hydra flags, a
-    sweep's callback), MLflow never writes its tables into a file that is not a usable store
-    of its own. A tracking server that cannot take runs is waited for up to `wait_seconds`."""
+    check_store or connect returned): whatever skipped the entry points' early check (Hydra
+    flags, a sweep's callback), MLflow never writes its tables into a file that is not a
+    usable store of its own. A tracking server that cannot take runs is waited for up to
+    `wait_seconds`."""
     if not checked:
         uri = check_store(uri, write=True, create=True, connect_timeout=connect_timeout)
     if is_server(uri):
         wait_for_server(uri, wait_seconds, connect_timeout)
-    mlflow.set_tracking_uri(uri)
     with store_lock(uri):
-        experiment = mlflow.get_experiment_by_name(experiment_name)
+        client = mlflow.MlflowClient(uri)  # its first request creates a new store's tables
+        experiment = client.get_experiment_by_name(experiment_name)
         if experiment is None:
-            exp_id = mlflow.create_experiment(experiment_name, artifact_root(uri),
-                                              tags=EXPERIMENT_KIND)
-        else:
-            exp_id = experiment.experiment_id
-            if not any(key in experiment.tags for key in EXPERIMENT_KIND):  # a user's choice stays
-                for key, value in EXPERIMENT_KIND.items():
-                    mlflow.MlflowClient().set_experiment_tag(exp_id, key, value)
-    mlflow.set_experiment(experiment_id=exp_id)
-    return uri, exp_id
+            return client.create_experiment(experiment_name, artifact_root(uri),
+                                            tags=EXPERIMENT_KIND)
+    if not any(key in experiment.tags for key in EXPERIMENT_KIND):  # a user's choice stays
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
 
 
 def fit_run_name(text: str) -> str:
@@ -229,10 +220,11 @@ def _end(recorder: Recorder, err: BaseException) -> None:
 
 
 @contextmanager
-def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str],
+def tracked_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str],
                 cfg: DictConfig | None = None,
                 resume_run_id: str | None = None) -> Iterator[Recorder]:
-    """A run of the store setup() chose, ending FINISHED, FAILED (error recorded) or KILLED
+    """A run in experiment `experiment_id` of the store at `uri` (as setup() returned them),
+    ending FINISHED, FAILED (error recorded) or KILLED
     (Ctrl-C, SIGTERM); yields its Recorder.
 
     The run carries its process (host, pid, start time), so that a run whose process was
@@ -241,12 +233,11 @@ def tracked_run(experiment_id: str, run_name: str, tags: dict[str, str],
     tracking config) is given and the store is a server, logging goes through an outbox that
     survives outages."""
     interrupts.install()
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(uri)
     run_id: str | None = None
     outbox: Outbox | None = None
     try:
         with interrupts.deferred():  # a stop while the run starts is raised once it has
-            uri = client.tracking_uri
             try:
                 run_id = _begin(client, experiment_id, run_name, tags, resume_run_id)
             except Exception:

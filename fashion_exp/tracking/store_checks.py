@@ -26,6 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from fashion_exp.paths import project_root
 from fashion_exp.uris import DATABASES, URI_SCHEMES, lower_scheme, scheme, shown
@@ -73,6 +74,17 @@ def connect_seconds(text: str) -> float:
     if not 0 < value <= 600:
         raise argparse.ArgumentTypeError(f"{text!r}: must be seconds in (0, 600]")
     return value
+
+
+def request_settings(cfg: Any) -> dict[str, str]:
+    """MLflow's HTTP request settings for `cfg` (cfg.tracking), as the environment variables
+    MLflow reads them from (it has no per-client setting); the entry points set them.
+
+    MLflow retries a failed request 7 times with backoff 2 (minutes of stalled training);
+    fewer, shorter retries here, and the outbox keeps the data of a longer outage."""
+    return {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(int(max(1, cfg.request_timeout))),
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(cfg.retries),
+            "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
 def check_store(uri: str | None, *, write: bool, connect_timeout: float, create: bool = False,
