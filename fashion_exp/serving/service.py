@@ -47,7 +47,7 @@ from fashion_exp.core.data import CLASSES
 from fashion_exp.schemas import ServiceSettings as Settings
 from fashion_exp.serving import scoring
 from fashion_exp.serving.following import AliasFollower
-from fashion_exp.serving.metrics import CountRequests, ServiceMetrics
+from fashion_exp.serving.prometheus import CountRequests, ServiceMetrics
 from fashion_exp.tracking.logged_models import ModelRef, UnknownModel
 
 log = logging.getLogger(__name__)
