@@ -29,7 +29,7 @@ from fashion_exp.schemas import ServiceSettings as Settings
 from fashion_exp.tracking.store_checks import StoreError, check_store, first_line
 
 if TYPE_CHECKING:
-    from fashion_exp.serving.service import ServedModel
+    from fashion_exp.serving.models import ServedModel
     from fashion_exp.tracking.logged_models import ModelRef
 
 log = logging.getLogger("fashion_exp")
@@ -39,7 +39,7 @@ LISTED_RUNS = 20  # best runs offered by the page's model picker
 def resolve(client: Any, uri: str) -> ModelRef:
     """A request's model reference looked up in the store: UnknownModel if it names no
     model there, StoreUnavailable if the store does not answer."""
-    from fashion_exp.serving.service import StoreUnavailable
+    from fashion_exp.serving.models import StoreUnavailable
     from fashion_exp.tracking import logged_models
 
     try:
@@ -56,11 +56,11 @@ def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
     `model=`, a followed alias), so a model serves only once it has answered a probe batch
     with 10 finite class probabilities per image."""
 
-    from fashion_exp.serving.service import (
+    from fashion_exp.serving.batching import output_problem
+    from fashion_exp.serving.models import (
         ModelUnusable,
         ServedModel,
         graph_predictor,
-        output_problem,
         probe_images,
     )
     from fashion_exp.tracking import logged_models
@@ -184,6 +184,7 @@ def build(cfg: DictConfig) -> tuple[Any, str]:
     import tensorflow as tf
 
     from fashion_exp.serving import service
+    from fashion_exp.serving.models import ModelUnusable
     from fashion_exp.tracking import logged_models, store
 
     if cfg.threads:
@@ -199,7 +200,7 @@ def build(cfg: DictConfig) -> tuple[Any, str]:
         default = load_served_model(client, logged_models.resolve(client, default_uri))
     except logged_models.UnknownModel as err:
         raise ConfigError("model_uri", default_uri, f"{err.reason} ({uri})") from None
-    except service.ModelUnusable as err:
+    except ModelUnusable as err:
         raise ConfigError("model_uri", default_uri, err.reason) from None
     settings = Settings(**{k: cfg[k] for k in Settings.__dataclass_fields__})
     follow = default_uri if logged_models.is_alias(default_uri) else None
