@@ -498,7 +498,7 @@ def run_params(cfg: DictConfig) -> dict[str, str]:
 
 @dataclass
 class ServiceSettings:
-    """What the prediction service itself needs (fashion_exp/serving/service.py)."""
+    """What the prediction service itself needs (fashion_exp/serving/)."""
 
     top_k: int = 5
     max_batch: int = 64

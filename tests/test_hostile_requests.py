@@ -30,7 +30,8 @@ from devtools import servers
 from fashion_exp.cli import serve
 from fashion_exp.core import preprocess
 from fashion_exp.schemas import ServiceSettings
-from fashion_exp.serving.service import ServedModel, create_app
+from fashion_exp.serving.models import ServedModel
+from fashion_exp.serving.service import create_app
 from fashion_exp.tracking.logged_models import ModelRef
 
 GOOD = np.zeros((28, 28), int).tolist()
@@ -300,7 +301,7 @@ def test_non_local_hosts_are_warned_about_and_empty_ones_refused(served_store, t
 
 
 def test_a_logged_model_that_cannot_be_served_is_a_422_without_details() -> None:
-    from fashion_exp.serving.service import ModelUnusable
+    from fashion_exp.serving.models import ModelUnusable
 
     default_ref = ModelRef("runs:/d/model", "d", "m-d", "file:///d")
     other = ModelRef("runs:/o/model", "o", "m-o", "file:///secret/path")

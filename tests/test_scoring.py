@@ -17,14 +17,11 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from fashion_exp.schemas import ServiceSettings as Settings
 from fashion_exp.serving import scoring
-from fashion_exp.serving.service import (
-    Batcher,
-    ModelUnusable,
-    ServedModel,
-    Settings,
-    create_app,
-)
+from fashion_exp.serving.batching import Batcher
+from fashion_exp.serving.models import ModelUnusable, ServedModel
+from fashion_exp.serving.service import create_app
 from fashion_exp.tracking.logged_models import ModelRef, UnknownModel
 
 IMAGE = np.arange(784).reshape(28, 28) % 256
@@ -579,7 +576,7 @@ def test_a_dropped_model_is_reclaimed_even_when_frozen(monkeypatch) -> None:
     import gc
     import weakref
 
-    from fashion_exp.serving import service
+    from fashion_exp.serving import models
 
     class Model:  # with a reference cycle, as Keras models have: only the collector frees it
         def __init__(self) -> None:
@@ -588,7 +585,7 @@ def test_a_dropped_model_is_reclaimed_even_when_frozen(monkeypatch) -> None:
         def __call__(self, images: np.ndarray) -> np.ndarray:
             return one_hot(1)(images)
 
-    monkeypatch.setattr(service, "RECLAIM_AFTER_SECONDS", 0.05)
+    monkeypatch.setattr(models, "RECLAIM_AFTER_SECONDS", 0.05)
 
     async def scenario() -> weakref.ref:
         registry = Registry()

@@ -16,7 +16,7 @@ from PIL import Image
 from devtools import servers
 from fashion_exp.core import data
 from fashion_exp.core.preprocess import render_product_photo
-from fashion_exp.serving.service import Batcher
+from fashion_exp.serving.batching import Batcher
 
 from .conftest import real_data_dir
 from .helpers import encode, framing_error, probabilities
@@ -266,7 +266,8 @@ def test_serve_without_a_store_says_so(tmp_path) -> None:
 def test_models_are_loaded_once_per_model_and_the_least_recent_dropped() -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from fashion_exp.serving.service import Models, ServedModel, Settings
+    from fashion_exp.schemas import ServiceSettings as Settings
+    from fashion_exp.serving.models import Models, ServedModel
     from fashion_exp.tracking.logged_models import ModelRef, UnknownModel
 
     loads: list[str] = []
@@ -416,7 +417,7 @@ def test_a_request_naming_a_model_that_cannot_answer_is_refused(shop_store) -> N
 def test_an_alias_moved_to_a_model_that_cannot_answer_is_not_followed(shop_store) -> None:
     import httpx
 
-    from fashion_exp.serving.service import ModelUnusable
+    from fashion_exp.serving.models import ModelUnusable
 
     app = shop_app(shop_store, "models:/shop@champion", "follow_seconds=3600")
     client = mlflow.MlflowClient(shop_store)

@@ -43,18 +43,10 @@ def port() -> int:
 def build_app(default: Any, settings: Any) -> Any:
     """fashion-exp-serve's app for one model: requests may name only that one."""
     from fashion_exp.serving import service
-    from fashion_exp.tracking.logged_models import UnknownModel
+    from fashion_exp.serving.loading import OneModel
 
-    def resolve(uri: str) -> Any:
-        if uri == default.ref.uri:
-            return default.ref
-        raise UnknownModel(uri)
-
-    def choices(current: Any) -> list[dict[str, str]]:
-        return [{"uri": current.ref.uri, "label": f"default: {current.run_name}"}]
-
-    return service.create_app(default, resolve, lambda _ref: default, settings,
-                              choices=choices)
+    one = OneModel(default)
+    return service.create_app(default, one.resolve, one.load, settings, choices=one.choices)
 
 
 def main(argv: list[str] | None = None) -> None:

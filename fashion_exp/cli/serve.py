@@ -26,117 +26,13 @@ from omegaconf import DictConfig
 
 from fashion_exp.config import CONF_DIR, ConfigError, compose_checked
 from fashion_exp.schemas import ServiceSettings as Settings
-from fashion_exp.tracking.store_checks import StoreError, check_store, first_line
+from fashion_exp.tracking.store_checks import StoreError, check_store
 
 if TYPE_CHECKING:
-    from fashion_exp.serving.service import ServedModel
-    from fashion_exp.tracking.logged_models import ModelRef
+    from fashion_exp.serving.loading import StoreModels
+    from fashion_exp.serving.models import ServedModel
 
 log = logging.getLogger("fashion_exp")
-LISTED_RUNS = 20  # best runs offered by the page's model picker
-
-
-def resolve(client: Any, uri: str) -> ModelRef:
-    """A request's model reference looked up in the store: UnknownModel if it names no
-    model there, StoreUnavailable if the store does not answer."""
-    from fashion_exp.serving.service import StoreUnavailable
-    from fashion_exp.tracking import logged_models
-
-    try:
-        return logged_models.resolve(client, uri)
-    except logged_models.UnknownModel:
-        raise
-    except Exception as err:  # noqa: BLE001 - whatever the store raised, the request gets 503
-        raise StoreUnavailable(f"{type(err).__name__}: {first_line(err)}") from None
-
-
-def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
-    """Load a logged Keras model, compile its forward pass once and check that it answers;
-    ModelUnusable if it cannot be served. Every load goes through here (start-up, a request's
-    `model=`, a followed alias), so a model serves only once it has answered a probe batch
-    with 10 finite class probabilities per image."""
-
-    from fashion_exp.serving.service import (
-        ModelUnusable,
-        ServedModel,
-        graph_predictor,
-        output_problem,
-        probe_images,
-    )
-    from fashion_exp.tracking import logged_models
-
-    try:
-        model = logged_models.load_keras(ref)
-    except Exception as err:  # noqa: BLE001 - any failure to load means the same to a client
-        log.warning("cannot load %s (%s): %s: %s", ref.uri, ref.model_id, type(err).__name__,
-                    first_line(err))
-        raise ModelUnusable(ref.uri) from None
-
-    predict = graph_predictor(model)
-
-    probe = probe_images()
-    try:
-        answer = predict(probe)  # traced now, not on the first request
-    except Exception as err:  # noqa: BLE001 - whatever fails on images cannot serve them
-        log.warning("%s does not take (n, 28, 28) uint8 images: %s: %s", ref.uri,
-                    type(err).__name__, first_line(err))
-        raise ModelUnusable(ref.uri) from None
-    if problem := output_problem(answer, len(probe), "probe images"):
-        log.warning("refused %s (%s): %s", ref.uri, ref.model_id, problem)
-        raise ModelUnusable(ref.uri, problem)
-    run = client.get_run(ref.run_id)
-    return ServedModel(ref, run.info.run_name or ref.run_id, model_metrics(client, ref), predict,
-                       run_url=run_page(client.tracking_uri, run))
-
-
-LOCAL_UI = "http://127.0.0.1:5000"  # where `./dev.sh ui` (mlflow ui) shows a local store
-
-
-def run_page(tracking_uri: str, run: Any) -> str:
-    """The run's page in the MLflow UI: on the tracking server, or in the local UI."""
-    from fashion_exp.tracking.views import run_link
-
-    server = tracking_uri.startswith(("http://", "https://"))
-    base = tracking_uri.rstrip("/") if server else LOCAL_UI
-    return f"{base}/{run_link(run.info.experiment_id, run.info.run_id)}"
-
-
-def model_metrics(client: Any, ref: Any) -> dict[str, float]:
-    """The logged model's own metrics (those of its run at the step it was logged), without
-    the per-class ones: test_accuracy, test_loss, epoch/val_accuracy, best_val_accuracy..."""
-    from fashion_exp.core.metrics import PER_CLASS_PREFIX
-
-    logged = client.get_logged_model(ref.model_id)
-    return {m.key: m.value for m in logged.metrics or []
-            if not m.key.startswith(PER_CLASS_PREFIX)}
-
-
-def choice_label(model: ServedModel) -> str:
-    """How the page's model picker names a model: `name vN` when registered, else its run's
-    name and test accuracy (the labels of the other choices)."""
-    if model.ref.name:
-        return f"{model.ref.name} v{model.ref.version}"
-    accuracy = model.metrics.get("test_accuracy")
-    return model.run_name + ("" if accuracy is None else f" (test {accuracy:.4f})")
-
-
-def model_choices(client: Any, experiment_name: str, default: ServedModel,
-                  ) -> list[dict[str, str]]:
-    """What the page offers: the default, every registered version, the best logged runs."""
-    choices = [{"uri": default.ref.uri, "label": f"default: {choice_label(default)}"}]
-    for version in client.search_model_versions(max_results=100):
-        choices.append({"uri": f"models:/{version.name}/{version.version}",
-                        "label": f"{version.name} v{version.version}"})
-    from itertools import islice
-
-    from fashion_exp.tracking import store
-
-    for run in islice(store.runs_with_models(client, experiment_name), LISTED_RUNS):
-        choices.append({"uri": f"runs:/{run.info.run_id}/{store.MODEL_ARTIFACT}",
-                        "label": f"{run.info.run_name} "
-                                 f"(test {run.data.metrics['test_accuracy']:.4f})"})
-    seen: set[str] = set()  # a URI listed twice keeps its first label
-    return [c for c in choices if not (c["uri"] in seen or seen.add(c["uri"]))]
 
 
 def check_host(host: str) -> None:
@@ -160,21 +56,6 @@ def check_port_free(host: str, port: int) -> None:
                                             "choose another port=") from None
 
 
-def test_images(cfg: DictConfig) -> tuple[Any, Any] | None:
-    """Test images and labels for the page's random samples; None when the data is missing."""
-    from fashion_exp.core import data
-
-    if not cfg.samples:
-        return None
-    try:
-        folder = data.locate(cfg.data.dir, download=False)
-        return (data.read_idx(folder / data.FILES["x_test"], cfg.data.verify_checksums),
-                data.read_idx(folder / data.FILES["y_test"], cfg.data.verify_checksums))
-    except data.DataError as err:
-        log.warning("No random test images on the page: %s", str(err).splitlines()[0])
-        return None
-
-
 def build(cfg: DictConfig) -> tuple[Any, str]:
     """The app for this config and the URI of its default model; ConfigError if none loads."""
     # The store is checked before MLflow and TensorFlow are imported (StoreError); this
@@ -183,35 +64,46 @@ def build(cfg: DictConfig) -> tuple[Any, str]:
     import mlflow
     import tensorflow as tf
 
-    from fashion_exp.serving import service
-    from fashion_exp.tracking import logged_models, store
+    from fashion_exp.serving import loading, service
+    from fashion_exp.tracking import logged_models
 
     if cfg.threads:
         tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
     client = mlflow.MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
-    default_uri = cfg.model_uri or store.best_model_uri(client, cfg.tracking.experiment_name)
-    if default_uri is None:
-        raise ConfigError("model_uri", None, "no finished run with a logged model in experiment "
-                          f"{cfg.tracking.experiment_name!r} of {uri}: train one first or pass "
-                          "model_uri=runs:/<run_id>/model")
-    try:
-        default = load_served_model(client, logged_models.resolve(client, default_uri))
-    except logged_models.UnknownModel as err:
-        raise ConfigError("model_uri", default_uri, f"{err.reason} ({uri})") from None
-    except service.ModelUnusable as err:
-        raise ConfigError("model_uri", default_uri, err.reason) from None
+    models = loading.StoreModels(client, cfg.tracking.experiment_name)
+    default_uri, default = default_model(cfg, models, uri)
     settings = Settings(**{k: cfg[k] for k in Settings.__dataclass_fields__})
     follow = default_uri if logged_models.is_alias(default_uri) else None
     if follow and settings.follow_seconds:
         log.info("Following %s: checked every %g s <follow_seconds>", follow,
                  settings.follow_seconds)
-    app = service.create_app(
-        default, lambda u: resolve(client, u), lambda ref: load_served_model(client, ref),
-        settings,
-        choices=lambda current: model_choices(client, cfg.tracking.experiment_name, current),
-        samples=test_images(cfg), follow=follow)
+    samples = (loading.sample_images(cfg.data.dir, cfg.data.verify_checksums) if cfg.samples
+               else None)
+    app = service.create_app(default, models.resolve, models.load, settings,
+                             choices=models.choices, samples=samples, follow=follow)
     return app, default_uri
+
+
+def default_model(cfg: DictConfig, models: StoreModels, uri: str) -> tuple[str, ServedModel]:
+    """The URI and the loaded model of `model_uri`, else of the experiment's best run;
+    ConfigError when there is none or it cannot be served (`uri`: the store's)."""
+    from fashion_exp.serving.models import ModelUnusable
+    from fashion_exp.tracking import logged_models, store
+
+    default_uri = cfg.model_uri or store.best_model_uri(models.client,
+                                                        cfg.tracking.experiment_name)
+    if default_uri is None:
+        raise ConfigError("model_uri", None, "no finished run with a logged model in experiment "
+                          f"{cfg.tracking.experiment_name!r} of {uri}: train one first or pass "
+                          "model_uri=runs:/<run_id>/model")
+    try:
+        default = models.load(logged_models.resolve(models.client, default_uri))
+    except logged_models.UnknownModel as err:
+        raise ConfigError("model_uri", default_uri, f"{err.reason} ({uri})") from None
+    except ModelUnusable as err:
+        raise ConfigError("model_uri", default_uri, err.reason) from None
+    return default_uri, default
 
 
 def main() -> None:

@@ -22,13 +22,13 @@ from fashion_exp.tracking.logged_models import ModelRef
 
 
 class ServedModel(Protocol):
-    """A loaded model (service.ServedModel), as far as following needs it."""
+    """A loaded model (models.ServedModel), as far as following needs it."""
 
     ref: ModelRef
 
 
 class Models(Protocol):
-    """The service's models (service.Models), as far as following needs them."""
+    """The service's models (models.Models), as far as following needs them."""
 
     default: ServedModel
 
@@ -95,7 +95,7 @@ class AliasFollower:
         try:
             new = await self.models.take(ref, self.load)
         except Exception as err:  # noqa: BLE001 - whatever it is, the old model keeps serving
-            # A refused model says what is wrong with it (service.ModelUnusable.problem).
+            # A refused model says what is wrong with it (models.ModelUnusable.problem).
             why = getattr(err, "problem", None) or type(err).__name__
             problem = (f"{self.uri} now names version {ref.version} ({ref.model_id}), which "
                        f"cannot be served ({why}); still serving {self._serving()}")
