@@ -70,7 +70,6 @@ def build(cfg: DictConfig) -> tuple[Any, str]:
     if cfg.threads:
         tf.config.threading.set_intra_op_parallelism_threads(cfg.threads)
     client = mlflow.MlflowClient(uri)
-    mlflow.set_tracking_uri(uri)
     models = loading.StoreModels(client, cfg.tracking.experiment_name)
     default_uri, default = default_model(cfg, models, uri)
     settings = Settings(**{k: cfg[k] for k in Settings.__dataclass_fields__})

@@ -94,7 +94,7 @@ def load_served_model(client: Any, ref: ModelRef) -> ServedModel:
     `model=`, a followed alias), so a model serves only once it has answered a probe batch
     with 10 finite class probabilities per image."""
     try:
-        model = logged_models.load_keras(ref)
+        model = logged_models.load_keras(ref, client.tracking_uri)
     except Exception as err:  # noqa: BLE001 - any failure to load means the same to a client
         log.warning("cannot load %s (%s): %s: %s", ref.uri, ref.model_id, type(err).__name__,
                     first_line(err))
