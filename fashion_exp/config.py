@@ -189,7 +189,9 @@ def command_line(argv: list[str]) -> tuple[list[str], bool] | None:
     hydra_argv's order). ConfigError for the flags that would run a job on a config other
     than the entry point's (--config-path, --config-name, --config-dir, --experimental-rerun):
     its overrides could not be checked."""
-    from hydra._internal.utils import get_args_parser  # the flags exactly as Hydra reads them
+    # Private API (hydra-core 1.3.8): no public parser of Hydra's command-line flags; this one
+    # reads them exactly as Hydra does.
+    from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_intermixed_args(argv)
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:

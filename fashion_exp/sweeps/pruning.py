@@ -108,8 +108,8 @@ def job_trial(metric: str) -> JobTrial | None:
     quiet_old_distributions()
     study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage,
                               pruner=pruner)
-    # Optuna has no public way to re-open a trial in another process than the one that
-    # asked for it (its distributed examples run the objective where the trial was asked);
+    # Private API (optuna 5.0.0): no public way to re-open a trial in another process than
+    # the one that asked for it (its docs advise against calling Trial's constructor);
     # Trial(study, trial_id) is what Study.ask itself builds.
     return JobTrial(study, optuna.Trial(study, int(found)), metric)
 
@@ -132,7 +132,7 @@ def trial_number() -> int | None:
     if not found or not storage:
         return None
     try:
-        return optuna.storages.get_storage(str(storage)).get_trial_number_from_id(int(found))
+        return optuna.storages.RDBStorage(str(storage)).get_trial_number_from_id(int(found))
     except (*STORAGE_ERRORS, KeyError, ValueError) as err:
         log.warning("trial %s: its number is not known (%s)", found, first_line(err))
         return None

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 OWNER_TAGS = ("host", "pid", "started")  # process.* tags of a run: see procs.alive
 MAX_RUN_NAME = 250  # MLflow's column size: a database server (PostgreSQL) rejects longer names
 # MLflow's UI opens experiments of this kind in its model-training view (not the GenAI one).
+# Private API (mlflow 3.17.2): an undocumented tag its UI reads; no public setting of the view.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 # --- Where runs go -----------------------------------------------------------------------------
@@ -216,6 +217,8 @@ def _begin(client: mlflow.MlflowClient, experiment_id: str, run_name: str,
             client.delete_tag(resume_run_id, "error")
         return resume_run_id
     # MLflow's run-context tags (source, user, git commit), as its own start_run adds.
+    # Private API (mlflow 3.17.2): resolve_tags; MlflowClient.create_run has no public way to
+    # add them.
     return client.create_run(experiment_id, run_name=fit_run_name(run_name),
                              tags=resolve_tags(tags | owner)).info.run_id
 

@@ -9,6 +9,9 @@ address: the experiment's own address redirects there and drops it.
 The UI's sidebar shows GenAI pages or model-training pages by the URL parameter
 `workflowType` (remembered by the browser), GenAI unless told: every link says
 `machine_learning`.
+
+Private API (mlflow 3.17.2): the view-state tag, its JSON keys, the column ids and the URL
+parameters are the UI's own, undocumented; MLflow has no public API for saved views.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from urllib.parse import urlencode
 
 from fashion_exp.core.metrics import key_metrics
 
+# Private API (mlflow 3.17.2): see the module's docstring.
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 SHARE_KEY_PARAM = "viewStateShareKey"
 MODEL_TRAINING = "workflowType=machine_learning"
