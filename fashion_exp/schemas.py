@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fashion_exp.uris import MODEL_FORMS, MODEL_SCHEMES, URI_SCHEMES, scheme, shown
+from fashion_exp.uris import MODEL_FORMS, MODEL_SCHEMES, SERVERS, URI_SCHEMES, scheme, shown
 
 IMAGE_SIDE = 28  # side of a Fashion-MNIST image, pixels: what every model takes
 MODELS = ("mlp", "cnn")
@@ -402,7 +402,7 @@ class TrackingConfig:
         uri = shown(self.uri) if self.uri else self.uri  # a password in it is not printed
         _check(not kind or kind in URI_SCHEMES, "uri", uri,
                f"use a path or a URI of scheme {', '.join(URI_SCHEMES)}")
-        _check(self.mode != "server" or kind in ("http", "https"), "uri", uri,
+        _check(self.mode != "server" or kind in SERVERS, "uri", uri,
                "tracking=server needs the server's http:// or https:// address")
         _check(self.request_timeout > 0, "request_timeout", self.request_timeout, "must be > 0")
         _check(self.retries >= 0, "retries", self.retries, "must be >= 0")

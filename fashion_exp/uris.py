@@ -12,6 +12,7 @@ import urllib.parse
 # Tracking URI schemes MLflow takes (a path without one is a local folder).
 URI_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql")
 DATABASES = ("postgresql", "mysql", "mssql")
+SERVERS = ("http", "https")  # a tracking server's schemes
 # Model references: a run's logged model, a registered version or alias, a logged model id.
 MODEL_SCHEMES = ("runs:/", "models:/")
 MODEL_FORMS = ("runs:/<run_id>/model, models:/<name>/<version>, models:/<name>@<alias> or "
@@ -22,6 +23,11 @@ def scheme(uri: str) -> str:
     """The scheme of a URI without its driver ('postgresql+psycopg://' -> 'postgresql');
     '' for a path."""
     return uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+
+
+def is_server(uri: str) -> bool:
+    """Whether a tracking URI names a tracking server (http:// or https://)."""
+    return scheme(uri) in SERVERS
 
 
 def lower_scheme(uri: str) -> str:

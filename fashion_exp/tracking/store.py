@@ -28,6 +28,7 @@ from fashion_exp.tracking.store_checks import (
     server_problem,
     sqlite_path,
 )
+from fashion_exp.uris import is_server
 
 
 class TrackingUnavailable(RuntimeError):
@@ -64,11 +65,6 @@ def store_lock(uri: str) -> Iterator[None]:
         return
     with file_lock(db.with_name(db.name + ".lock")):
         yield
-
-
-def is_server(uri: str) -> bool:
-    """Whether a resolved tracking URI is a tracking server."""
-    return uri.startswith(("http://", "https://"))
 
 
 def connect(cfg: DictConfig) -> str:

@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from fashion_exp.paths import project_root
-from fashion_exp.uris import DATABASES, URI_SCHEMES, lower_scheme, scheme, shown
+from fashion_exp.uris import DATABASES, SERVERS, URI_SCHEMES, lower_scheme, scheme, shown
 
 ENV_VAR = "MLFLOW_TRACKING_URI"
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -112,7 +112,7 @@ def check_store(uri: str | None, *, write: bool, connect_timeout: float, create:
         elif kind in DATABASES:
             _check_database(resolved, where, option, need_tables=not write,
                             timeout=connect_timeout)
-        elif kind in ("http", "https"):
+        elif kind in SERVERS:
             problem = server_problem(resolved, timeout=connect_timeout)
             if problem is not None:
                 raise StoreError(server_message(shown(resolved), problem, option))

@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fashion_exp.core.metrics import key_metrics
+from fashion_exp.uris import is_server
 
 # Private API (mlflow 3.17.2): see the module's docstring.
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
@@ -130,7 +131,7 @@ def has_view(experiment: Any, key: str) -> bool:
 def ui_hint(uri: str, link: str) -> str:
     """How to open a UI address (`link`, after the server's) for a tracking URI: the server's
     own address, or `mlflow ui` on a local store."""
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         return f"open {uri.rstrip('/')}/{link}"
     store = f" --backend-store-uri {uri}" if "://" in uri else ""
     return f"mlflow ui{store}  then open http://127.0.0.1:5000/{link}"
