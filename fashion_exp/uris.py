@@ -40,19 +40,31 @@ def lower_scheme(uri: str) -> str:
     return f"{kind.lower()}://{rest}"
 
 
-def shown(uri: str, limit: int = 300) -> str:
-    """A URI as it may be printed: a password in it replaced by ***, at most `limit`
-    characters."""
-    secret = r"^([A-Za-z][\w+.-]*://[^:/@]*:)[^@]*@"  # user:<password>@, as SQLAlchemy reads it
+def without_password(uri: str, mask: str = "***") -> str:
+    """The URI with the password of its user:password@ replaced by `mask`; mask '' drops it
+    with its colon (user@host)."""
+    secret = r"^([A-Za-z][\w+.-]*://[^:/@]*):[^@]*@"  # user:<password>@, as SQLAlchemy reads it
+    hidden = f":{mask}" if mask else ""
     if scheme(uri) in DATABASES:
-        uri = re.sub(secret, r"\1***@", uri)
-    else:
-        try:
-            parts = urllib.parse.urlsplit(uri)
-            if parts.password is not None:
-                netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-                uri = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-        except ValueError:  # not a parsable URL (e.g. "http://[oops")
-            uri = re.sub(secret, r"\1***@", uri)
-    uri = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], uri)  # one line
+        return re.sub(secret, lambda m: f"{m.group(1)}{hidden}@", uri)
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        if parts.password is None:
+            return uri
+        netloc = parts.netloc.replace(f":{parts.password}@", f"{hidden}@", 1)
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:  # not a parsable URL (e.g. "http://[oops")
+        return re.sub(secret, lambda m: f"{m.group(1)}{hidden}@", uri)
+
+
+def printable(text: str) -> str:
+    """Text as it may go into a one-line message or log line: control characters escaped
+    (a newline as \\n, an escape as \\x1b)."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+
+
+def shown(uri: str, limit: int = 300) -> str:
+    """A URI as it may be printed: a password in it replaced by ***, on one line, at most
+    `limit` characters."""
+    uri = printable(without_password(uri))
     return uri if len(uri) <= limit else uri[:limit - 3] + "..."
