@@ -15,7 +15,6 @@ tells it from a finished one (MLflow shows both with the same FINISHED icon).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from optuna.trial import TrialState
 
 from fashion_exp.config import ConfigError
 from fashion_exp.sweeps import settings
-from fashion_exp.tracking.store_checks import first_line
+from fashion_exp.tracking.store_checks import connect_args, first_line
 from fashion_exp.uris import shown
 
 if TYPE_CHECKING:
@@ -179,12 +178,10 @@ def storage_problem(url: str, timeout: float = 5.0) -> str | None:
     import sqlalchemy
     from sqlalchemy.pool import NullPool
 
-    seconds = max(2, math.ceil(timeout))  # libpq's minimum is 2 s
     try:
         parsed = sqlalchemy.make_url(url)
-        connect_args = {"postgresql": {"connect_timeout": seconds},
-                        "mysql": {"connect_timeout": seconds}}.get(parsed.get_backend_name(), {})
-        engine = sqlalchemy.create_engine(parsed, connect_args=connect_args, poolclass=NullPool)
+        engine = sqlalchemy.create_engine(parsed, connect_args=connect_args(parsed, timeout),
+                                          poolclass=NullPool)
         try:
             with engine.connect():
                 return None
