@@ -37,18 +37,24 @@ from fashion_exp.schemas import (
 # conf/ sits beside the package in the repository (the package is installed editable).
 CONF_DIR = PACKAGE_PARENT / "conf"
 
-def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore; the YAML files in conf/ extend them."""
-    missing = unclassified()
-    if missing:  # a programming error: the params of every run would be undecided
-        raise TypeError(f"config keys without a role (option, param or setting) in "
-                        f"fashion_exp/schemas.py: {', '.join(missing)}")
+def register_resolvers() -> None:
+    """The resolvers of the configs' ${project_root:} and ${pid:}."""
     # ${project_root:} in configs: the repository, wherever the command runs from.
     OmegaConf.register_new_resolver("project_root", lambda: str(project_root()), replace=True)
     # ${pid:} in Hydra's output folders: two runs started in the same second get their own.
     # Cached like Hydra's ${now:}: the jobs of a sweep (parallel processes included) resolve
     # the sweep folder to the value of the process that started it.
     OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore, which the YAML files in conf/ extend, and
+    register the configs' resolvers."""
+    missing = unclassified()
+    if missing:  # a programming error: the params of every run would be undecided
+        raise TypeError(f"config keys without a role (option, param or setting) in "
+                        f"fashion_exp/schemas.py: {', '.join(missing)}")
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="serve_schema", node=ServeConfig)
