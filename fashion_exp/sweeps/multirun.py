@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "mlflow_sweep.json"
 # Sweeps this process opened and has not finished yet (see finish_open_sweeps).
+# Module-level: cli/train.main ends them after Hydra, which never hands it the SweepCallback.
 _open_sweeps: set[Path] = set()
 
 
