@@ -69,8 +69,8 @@ def store_lock(uri: str) -> Iterator[None]:
 
 def connect(cfg: DictConfig) -> str:
     """The resolved tracking URI of cfg.tracking, once the store is usable for recording runs
-    (StoreError if not). For a server, MLflow's request timeout and retries are set from the
-    config, and a server that cannot take runs is waited for (wait_for_server)."""
+    (store_checks.StoreError if not). For a server, MLflow's request timeout and retries are
+    set from the config, and a server that cannot take runs is waited for (wait_for_server)."""
     uri = resolve_uri(cfg.uri)
     if cfg.mode == "server" and not is_server(uri):
         raise TrackingUnavailable(f"tracking=server needs an http(s):// URI, got {uri}")
@@ -117,8 +117,8 @@ def setup(uri: str | None, experiment_name: str, connect_timeout: float = 5.0,
     """Point MLflow at the store (creating it if new) and return (uri, experiment id).
 
     Every path that may create or migrate a store comes through here, so the store is
-    checked here (StoreError) unless the caller has just checked it (`checked`: a URI that
-    check_store returned): whatever skipped the entry points' early check (Hydra flags, a
+    checked here (store_checks.StoreError) unless the caller has just checked it (`checked`: a
+    URI that check_store returned): whatever skipped the entry points' early check (Hydra flags, a
     sweep's callback), MLflow never writes its tables into a file that is not a usable store
     of its own. A tracking server that cannot take runs is waited for up to `wait_seconds`."""
     if not checked:
