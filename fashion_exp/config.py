@@ -37,18 +37,24 @@ from fashion_exp.schemas import (
 # conf/ sits beside the package in the repository (the package is installed editable).
 CONF_DIR = PACKAGE_PARENT / "conf"
 
-def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore; the YAML files in conf/ extend them."""
-    missing = unclassified()
-    if missing:  # a programming error: the params of every run would be undecided
-        raise TypeError(f"config keys without a role (option, param or setting) in "
-                        f"fashion_exp/schemas.py: {', '.join(missing)}")
+def register_resolvers() -> None:
+    """The resolvers of the configs' ${project_root:} and ${pid:}."""
     # ${project_root:} in configs: the repository, wherever the command runs from.
     OmegaConf.register_new_resolver("project_root", lambda: str(project_root()), replace=True)
     # ${pid:} in Hydra's output folders: two runs started in the same second get their own.
     # Cached like Hydra's ${now:}: the jobs of a sweep (parallel processes included) resolve
     # the sweep folder to the value of the process that started it.
     OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True, replace=True)
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore, which the YAML files in conf/ extend, and
+    register the configs' resolvers."""
+    missing = unclassified()
+    if missing:  # a programming error: the params of every run would be undecided
+        raise TypeError(f"config keys without a role (option, param or setting) in "
+                        f"fashion_exp/schemas.py: {', '.join(missing)}")
+    register_resolvers()
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="serve_schema", node=ServeConfig)
@@ -189,7 +195,9 @@ def command_line(argv: list[str]) -> tuple[list[str], bool] | None:
     hydra_argv's order). ConfigError for the flags that would run a job on a config other
     than the entry point's (--config-path, --config-name, --config-dir, --experimental-rerun):
     its overrides could not be checked."""
-    from hydra._internal.utils import get_args_parser  # the flags exactly as Hydra reads them
+    # Private API (hydra-core 1.3.8): no public parser of Hydra's command-line flags; this one
+    # reads them exactly as Hydra does.
+    from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_intermixed_args(argv)
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:

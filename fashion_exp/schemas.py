@@ -18,8 +18,9 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from fashion_exp.uris import MODEL_FORMS, MODEL_SCHEMES, URI_SCHEMES, scheme, shown
+from fashion_exp.uris import MODEL_FORMS, MODEL_SCHEMES, SERVERS, URI_SCHEMES, scheme, shown
 
+IMAGE_SIDE = 28  # side of a Fashion-MNIST image, pixels: what every model takes
 MODELS = ("mlp", "cnn")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 ACTIVATIONS = ("relu", "elu", "gelu", "selu", "silu", "tanh", "sigmoid")
@@ -199,7 +200,7 @@ class CNNConfig:
                "use 1, 3, 5 or 7")
         _check(
             len(self.filters) <= 4, "filters", self.filters,
-            "at most 4 pooled blocks fit a 28x28 image",
+            f"at most 4 pooled blocks fit a {IMAGE_SIDE}x{IMAGE_SIDE} image",
         )
         _one_of("pooling", self.pooling, POOLINGS)
         _widths("dense", self.dense, allow_empty=True)
@@ -401,7 +402,7 @@ class TrackingConfig:
         uri = shown(self.uri) if self.uri else self.uri  # a password in it is not printed
         _check(not kind or kind in URI_SCHEMES, "uri", uri,
                f"use a path or a URI of scheme {', '.join(URI_SCHEMES)}")
-        _check(self.mode != "server" or kind in ("http", "https"), "uri", uri,
+        _check(self.mode != "server" or kind in SERVERS, "uri", uri,
                "tracking=server needs the server's http:// or https:// address")
         _check(self.request_timeout > 0, "request_timeout", self.request_timeout, "must be > 0")
         _check(self.retries >= 0, "retries", self.retries, "must be >= 0")
@@ -506,7 +507,7 @@ class ServiceSettings:
     max_upload_bytes: int = 10_000_000
     max_request_bytes: int = 32_000_000
     max_image_pixels: int = 40_000_000
-    object_size: int = 28
+    object_size: int = IMAGE_SIDE
     max_models: int = 4
     decode_workers: int = 2
     max_header_bytes: int = 32_768
@@ -517,8 +518,8 @@ class ServiceSettings:
 
     def __post_init__(self) -> None:
         _check(1 <= self.top_k <= 10, "top_k", self.top_k, "must be in [1, 10]")
-        _check(8 <= self.object_size <= 28, "object_size", self.object_size,
-               "must be in [8, 28] pixels")
+        _check(8 <= self.object_size <= IMAGE_SIDE, "object_size", self.object_size,
+               f"must be in [8, {IMAGE_SIDE}] pixels")
         for key in ("max_batch", "max_images", "max_upload_bytes", "max_request_bytes",
                     "max_image_pixels", "max_models"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")

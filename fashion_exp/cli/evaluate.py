@@ -29,6 +29,7 @@ from fashion_exp.config import (
     compose_checked,
     hydra_argv,
     register_configs,
+    register_resolvers,
     sweep_variants,
 )
 from fashion_exp.tracking.store_checks import StoreError, check_store
@@ -87,7 +88,9 @@ def evaluate(cfg: DictConfig) -> float:
     return result.accuracy
 
 
-register_configs()
+# The job processes of a multirun on hydra/launcher=parallel run _hydra_main by importing this
+# module, and Hydra resolves their config (${pid:}) before any of our code runs there.
+register_resolvers()
 
 
 def _exit(err: ConfigError | StoreError) -> None:
@@ -148,6 +151,7 @@ def model_ref(uri: str, model_uri: str) -> ModelRef:
 def main() -> None:
     """Console-script entry point: check the overrides of an evaluation or of a multirun of
     evaluations (-m), then hand over to Hydra."""
+    register_configs()
     try:
         line = command_line(sys.argv[1:])  # None: --cfg, --help... show things, run no job
         if line is not None:

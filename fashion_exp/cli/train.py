@@ -32,6 +32,7 @@ from fashion_exp.config import (
     hydra_argv,
     precheck,
     register_configs,
+    register_resolvers,
     validate,
 )
 from fashion_exp.core import metrics
@@ -309,7 +310,10 @@ def figures(plots: ModuleType, history: dict[str, list[float]], result: Evaluati
     }
 
 
-register_configs()
+# The job processes of a sweep (hydra/launcher=parallel, slurm) run _hydra_main by importing
+# this module, and Hydra resolves their config (${pid:} in the output folder) before any of
+# our code runs there: the resolvers are registered on import (main() registers the rest).
+register_resolvers()
 register_resolver()  # ${study_storage:} of conf/hparams_search/
 
 
@@ -378,6 +382,7 @@ def _check_stores(configs: list[DictConfig]) -> None:
 def main() -> None:
     """Console-script entry point: check the overrides of a run or a sweep, then hand over
     to Hydra."""
+    register_configs()
     try:
         line = command_line(sys.argv[1:])  # None: --cfg, --help... show things, run no job
         if line is not None:

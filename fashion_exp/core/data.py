@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fashion_exp.schemas import IMAGE_SIDE
+
 log = logging.getLogger(__name__)
 
 CLASSES = (
@@ -109,9 +111,9 @@ def load_arrays(folder: Path, verify_md5: bool = True) -> dict[str, np.ndarray]:
                             f"{EXPECTED_COUNT[key]}")
     for split in ("train", "test"):
         images, labels = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        if images.ndim != 3 or images.shape[1:] != (28, 28):
+        if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
             raise DataError(f"{folder / FILES['x_' + split]}: images of shape "
-                            f"{images.shape[1:]}, expected (28, 28)")
+                            f"{images.shape[1:]}, expected {(IMAGE_SIDE, IMAGE_SIDE)}")
         if len(images) != len(labels):
             raise DataError(f"{folder}: {len(images)} {split} images but {len(labels)} labels")
         if labels.size and labels.max() >= len(CLASSES):

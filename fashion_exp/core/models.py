@@ -10,9 +10,11 @@ import tensorflow as tf
 from keras import layers
 from omegaconf import DictConfig
 
+from fashion_exp.schemas import IMAGE_SIDE
+
 log = logging.getLogger(__name__)
 
-IMAGE_SHAPE = (28, 28)
+IMAGE_SHAPE = (IMAGE_SIDE, IMAGE_SIDE)
 NUM_CLASSES = 10
 TEST_FLIP_SUFFIX = "_test_flip"  # the name of a with_test_flip model: its network's + this
 

@@ -17,7 +17,8 @@ import zlib
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-SIZE = 28  # side of a Fashion-MNIST image, pixels
+from fashion_exp.schemas import IMAGE_SIDE as SIZE  # side of a Fashion-MNIST image, pixels
+
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF")  # what uploads may be
 # Pillow's name for a JPEG that carries more pictures (phones, 3D cameras); its first is read.
 JPEG_FORMATS = ("JPEG", "MPO")

@@ -55,8 +55,18 @@ def load(folder: Path) -> Any:
     spec = read_flavors(folder)
     import mlflow.tensorflow
 
+<<<<<<< HEAD
     from fashion_exp.serving.batching import output_problem
     from fashion_exp.serving.models import ServedModel, graph_predictor, probe_images
+=======
+    from fashion_exp.schemas import IMAGE_SIDE
+    from fashion_exp.serving.service import (
+        ServedModel,
+        graph_predictor,
+        output_problem,
+        probe_images,
+    )
+>>>>>>> house-apis
     from fashion_exp.tracking.logged_models import ModelRef
 
     try:
@@ -71,7 +81,8 @@ def load(folder: Path) -> Any:
     try:
         answer = predict(probe)  # traced now, not on the first request
     except Exception as err:  # noqa: BLE001 - a model that fails on images cannot serve them
-        raise BadModel(f"the model in {folder} does not take (n, 28, 28) uint8 images: "
+        raise BadModel(f"the model in {folder} does not take (n, {IMAGE_SIDE}, {IMAGE_SIDE}) "
+                       "uint8 images: "
                        f"{type(err).__name__}: {first_line(err)}") from None
     if problem := output_problem(answer, len(probe), "probe images"):
         raise BadModel(f"the model in {folder} cannot serve: {problem}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import getpass
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -28,11 +27,13 @@ from fashion_exp.paths import git_commit
 from fashion_exp.schemas import run_params
 from fashion_exp.tracking import views
 from fashion_exp.tracking.store_checks import first_line
+from fashion_exp.uris import without_password
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "mlflow_sweep.json"
 # Sweeps this process opened and has not finished yet (see finish_open_sweeps).
+# Module-level: cli/train.main ends them after Hydra, which never hands it the SweepCallback.
 _open_sweeps: set[Path] = set()
 
 
@@ -118,8 +119,7 @@ def group_key(sweeper: Any) -> str | None:
     storage, study = sweeper.get("storage"), sweeper.get("study_name")
     if not storage or not study or str(storage).startswith("sqlite"):
         return None  # a SQLite study lives on one machine: the sweep folder identifies it
-    without_password = re.sub(r"//([^:/@]+):[^@]*@", r"//\1@", str(storage))
-    return f"{study} @ {without_password}"
+    return f"{study} @ {without_password(str(storage), mask='')}"
 
 
 def _shared_parent(client: Any, exp_id: str, key: str) -> Any | None:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import datetime
 import logging
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,13 +46,22 @@ def stale(trial: optuna.trial.FrozenTrial) -> bool:
     return procs.alive(owner) is False
 
 
-def close_stale_trials(study: optuna.Study) -> int:
-    """Mark trials left RUNNING by a stopped process as FAIL; returns how many."""
+def trial_id(storage: optuna.storages.BaseStorage, study: optuna.Study, number: int) -> int:
+    """The storage's key of the study's trial `number` (what optuna.Trial(study, id) and the
+    storage's setters take)."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return storage.get_trial_id_from_study_id_trial_number(study_id, number)
+
+
+def close_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:
+    """Mark trials left RUNNING by a stopped process as FAIL (the study's `storage` writes
+    them: they are not this process's to tell); returns how many."""
     stale_trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                     if stale(t)]
     for trial in stale_trials:
-        study._storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        key = trial_id(storage, study, trial.number)
+        storage.set_trial_user_attr(key, INTERRUPTED, True)
+        storage.set_trial_state_values(key, state=TrialState.FAIL)
     return len(stale_trials)
 
 
@@ -78,31 +85,16 @@ def resume(impl: Any) -> None:
         return
     if study.trials and not shared:
         impl.sampler.reseed_rng()
-    closed = close_stale_trials(study)
+    closed = close_stale_trials(study, storage)
     log.info("Resuming study %s: %s; %d interrupted trials run again", impl.study_name,
              summary(study), closed)
 
 
-@contextmanager
-def trials_record_their_process() -> Iterator[None]:
-    """While a sweep runs, every trial it asks for records this process (host, pid, start).
-
-    hydra-optuna-sweeper creates the study and asks for trials inside its own sweep loop, with
-    no hook to tag them, so Study.ask is wrapped for the duration of the sweep."""
-    original = optuna.Study.ask
-    process = procs.this_process()
-
-    def ask(study: optuna.Study, *args: Any, **kwargs: Any) -> optuna.Trial:
-        trial = original(study, *args, **kwargs)
-        for key, value in process.items():
-            trial.set_user_attr(WORKER + key, value)
-        return trial
-
-    optuna.Study.ask = ask
-    try:
-        yield
-    finally:
-        optuna.Study.ask = original
+def record_process(trial: optuna.Trial) -> None:
+    """Record this process (host, pid, start) on a trial it just asked for, so that the trial
+    is known stale once the process is gone (`stale`)."""
+    for key, value in procs.this_process().items():
+        trial.set_user_attr(WORKER + key, value)
 
 
 def counted(trial: optuna.trial.FrozenTrial) -> bool:
@@ -177,6 +169,7 @@ def search_space(arguments: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     (LogUniformDistribution, ...), which Optuna 5 deprecates: each one warns when it is made,
     and again whenever a process reads it back from the storage. They are rebuilt here as
     the FloatDistribution/IntDistribution they stand for, so the study stores only those."""
+    # Private API (hydra-optuna-sweeper 1.3.0): no public parser of its search-space syntax.
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
     from optuna.distributions import FloatDistribution, IntDistribution
 

@@ -15,7 +15,6 @@ tells it from a finished one (MLflow shows both with the same FINISHED icon).
 from __future__ import annotations
 
 import logging
-import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from optuna.trial import TrialState
 
 from fashion_exp.config import ConfigError
 from fashion_exp.sweeps import settings
-from fashion_exp.tracking.store_checks import first_line
+from fashion_exp.tracking.store_checks import connect_args, first_line
 from fashion_exp.uris import shown
 
 if TYPE_CHECKING:
@@ -108,8 +107,8 @@ def job_trial(metric: str) -> JobTrial | None:
     quiet_old_distributions()
     study = optuna.load_study(study_name=sweeper.study_name, storage=sweeper.storage,
                               pruner=pruner)
-    # Optuna has no public way to re-open a trial in another process than the one that
-    # asked for it (its distributed examples run the objective where the trial was asked);
+    # Private API (optuna 5.0.0): no public way to re-open a trial in another process than
+    # the one that asked for it (its docs advise against calling Trial's constructor);
     # Trial(study, trial_id) is what Study.ask itself builds.
     return JobTrial(study, optuna.Trial(study, int(found)), metric)
 
@@ -132,7 +131,7 @@ def trial_number() -> int | None:
     if not found or not storage:
         return None
     try:
-        return optuna.storages.get_storage(str(storage)).get_trial_number_from_id(int(found))
+        return optuna.storages.RDBStorage(str(storage)).get_trial_number_from_id(int(found))
     except (*STORAGE_ERRORS, KeyError, ValueError) as err:
         log.warning("trial %s: its number is not known (%s)", found, first_line(err))
         return None
@@ -179,12 +178,10 @@ def storage_problem(url: str, timeout: float = 5.0) -> str | None:
     import sqlalchemy
     from sqlalchemy.pool import NullPool
 
-    seconds = max(2, math.ceil(timeout))  # libpq's minimum is 2 s
     try:
         parsed = sqlalchemy.make_url(url)
-        connect_args = {"postgresql": {"connect_timeout": seconds},
-                        "mysql": {"connect_timeout": seconds}}.get(parsed.get_backend_name(), {})
-        engine = sqlalchemy.create_engine(parsed, connect_args=connect_args, poolclass=NullPool)
+        engine = sqlalchemy.create_engine(parsed, connect_args=connect_args(parsed, timeout),
+                                          poolclass=NullPool)
         try:
             with engine.connect():
                 return None

@@ -31,6 +31,7 @@ from optuna.trial import TrialState
 from fashion_exp.sweeps import optuna_study
 from fashion_exp.sweeps.pruning import STORAGE_ERRORS, TRIAL_ENV, quiet_old_distributions
 from fashion_exp.sweeps.settings import PRUNER_ATTR, pruner_line
+from fashion_exp.sweeps.study_storage import open_storage
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +39,22 @@ log = logging.getLogger(__name__)
 class Search:
     """One process's part of a search: the study, its budget, the trials this process ran.
 
-    hydra-optuna-sweeper (pinned 1.3.0) has no public API for its search-space syntax; its
-    OptunaSweeperImpl helpers (_process_searchspace_config, _parse_sweeper_params_config,
-    _configure_trials, _get_directions) are called so that both loops read a space the same
-    way."""
+    The search space is read with the plugin's own helpers, so that both loops read a space
+    the same way."""
 
     def __init__(self, impl: Any, arguments: list[str], pruner: optuna.pruners.BasePruner,
                  timeout: float | None) -> None:
         self.impl = impl
-        impl._process_searchspace_config()  # the plugin's own parsing of the search space
+        # Private API (hydra-optuna-sweeper 1.3.0): no public API for its search-space syntax
+        # and directions; OptunaSweeperImpl's own helpers read them (here and in overrides).
+        impl._process_searchspace_config()
         space, self.fixed = optuna_study.search_space(
             impl._parse_sweeper_params_config() + list(arguments))
         self.space = {k: v for k, v in space.items() if k not in self.fixed}
+        self.storage = (open_storage(str(impl.storage)) if impl.storage
+                        else optuna.storages.InMemoryStorage())
         self.study = optuna.create_study(
-            study_name=impl.study_name, storage=impl.storage, sampler=impl.sampler,
+            study_name=impl.study_name, storage=self.storage, sampler=impl.sampler,
             pruner=pruner, directions=impl._get_directions(), load_if_exists=True)
         self.budget = optuna_study.Budget(impl.n_trials, timeout)
         self.failures = self.ended = 0
@@ -64,6 +67,7 @@ class Search:
             self.stopped_because = reason
             return None
         trial = self.study.ask()
+        optuna_study.record_process(trial)  # before anything else: a trial has its process
         if not self.budget.admits(self.study, trial):  # another worker took the last trial
             self.stopped_because = self.budget.spent(self.study) or ""
             return None
@@ -74,10 +78,12 @@ class Search:
         """The job's overrides: the trial's values, and the trial it reports to."""
         from fashion_exp.sweeps.multirun import child_run_name
 
+        # Private API (hydra-optuna-sweeper 1.3.0): no public way to turn a trial into overrides.
         [values] = self.impl._configure_trials([trial], self.space, self.fixed)
         log.info("Trial %d: %s", trial.number, child_run_name(list(values), list(self.space)))
-        # Optuna's Trial keeps its id private; the job re-opens the trial by it.
-        return [*values, f"++hydra.job.env_set.{TRIAL_ENV}={trial._trial_id}"]
+        # The job re-opens the trial by its storage key (optuna.Trial(study, id)).
+        key = optuna_study.trial_id(self.storage, self.study, trial.number)
+        return [*values, f"++hydra.job.env_set.{TRIAL_ENV}={key}"]
 
     def tell(self, trial: optuna.Trial, ret: JobReturn) -> None:
         """Record a job's end: its value, or FAIL; a trial the job pruned stays PRUNED."""
@@ -109,6 +115,8 @@ class Search:
     def run_parallel(self, joblib_cfg: dict[str, Any]) -> None:
         """n_jobs trials at a time in joblib's worker processes; whenever one ends, the next
         is asked and started (joblib consumes the task generator one task per free slot)."""
+        # Private API (hydra-joblib-launcher 1.2.0): execute_job; no public way to run one job
+        # at a time (its launch() takes whole batches).
         from hydra.core.singleton import Singleton
         from hydra_plugins.hydra_joblib_launcher._core import execute_job
         from joblib import Parallel, delayed
@@ -214,6 +222,8 @@ def last_logged(client: Any, run: Any) -> int:
 
 # Loggers of the launchers, which print every job's full overrides (the trial's values at
 # full precision, and how the job finds its trial): the search prints one line per trial.
+# Private API (hydra-core 1.3.8, hydra-joblib-launcher 1.2.0): the names of their internal
+# modules; no public setting quiets those lines.
 LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher",
                     "hydra_plugins.hydra_joblib_launcher._core")
 

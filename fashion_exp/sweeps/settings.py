@@ -219,6 +219,7 @@ def check_sampler(conf: Any, direction: str) -> None:
 
 def check_space(params: Any) -> None:
     """hydra.sweeper.params: each search space one Optuna distribution accepts."""
+    # Private API (hydra-optuna-sweeper 1.3.0): no public parser of its search-space syntax.
     from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 
     for key, value in (params or {}).items():

@@ -152,6 +152,8 @@ def _squeue_states(job_ids: set[str]) -> str:
 def use_squeue_fallback() -> None:
     """Make submitit read job states from squeue when sacct fails (no slurmdbd): otherwise a
     job killed without writing its result (out of memory) is waited for forever."""
+    # Private API (submitit 1.5.4): its SlurmInfoWatcher's internals; no public setting of
+    # how job states are read.
     from submitit.slurm import slurm
 
     watcher = slurm.SlurmJob.watcher
@@ -315,6 +317,8 @@ class Requeueable:
         use_squeue_fallback()
         params = dict(self.params)
         init = {"folder": params.pop("submitit_folder")}
+        # Private API (hydra-submitit-launcher 1.2.0): _EXECUTOR and params, as its own
+        # launch() reads them; launch() is replaced whole (one job array, failures named).
         if "max_num_timeout" in params:
             init[f"{self._EXECUTOR}_max_num_timeout"] = params.pop("max_num_timeout")
         executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
@@ -354,6 +358,8 @@ class Requeueable:
             log.error("job %d failed: %s", job_num, reason)
             end_lost_run(sweep_dir, job_num, reason)
             return _failed(overrides, job_num, reason)
+        # Private API (hydra-core 1.3.8): JobReturn.return_value raises a failed job's error;
+        # _return_value is the error without raising it.
         if ret.status == JobStatus.FAILED and isinstance(ret._return_value, UncompletedJobError):
             # at its time limit more often than max_num_timeout allows: not requeued again
             reason = f"SLURM job {job.job_id}: {ret._return_value}"

@@ -52,7 +52,7 @@ def open_storage(url: str, attempts: int = 5) -> Any:
 
     for attempt in range(attempts - 1):
         try:
-            return optuna.storages.get_storage(url)
+            return optuna.storages.RDBStorage(url)
         except SQLAlchemyError:
             time.sleep(1 + attempt)
-    return optuna.storages.get_storage(url)  # the last attempt's error is the user's
+    return optuna.storages.RDBStorage(url)  # the last attempt's error is the user's

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from fashion_exp.schemas import IMAGE_SIDE
 from fashion_exp.uris import MODEL_FORMS
 
 MODEL_ARTIFACT = "model"  # the name fashion-exp-train logs its model under
@@ -168,7 +169,7 @@ def signature() -> Any:
     from mlflow.types.schema import Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, 28, 28))]),
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, IMAGE_SIDE, IMAGE_SIDE))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
     )
 

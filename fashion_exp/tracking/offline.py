@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 
 from fashion_exp.files import read_json, write_json
 from fashion_exp.tracking.store_checks import server_up
+from fashion_exp.uris import is_server
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ RECHECK_SECONDS = 10.0  # while offline, ask the server again at most this often
 def server_gone(uri: str) -> bool:
     """After a logging call failed: whether the server is unreachable (the call is then kept
     for later) rather than refusing the request (the error is then the caller's to see)."""
-    return uri.startswith(("http://", "https://")) and not server_up(uri)
+    return is_server(uri) and not server_up(uri)
 
 
 def pending(folder: Path) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from fashion_exp.tracking.store_checks import (
     server_problem,
     sqlite_path,
 )
+from fashion_exp.uris import is_server
 
 
 class TrackingUnavailable(RuntimeError):
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 OWNER_TAGS = ("host", "pid", "started")  # process.* tags of a run: see procs.alive
 MAX_RUN_NAME = 250  # MLflow's column size: a database server (PostgreSQL) rejects longer names
 # MLflow's UI opens experiments of this kind in its model-training view (not the GenAI one).
+# Private API (mlflow 3.17.2): an undocumented tag its UI reads; no public setting of the view.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 # --- Where runs go -----------------------------------------------------------------------------
@@ -64,14 +66,10 @@ def store_lock(uri: str) -> Iterator[None]:
         yield
 
 
-def is_server(uri: str) -> bool:
-    """Whether a resolved tracking URI is a tracking server."""
-    return uri.startswith(("http://", "https://"))
-
-
 def connect(cfg: DictConfig) -> str:
     """The resolved tracking URI of cfg.tracking, once the store is usable for recording runs
-    (StoreError if not); a server that cannot take runs now is waited for (wait_for_server)."""
+    (store_checks.StoreError if not); a server that cannot take runs now is waited for
+    (wait_for_server)."""
     uri = resolve_uri(cfg.uri)
     if cfg.mode == "server" and not is_server(uri):
         raise TrackingUnavailable(f"tracking=server needs an http(s):// URI, got {uri}")
@@ -113,11 +111,11 @@ def setup(uri: str, experiment_name: str, connect_timeout: float = 5.0,
     """The id of the experiment `experiment_name` in the store at `uri`, created if new.
 
     Every path that may create or migrate a store comes through here, so the store is
-    checked here (StoreError) unless the caller has just checked it (`checked`: a URI that
-    check_store or connect returned): whatever skipped the entry points' early check (Hydra
-    flags, a sweep's callback), MLflow never writes its tables into a file that is not a
-    usable store of its own. A tracking server that cannot take runs is waited for up to
-    `wait_seconds`."""
+    checked here (store_checks.StoreError) unless the caller has just checked it (`checked`:
+    a URI that check_store or connect returned): whatever skipped the entry points' early
+    check (Hydra flags, a sweep's callback), MLflow never writes its tables into a file that
+    is not a usable store of its own. A tracking server that cannot take runs is waited for
+    up to `wait_seconds`."""
     if not checked:
         uri = check_store(uri, write=True, create=True, connect_timeout=connect_timeout)
     if is_server(uri):
@@ -207,6 +205,8 @@ def _begin(client: mlflow.MlflowClient, experiment_id: str, run_name: str,
             client.delete_tag(resume_run_id, "error")
         return resume_run_id
     # MLflow's run-context tags (source, user, git commit), as its own start_run adds.
+    # Private API (mlflow 3.17.2): resolve_tags; MlflowClient.create_run has no public way to
+    # add them.
     return client.create_run(experiment_id, run_name=fit_run_name(run_name),
                              tags=resolve_tags(tags | owner)).info.run_id
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fashion_exp.paths import project_root
-from fashion_exp.uris import DATABASES, URI_SCHEMES, lower_scheme, scheme, shown
+from fashion_exp.uris import DATABASES, SERVERS, URI_SCHEMES, lower_scheme, scheme, shown
 
 ENV_VAR = "MLFLOW_TRACKING_URI"
 SQLITE_HEADER = b"SQLite format 3\x00"
@@ -124,7 +124,7 @@ def check_store(uri: str | None, *, write: bool, connect_timeout: float, create:
         elif kind in DATABASES:
             _check_database(resolved, where, option, need_tables=not write,
                             timeout=connect_timeout)
-        elif kind in ("http", "https"):
+        elif kind in SERVERS:
             problem = server_problem(resolved, timeout=connect_timeout)
             if problem is not None:
                 raise StoreError(server_message(shown(resolved), problem, option))
@@ -321,6 +321,16 @@ def _check_tables(tables: set[str], where: str, todo: str, *, fresh_ok: bool) ->
                      f"half-created store); restore it from a backup or {todo}")
 
 
+def connect_args(url: Any, timeout: float) -> dict[str, Any]:
+    """SQLAlchemy's connect_args that make a connection to the database server of `url` (a
+    sqlalchemy URL) give up after `timeout` seconds, in whole seconds: each driver names its
+    timeout differently, and libpq's minimum is 2 s."""
+    seconds = max(1, math.ceil(timeout))
+    return {"postgresql": {"connect_timeout": max(2, seconds)},
+            "mysql": {"connect_timeout": seconds},
+            "mssql": {"timeout": seconds}}.get(url.get_backend_name(), {})
+
+
 def _check_database(uri: str, where: str, option: str, *, need_tables: bool,
                     timeout: float) -> None:
     """One connection to a database server, within `timeout` seconds; readers also need
@@ -328,15 +338,11 @@ def _check_database(uri: str, where: str, option: str, *, need_tables: bool,
     import sqlalchemy
     from sqlalchemy.pool import NullPool
 
-    seconds = max(1, math.ceil(timeout))
     url = sqlalchemy.make_url(uri)
-    # Each driver names its timeout differently; libpq's minimum is 2 s.
-    connect_args = {"postgresql": {"connect_timeout": max(2, seconds)},
-                    "mysql": {"connect_timeout": seconds},
-                    "mssql": {"timeout": seconds}}.get(url.get_backend_name(), {})
     todo = f"start the database, fix {option}, or raise {_timeout_option(option)}"
     try:
-        engine = sqlalchemy.create_engine(url, connect_args=connect_args, poolclass=NullPool)
+        engine = sqlalchemy.create_engine(url, connect_args=connect_args(url, timeout),
+                                          poolclass=NullPool)
     except (ImportError, sqlalchemy.exc.ArgumentError) as err:
         raise StoreError(f"tracking store {where} cannot be used: {err} (install its database "
                          f"driver or fix {option})") from None

@@ -9,6 +9,9 @@ address: the experiment's own address redirects there and drops it.
 The UI's sidebar shows GenAI pages or model-training pages by the URL parameter
 `workflowType` (remembered by the browser), GenAI unless told: every link says
 `machine_learning`.
+
+Private API (mlflow 3.17.2): the view-state tag, its JSON keys, the column ids and the URL
+parameters are the UI's own, undocumented; MLflow has no public API for saved views.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fashion_exp.core.metrics import key_metrics
+from fashion_exp.uris import is_server
 
+# Private API (mlflow 3.17.2): see the module's docstring.
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
 SHARE_KEY_PARAM = "viewStateShareKey"
 MODEL_TRAINING = "workflowType=machine_learning"
@@ -126,7 +131,7 @@ def has_view(experiment: Any, key: str) -> bool:
 def ui_hint(uri: str, link: str) -> str:
     """How to open a UI address (`link`, after the server's) for a tracking URI: the server's
     own address, or `mlflow ui` on a local store."""
-    if uri.startswith(("http://", "https://")):
+    if is_server(uri):
         return f"open {uri.rstrip('/')}/{link}"
     store = f" --backend-store-uri {uri}" if "://" in uri else ""
     return f"mlflow ui{store}  then open http://127.0.0.1:5000/{link}"

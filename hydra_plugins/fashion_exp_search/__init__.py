@@ -74,5 +74,4 @@ class ResumableOptunaSweeper(OptunaSweeper):
 
         pruner = self.pruner if self.pruner is not None else build_pruner(None)
         optuna_study.resume(self.sweeper)
-        with optuna_study.trials_record_their_process():
-            return search_loop.run(self.sweeper, arguments, pruner, self.timeout)
+        return search_loop.run(self.sweeper, arguments, pruner, self.timeout)
