@@ -55,18 +55,9 @@ def load(folder: Path) -> Any:
     spec = read_flavors(folder)
     import mlflow.tensorflow
 
-<<<<<<< HEAD
+    from fashion_exp.schemas import IMAGE_SIDE
     from fashion_exp.serving.batching import output_problem
     from fashion_exp.serving.models import ServedModel, graph_predictor, probe_images
-=======
-    from fashion_exp.schemas import IMAGE_SIDE
-    from fashion_exp.serving.service import (
-        ServedModel,
-        graph_predictor,
-        output_problem,
-        probe_images,
-    )
->>>>>>> house-apis
     from fashion_exp.tracking.logged_models import ModelRef
 
     try:

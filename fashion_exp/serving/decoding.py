@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +22,7 @@ from starlette.requests import ClientDisconnect
 from fashion_exp.core import preprocess
 from fashion_exp.schemas import ServiceSettings as Settings
 from fashion_exp.serving.payloads import SIDE, ArrayRequest
+from fashion_exp.uris import printable
 
 log = logging.getLogger(__name__)
 
@@ -99,12 +99,6 @@ def prepare_uploads(uploads: list[tuple[str, bytes]], settings: Settings) -> np.
             raise HTTPException(400, f"{printable(name)}: corrupt image: it cannot be "
                                      f"decoded ({type(err).__name__})") from None
     return np.stack(images)
-
-
-def printable(text: str) -> str:
-    """Client text as it may go into a one-line answer or log line: control characters
-    (newlines included) escaped."""
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
 
 
 def read_form(headers: Headers, body: bytes, settings: Settings) -> list[tuple[str, bytes]]:

@@ -27,6 +27,7 @@ from fashion_exp.serving.models import (
 from fashion_exp.tracking import logged_models
 from fashion_exp.tracking.logged_models import ModelRef, UnknownModel
 from fashion_exp.tracking.store_checks import first_line
+from fashion_exp.uris import is_server
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,7 @@ def run_page(tracking_uri: str, run: Any) -> str:
     """The run's page in the MLflow UI: on the tracking server, or in the local UI."""
     from fashion_exp.tracking.views import run_link
 
-    server = tracking_uri.startswith(("http://", "https://"))
-    base = tracking_uri.rstrip("/") if server else LOCAL_UI
+    base = tracking_uri.rstrip("/") if is_server(tracking_uri) else LOCAL_UI
     return f"{base}/{run_link(run.info.experiment_id, run.info.run_id)}"
 
 

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-SIDE = 28
+from fashion_exp.schemas import IMAGE_SIDE as SIDE
+
 CONTENT_TYPE = "application/json"
 NPY_TYPE = "application/x-npy"  # one array as numpy.save writes it: (n, 28, 28) numbers
 FORMAT_KEYS = ("dataframe_split", "dataframe_records", "inputs", "instances")

@@ -34,11 +34,11 @@ from fastapi_offline import FastAPIOffline
 
 from fashion_exp.schemas import ServiceSettings as Settings
 from fashion_exp.serving import routes, scoring
-from fashion_exp.serving.decoding import printable
 from fashion_exp.serving.following import AliasFollower
 from fashion_exp.serving.models import Models, ModelUnusable, ServedModel
 from fashion_exp.serving.prometheus import CountRequests, ServiceMetrics
 from fashion_exp.tracking.logged_models import ModelRef
+from fashion_exp.uris import printable
 
 log = logging.getLogger(__name__)
 
