@@ -1,14 +1,22 @@
-"""Helpers shared by several test files (fixtures are in conftest.py)."""
+"""Helpers shared by the test files: synthetic IDX files, the real data, running the real
+CLI, images and requests (fixtures are in conftest.py)."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+
+from fashion_exp.core.data import DEBIAN_DIR, FILES, KERAS_CACHE
 
 # The environment of a CLI run in a subprocess: quiet TensorFlow, unbuffered output, and no
 # store inherited from the shell.
@@ -102,3 +110,60 @@ def probabilities(prediction: dict) -> np.ndarray:
     for c in prediction["top"]:
         probs[c["index"]] = c["probability"]
     return probs
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int | None = None) -> Path:
+    """Write a uint8 array as a gzipped IDX file (images: 3 dims, labels: 1 dim)."""
+    if magic is None:
+        magic = 0x803 if array.ndim == 3 else 0x801
+    header = struct.pack(">II", magic, array.shape[0])
+    if array.ndim == 3:
+        header += struct.pack(">II", *array.shape[1:])
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+    return path
+
+
+def write_dataset(folder: Path, n_train: int = 200, n_test: int = 50, seed: int = 0) -> Path:
+    """Four small synthetic files with the real names, in `folder`."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "x_train": rng.integers(0, 256, (n_train, 28, 28)),
+        "y_train": np.arange(n_train) % 10,
+        "x_test": rng.integers(0, 256, (n_test, 28, 28)),
+        "y_test": np.arange(n_test) % 10,
+    }
+    for key, array in arrays.items():
+        write_idx(folder / FILES[key], array)
+    return folder
+
+
+def real_data_dir() -> Path | None:
+    """Where the real Fashion-MNIST files are on this machine, if anywhere."""
+    for folder in (KERAS_CACHE, DEBIAN_DIR):
+        if all((folder / name).is_file() for name in FILES.values()):
+            return folder
+    return None
+
+
+# CI installs the real files (./dev.sh), so there a missing copy is a failure, not a skip.
+requires_real_data = pytest.mark.skipif(
+    real_data_dir() is None and not os.environ.get("CI"),
+    reason="real Fashion-MNIST not installed (./dev.sh setup installs it)",
+)
+
+
+def run_cli(*overrides: str, tmp_path: Path, script: str | None = None,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the training entry point in a subprocess, outputs under tmp_path."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    cmd = [script] if script else [sys.executable, "-m", "fashion_exp.cli.train"]
+    cmd += [*overrides, f"hydra.run.dir={tmp_path / 'hydra'}"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout,
+                          env=env)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from fashion_exp.core.data import load_arrays
-from tests.conftest import REPO, write_dataset
+
+from .helpers import REPO, write_dataset
 
 
 def bench_runner():

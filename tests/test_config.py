@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from fashion_exp.config import ConfigError, compose_checked, precheck
 
-from .conftest import run_cli
+from .helpers import run_cli
 
 
 @pytest.mark.parametrize("overrides", [

@@ -11,7 +11,7 @@ import pytest
 from fashion_exp.core import data
 from fashion_exp.core.data import FILES, DataError, load_arrays, read_idx
 
-from .conftest import real_data_dir, requires_real_data, write_dataset, write_idx
+from .helpers import real_data_dir, requires_real_data, write_dataset, write_idx
 
 
 def test_read_idx_round_trips_images_and_labels(tmp_path: Path) -> None:

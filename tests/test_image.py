@@ -29,7 +29,7 @@ import pytest
 from devtools import servers
 from fashion_exp.core import data
 
-from .conftest import real_data_dir
+from .helpers import real_data_dir
 
 PODMAN = shutil.which("podman")
 TAG = "localhost/fashion-exp-test"  # :model (the model baked in), :generic (none)

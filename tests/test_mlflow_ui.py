@@ -13,7 +13,7 @@ import pytest
 
 from devtools import servers
 
-from .conftest import REPO, requires_real_data, run_cli
+from .helpers import REPO, requires_real_data, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser, requires_real_data]
 

@@ -195,6 +195,7 @@ def test_label_smoothing_trains_on_one_hot_targets() -> None:
     assert isinstance(out["model"].loss, keras.losses.CategoricalCrossentropy)
 
 
+@pytest.mark.slow  # each trains and logs a model with a rebuilt optimizer: ~15 s
 @pytest.mark.parametrize("trainer", [{"precision": "mixed_bfloat16"},
                                      {"precision": "mixed_float16"},
                                      {"strategy": "mirrored"}])

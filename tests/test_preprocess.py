@@ -20,8 +20,7 @@ from fashion_exp.core.preprocess import (
     to_fashion_mnist,
 )
 
-from .conftest import real_data_dir, requires_real_data
-from .helpers import encode, framing_error, huge_png
+from .helpers import encode, framing_error, huge_png, real_data_dir, requires_real_data
 
 LIMIT_BYTES, LIMIT_PIXELS = 5_000_000, 20_000_000
 

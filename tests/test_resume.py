@@ -16,8 +16,7 @@ import pytest
 from fashion_exp.core import checkpoints
 from fashion_exp.core.checkpoints import CONFIG_FILE, STATE_FILE, WEIGHTS_FILE
 
-from .conftest import requires_real_data
-from .helpers import CLI_ENV
+from .helpers import CLI_ENV, requires_real_data
 
 pytestmark = [pytest.mark.slow, requires_real_data]
 EPOCHS = 6

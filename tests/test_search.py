@@ -16,7 +16,7 @@ import pytest
 
 from fashion_exp.cli import compare
 
-from .conftest import requires_real_data, run_cli
+from .helpers import requires_real_data, run_cli
 
 FAST = ["debug=fast", "data.limit=500", "tracking.log_model=false", "tracking.figures=false",
         "trainer.verbose=0"]

@@ -18,8 +18,7 @@ from fashion_exp.core import data
 from fashion_exp.core.preprocess import render_product_photo
 from fashion_exp.serving.batching import Batcher
 
-from .conftest import real_data_dir
-from .helpers import encode, framing_error, probabilities
+from .helpers import encode, framing_error, probabilities, real_data_dir
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +142,7 @@ def test_page_is_served_without_outside_assets(client) -> None:
 # --- Bad input: a 4xx with a reason, and the service goes on ----------------------------------
 
 GOOD = np.zeros((28, 28), int).tolist()
-# The table of bad requests is tests/helpers.py's BAD_REQUESTS, run by tests/test_bad_inputs.py.
+# The table of bad requests is tests/helpers.py's BAD_REQUESTS, run by tests/test_cli_bad_inputs.py.
 
 
 def test_unknown_model_info_is_404(client) -> None:

@@ -19,7 +19,7 @@ from devtools import servers
 from fashion_exp.core import data
 from fashion_exp.core.preprocess import render_product_photo
 
-from .conftest import REPO, real_data_dir
+from .helpers import REPO, real_data_dir
 
 pytestmark = pytest.mark.browser
 

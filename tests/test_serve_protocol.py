@@ -20,8 +20,7 @@ import pytest
 from devtools import servers
 from fashion_exp.core import data
 
-from .conftest import real_data_dir
-from .helpers import probabilities
+from .helpers import probabilities, real_data_dir
 
 pytestmark = pytest.mark.slow  # real servers, each started in a subprocess
 

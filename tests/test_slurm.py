@@ -22,7 +22,7 @@ import pytest
 
 from fashion_exp.sweeps.multirun import STATE_FILE
 
-from .conftest import REPO, requires_real_data
+from .helpers import REPO, requires_real_data
 
 needs_cluster = pytest.mark.skipif(
     (os.geteuid() != 0 or not Path("/usr/sbin/slurmctld").exists()) and not os.environ.get("CI"),

@@ -9,7 +9,7 @@ import pytest
 
 from fashion_exp.sweeps.multirun import STATE_FILE
 
-from .conftest import requires_real_data, run_cli
+from .helpers import requires_real_data, run_cli
 
 pytestmark = [pytest.mark.slow, requires_real_data]
 FAST = ["debug=fast", "data.limit=600", "tracking.log_model=false", "tracking.figures=false",

@@ -17,8 +17,7 @@ import pytest
 
 from devtools import team
 
-from .conftest import requires_real_data
-from .helpers import CLI_ENV
+from .helpers import CLI_ENV, requires_real_data
 
 pytestmark = [pytest.mark.slow, requires_real_data]
 

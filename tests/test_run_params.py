@@ -13,7 +13,7 @@ from fashion_exp import schemas
 from fashion_exp.config import ConfigError, compose_checked, precheck
 from fashion_exp.schemas import run_params
 
-from .conftest import run_cli
+from .helpers import run_cli
 
 MLP_KEYS = "hidden, activation, dropout"
 CNN_KEYS = ("filters, convs_per_block, kernel_size, pooling, global_pooling, dense, "

@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from .conftest import REPO, requires_real_data, run_cli
+from .helpers import REPO, requires_real_data, run_cli
 
 pytestmark = [
     pytest.mark.slow,

@@ -3,13 +3,18 @@ value and what is allowed, a non-zero exit (or a 4xx answer), no run left RUNNIN
 store exactly as it was.
 
 The store holds one finished run before every case; its runs, params, metrics, tags and
-artifact files are compared before and after.
+artifact files are compared before and after. The config tables run each entry point's main()
+in this process (a check refused before anything starts costs milliseconds, not a new
+interpreter); a sample of them also runs as a real process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import importlib
+import io
 import os
 import shutil
 import subprocess
@@ -20,8 +25,14 @@ import mlflow
 import numpy as np
 import pytest
 
-from .conftest import real_data_dir, requires_real_data, write_dataset, write_idx
-from .helpers import BAD_REQUESTS, CLI_ENV
+from .helpers import (
+    BAD_REQUESTS,
+    CLI_ENV,
+    real_data_dir,
+    requires_real_data,
+    write_dataset,
+    write_idx,
+)
 
 UNKNOWN_RUN = "0123456789abcdef0123456789abcdef"
 
@@ -46,6 +57,24 @@ def cli(module: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """Run one of the project's entry points (python -m <module>) in tmp_path."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path,
                           capture_output=True, text=True, env=CLI_ENV, timeout=300)
+
+
+def main_in_process(module: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run an entry point's main() in this process as `python -m <module> args` would, in
+    tmp_path: its exit status and what it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = [module, *args]
+    code = 0
+    try:
+        with contextlib.chdir(tmp_path), contextlib.redirect_stdout(out), \
+                contextlib.redirect_stderr(err):
+            importlib.import_module(module).main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
 
 
 def snapshot(folder: Path) -> tuple:
@@ -192,11 +221,12 @@ TRAIN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case,args,message", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
-def test_bad_training_config(case, args, message, store, tmp_path) -> None:
+def check_training_config(run, args, message, store, tmp_path) -> None:
+    """A bad training config: exit 2, one line naming it, no output folder, the store as it
+    was."""
     before = snapshot(store)
     # The store and a short run first (were a case accepted), then the bad override.
-    result = cli("fashion_exp.cli.train", "debug=fast",
+    result = run("fashion_exp.cli.train", "debug=fast",
                  f"tracking.uri=sqlite:///{store / 'mlflow.db'}", *args,
                  f"hydra.run.dir={tmp_path / 'h'}", f"hydra.sweep.dir={tmp_path / 's'}",
                  tmp_path=tmp_path)
@@ -206,6 +236,21 @@ def test_bad_training_config(case, args, message, store, tmp_path) -> None:
     assert message in lines[0]
     assert snapshot(store) == before
     assert not (tmp_path / "h").exists() and not (tmp_path / "s").exists()  # no output folder
+
+
+@pytest.mark.parametrize("case,args,message", TRAIN_CASES, ids=[c[0] for c in TRAIN_CASES])
+def test_bad_training_config(case, args, message, store, tmp_path) -> None:
+    check_training_config(main_in_process, args, message, store, tmp_path)
+
+
+IN_A_PROCESS = ["key_typo", "search_trials", "hydra_key_typo", "bad_sweep_value"]
+
+
+@pytest.mark.parametrize("case", IN_A_PROCESS)
+def test_bad_training_config_in_a_real_process(case, store, tmp_path) -> None:
+    """A sample of the table through `python -m`: the same line and exit status."""
+    (args, message), = [(c[1], c[2]) for c in TRAIN_CASES if c[0] == case]
+    check_training_config(cli, args, message, store, tmp_path)
 
 
 DATA_CASES = [
@@ -299,8 +344,8 @@ ENTRY_POINT_CASES = [
 def test_bad_overrides_of_the_other_entry_points(name, args, message, store, tmp_path) -> None:
     before = snapshot(store)
     model = [f"model_uri=runs:/{UNKNOWN_RUN}/model"] if name == "evaluate" else []
-    result = cli(f"fashion_exp.cli.{name}", *args, *model,
-                 f"tracking.uri=sqlite:///{store / 'mlflow.db'}", tmp_path=tmp_path)
+    result = main_in_process(f"fashion_exp.cli.{name}", *args, *model,
+                             f"tracking.uri=sqlite:///{store / 'mlflow.db'}", tmp_path=tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2, result.stderr[-2000:]
     assert len(lines) == 1 and message in lines[0], lines
@@ -331,7 +376,7 @@ def test_unreachable_tracking_server(scheme, store, tmp_path) -> None:
     assert snapshot(store) == before
 
 
-# A missing, corrupt, read-only or unreachable store: tests/test_store_errors.py, every CLI.
+# A missing, corrupt, read-only or unreachable store: tests/test_store_checks.py, every CLI.
 
 
 def test_resume_of_an_unknown_run(store, tmp_path) -> None:

@@ -20,8 +20,7 @@ import pytest
 from devtools import team
 from fashion_exp.tracking.offline import JOURNAL
 
-from .conftest import REPO, requires_real_data, run_cli
-from .helpers import CLI_ENV
+from .helpers import CLI_ENV, REPO, requires_real_data, run_cli
 
 pytestmark = [pytest.mark.slow, requires_real_data]
 FAST = ["debug=fast", "data.limit=600", "tracking.figures=false", "model.activation=elu"]
