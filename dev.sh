@@ -4,7 +4,7 @@
 #   ./dev.sh run [overrides]   set up, then train (default: the original experiment's set-up)
 #   ./dev.sh test [pytest args] set up, then ruff check and the whole test suite (what CI runs)
 #   ./dev.sh test-fast [args]   set up, then ruff check and the fast tier (tests not marked
-#                               slow or browser: a few minutes, for the inner loop)
+#                               slow or browser, on two workers: ~2 minutes, for the inner loop)
 #   ./dev.sh serve [overrides] set up, then serve the best model (http://127.0.0.1:8000/)
 #   ./dev.sh ui                 set up, then open the MLflow UI on the local store
 #   ./dev.sh setup              only set up
@@ -112,7 +112,11 @@ case "$cmd" in
   setup) setup ;;
   run)   setup; exec fashion-exp-train "$@" ;;
   test)  setup; ruff check . && exec pytest "$@" ;;
-  test-fast) setup; ruff check . && exec pytest -m "not slow and not browser" "$@" ;;
+  # Two pytest-xdist workers: the fast tier's tests share nothing but their session fixtures,
+  # which each worker makes for itself. The whole suite stays in one process: its servers
+  # (team stack, SLURM, the image) are started once per test run, and its timing tests want
+  # the machine to themselves.
+  test-fast) setup; ruff check . && exec pytest -n 2 -m "not slow and not browser" "$@" ;;
   serve) setup; exec fashion-exp-serve "$@" ;;
   # One worker (a local UI has one user; MLflow's default 4 each import MLflow, ~30 s on 2
   # cores), and without the Starlette deprecation warning MLflow's server code triggers.
