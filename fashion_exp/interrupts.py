@@ -59,6 +59,17 @@ def deferred(raise_stop: bool = True) -> Iterator[None]:
         raise KeyboardInterrupt(_requested)
 
 
+def stop_behind(err: BaseException) -> BaseException:
+    """The stop request as KeyboardInterrupt if one came and `err` is another error (the
+    stop cut something short that failed in its own way: TensorFlow can turn a Ctrl-C inside
+    its ops into an error of its own), else `err` itself."""
+    if _requested and not isinstance(err, KeyboardInterrupt):
+        stop = KeyboardInterrupt(_requested)
+        stop.__cause__ = err
+        return stop
+    return err
+
+
 def check() -> None:
     """Raise KeyboardInterrupt if a stop was requested earlier."""
     if _requested:

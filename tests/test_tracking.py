@@ -85,6 +85,26 @@ def test_sigterm_ends_killed(tracking_uri, experiment, monkeypatch) -> None:
     assert _only_run(experiment).info.status == "KILLED"
 
 
+def test_a_stop_that_surfaces_as_another_error_ends_killed(tracking_uri, experiment,
+        monkeypatch) -> None:
+    """A SIGTERM whose KeyboardInterrupt a library swallowed and replaced by its own error
+    (TensorFlow inside its ops): the run ends KILLED and the stop is what is raised (exit 130
+    at the command line), not the error."""
+    from fashion_exp import interrupts
+
+    monkeypatch.setattr(interrupts, "_requested", None)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM") as raised:
+        with store.tracked_run(tracking_uri, experiment, "swallowed", {}):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                signal.sigtimedwait([], 0)  # let the handler run
+            except KeyboardInterrupt:
+                raise RuntimeError("cancelled") from None  # what the library raises instead
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    run = _only_run(experiment)
+    assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["error"]
+
+
 def test_a_stop_during_a_store_write_waits_for_the_write(tracking_uri, experiment,
         monkeypatch) -> None:
     """Ctrl-C while a metric is written, and again while the error tag is: the metric is

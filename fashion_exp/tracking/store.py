@@ -256,8 +256,11 @@ def tracked_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str
     try:
         yield recorder
     except BaseException as err:
-        _end(recorder, err)
-        raise
+        stop = interrupts.stop_behind(err)  # a stop that surfaced as another error ends KILLED
+        _end(recorder, stop)
+        if stop is err:
+            raise
+        raise stop from err
     else:
         # A stop while the run ends FINISHED lets it finish; the next check() (the next job of
         # a sweep) raises it.
