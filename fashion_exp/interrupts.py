@@ -5,7 +5,9 @@ finalizer runs (TensorFlow frees graphs in `__del__`), so the request is also re
 `check()` raises it again at the next safe point (each epoch, each job start). Inside a
 `deferred()` section (a write to the tracking store) the handler only remembers the first
 request, and the section raises it when it ends: a write cut in half could leave the store
-locked and the run RUNNING. A second request inside the section stops at once.
+locked and the run RUNNING. A second request inside the section stops at once. Training is
+one such section (core.training.fit) whose stop is raised by the next check(), at a batch's
+or an epoch's end.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ _requested: str | None = None
 _requests = 0  # stop requests so far: deferred() raises those that came while it ran
 _deferring = 0  # deferred() sections the main thread is in
 _entered_at = 0  # _requests when the outermost section began
+_stopping = False  # a stop with its own reason is under way (stopping()): later signals wait
 
 
 def request_stop(signum: int, frame: Any) -> None:
@@ -27,10 +30,21 @@ def request_stop(signum: int, frame: Any) -> None:
     one inside a deferred() section (a second one there stops at once: a way out of a write
     that hangs)."""
     global _requested, _requests
-    _requested = f"signal {signal.Signals(signum).name}"
     _requests += 1
+    if _stopping:  # the stop under way keeps its reason; this one adds nothing
+        return
+    _requested = f"signal {signal.Signals(signum).name}"
     if not (_deferring and _requests - _entered_at == 1):
         raise KeyboardInterrupt(_requested)
+
+
+def stopping(reason: str) -> KeyboardInterrupt:
+    """The stop for `reason` (e.g. SLURM requeued the job), to raise: remembered like a
+    signal's, and later SIGINT/SIGTERM (SLURM's own, sent as it requeues) no longer replace it
+    while the run ends."""
+    global _requested, _stopping
+    _requested, _stopping = reason, True
+    return KeyboardInterrupt(reason)
 
 
 @contextmanager
@@ -68,6 +82,11 @@ def stop_behind(err: BaseException) -> BaseException:
         stop.__cause__ = err
         return stop
     return err
+
+
+def deferring() -> bool:
+    """Whether the main thread is inside a deferred() section."""
+    return bool(_deferring)
 
 
 def check() -> None:

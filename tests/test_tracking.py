@@ -105,6 +105,25 @@ def test_a_stop_that_surfaces_as_another_error_ends_killed(tracking_uri, experim
     assert run.info.status == "KILLED" and "SIGTERM" in run.data.tags["error"]
 
 
+def test_a_stop_with_its_own_reason_is_not_replaced_by_later_signals(monkeypatch) -> None:
+    """SLURM's requeue: the stop keeps its reason when SLURM's SIGTERM follows it."""
+    from fashion_exp import interrupts
+
+    monkeypatch.setattr(interrupts, "_requested", None)
+    monkeypatch.setattr(interrupts, "_stopping", False)
+    before = signal.getsignal(signal.SIGTERM)
+    interrupts.install()
+    try:
+        stop = interrupts.stopping("SLURM requeued the job")
+        os.kill(os.getpid(), signal.SIGTERM)
+        signal.sigtimedwait([], 0)  # the handler runs, and raises nothing
+        with pytest.raises(KeyboardInterrupt, match="SLURM requeued the job"):
+            interrupts.check()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert str(stop) == "SLURM requeued the job"
+
+
 def test_a_stop_during_a_store_write_waits_for_the_write(tracking_uri, experiment,
         monkeypatch) -> None:
     """Ctrl-C while a metric is written, and again while the error tag is: the metric is

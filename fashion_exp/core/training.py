@@ -154,12 +154,18 @@ def fit(model: keras.Model, splits: Splits, cfg: DictConfig, sink: EpochSink,
     """Train on in-memory arrays, after the epochs of `history` if resuming, handing each
     epoch's values to `sink`; returns the per-epoch history of all epochs."""
     done = len((history or {}).get("loss", []))
-    new = model.fit(
-        splits.x_train, targets(splits.y_train, cfg),
-        validation_data=(splits.x_val, targets(splits.y_val, cfg)),
-        epochs=cfg.epochs, initial_epoch=done, batch_size=cfg.batch_size, shuffle=True,
-        callbacks=callbacks(cfg, sink, extra), verbose=cfg.verbose,
-    ).history
+    # A stop (Ctrl-C, SIGTERM) during training waits for the next batch's or epoch's end,
+    # where EpochLogger checks for it: never between an epoch's metrics and its checkpoint
+    # (logged but not saved, the epoch would be trained and logged again on resume), nor
+    # inside TensorFlow's ops, which may swallow it. A second one stops at once.
+    with interrupts.deferred(raise_stop=False):
+        new = model.fit(
+            splits.x_train, targets(splits.y_train, cfg),
+            validation_data=(splits.x_val, targets(splits.y_val, cfg)),
+            epochs=cfg.epochs, initial_epoch=done, batch_size=cfg.batch_size, shuffle=True,
+            callbacks=callbacks(cfg, sink, extra), verbose=cfg.verbose,
+        ).history
+    interrupts.check()  # one that came while the last epoch ended
     history = {key: list((history or {}).get(key, [])) + [float(v) for v in values]
                for key, values in new.items()} if new else dict(history or {})
     if any(not math.isfinite(v) for v in history.get("loss", [])):

@@ -28,6 +28,8 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from fashion_exp import interrupts
+
 log = logging.getLogger(__name__)
 
 SLURM_TARGET = "hydra_plugins.fashion_exp_slurm.SlurmLauncher"
@@ -250,10 +252,15 @@ def _stop_on_requeue() -> None:
         return
 
     def requeue_then_stop(signum: int, frame: Any) -> None:
+        # SLURM sends SIGTERM as it requeues, maybe while submitit is still requeueing: it
+        # waits, so that the run records the requeue as what stopped it.
         try:
-            handler(signum, frame)
+            with interrupts.deferred(raise_stop=False):
+                handler(signum, frame)
         except SystemExit:
-            raise KeyboardInterrupt(REQUEUED) from None
+            stop = interrupts.stopping(REQUEUED)
+            if not interrupts.deferring():  # in training: raised at the next batch's end
+                raise stop from None
 
     signal.signal(signal.SIGUSR2, requeue_then_stop)
 
