@@ -10,11 +10,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import requests
 
 from fashion_exp.files import read_json, write_json
 from fashion_exp.sweeps import multirun
 from fashion_exp.tracking import store
-from fashion_exp.tracking.offline import JOURNAL, Outbox, pending
+from fashion_exp.tracking.offline import JOURNAL, Outbox, failed_in_transit, pending
 from fashion_exp.tracking.store_checks import STORE_PROBE, server_problem
 
 
@@ -91,6 +92,56 @@ def test_a_server_whose_store_fails_is_an_outage(tmp_path) -> None:
         outbox.send(lambda: (_ for _ in ()).throw(OSError("500s")),
                     lambda folder: {"kind": "tags", "tags": {"a": "b"}})
     assert (tmp_path / "offline" / ("r" * 32) / JOURNAL).is_file()
+
+
+def mlflow_error_from(cause: BaseException) -> Exception:
+    """The error MLflow's client raises for an HTTP failure: an MlflowException raised while
+    handling the HTTP library's error, without `from` (mlflow/utils/rest_utils.py)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        raise cause
+    except BaseException:  # noqa: BLE001 - re-raised as MLflow does, chained implicitly
+        try:
+            raise MlflowException(f"API request failed with exception {cause}")  # noqa: B904
+        except MlflowException as err:
+            return err
+
+
+def http_error(status: int) -> requests.HTTPError:
+    """requests' error for an HTTP answer with this status."""
+    response = requests.Response()
+    response.status_code = status
+    return requests.HTTPError(f"{status} error", response=response)
+
+
+@pytest.mark.parametrize(("cause", "outage"), [
+    (requests.exceptions.RetryError("too many 503 error responses"), True),
+    (requests.ConnectionError("connection refused"), True),
+    (requests.Timeout("read timed out"), True),
+    (ConnectionResetError("reset by peer"), True),
+    (http_error(502), True),
+    (http_error(403), False),
+    (ValueError("not an HTTP error"), False),
+])
+def test_failed_in_transit_reads_the_error_mlflow_wraps(cause, outage) -> None:
+    assert failed_in_transit(mlflow_error_from(cause)) is outage
+    assert failed_in_transit(cause) is outage
+
+
+def test_a_failure_that_is_over_before_the_probe_is_still_kept(tmp_path) -> None:
+    """The database behind the server was down for the call and up again a second later,
+    when the server was asked: the call is kept for later, not raised (a run ended FAILED)."""
+    with fake_server() as uri:
+        outbox = Outbox(uri, "r" * 32, tmp_path / "offline")
+        error = mlflow_error_from(requests.exceptions.RetryError("too many 503 error responses"))
+        outbox.send(lambda: (_ for _ in ()).throw(error),
+                    lambda folder: {"kind": "tags", "tags": {"a": "b"}})
+        assert [e["kind"] for e in pending(tmp_path / "offline" / ("r" * 32))] == ["tags"]
+        refused = mlflow_error_from(http_error(403))
+        with pytest.raises(type(refused), match="403"):
+            Outbox(uri, "s" * 32, tmp_path / "offline").send(
+                lambda: (_ for _ in ()).throw(refused), lambda folder: {})
 
 
 @pytest.mark.parametrize(("health", "store_status", "problem"), [

@@ -311,13 +311,12 @@ def finish_parent(sweep_dir: Path, interrupted: bool = False) -> str | None:
             if store.is_server(uri):
                 store.wait_for_server(uri, max(0.0, deadline - time.monotonic()))
             return _finish(info, interrupted)
-        except Exception:
-            problem = store.server_problem(uri) if store.is_server(uri) else None
-            if problem is None:
+        except Exception as err:
+            if not store.server_gone(uri, err):
                 raise
             if time.monotonic() < deadline:
                 continue  # the server went away while the parent was written: wait again
-            _keep(info, sweep_dir, interrupted, problem)
+            _keep(info, sweep_dir, interrupted, store.server_problem(uri) or first_line(err))
             return None
 
 
@@ -422,7 +421,7 @@ def log_search_figures(sweep_dir: Path, figures: dict[str, Any], summary: str) -
                 client.log_figure(info["run_id"], figure, f"search/{name}")
             client.set_tag(info["run_id"], "search_trials", summary)
         except Exception as err:
-            if not store.is_server(uri) or store.server_problem(uri) is None:
+            if not store.server_gone(uri, err):
                 raise
             # The study keeps every trial: the next run of the search draws them again.
             log.warning("search pictures not logged: the tracking server %s is away (%s)",

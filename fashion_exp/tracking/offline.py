@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import requests
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -35,10 +36,27 @@ RUN_FILE = "run.json"  # tracking URI and run id of the journal
 RECHECK_SECONDS = 10.0  # while offline, ask the server again at most this often
 
 
-def server_gone(uri: str) -> bool:
-    """After a logging call failed: whether the server is unreachable (the call is then kept
-    for later) rather than refusing the request (the error is then the caller's to see)."""
-    return is_server(uri) and not server_up(uri)
+def server_gone(uri: str, err: BaseException) -> bool:
+    """After a logging call failed with `err`: whether the server is unreachable (the call is
+    then kept for later) rather than refusing the request (the error is then the caller's to
+    see). The error itself tells when it can; an outage as short as the call (a database back
+    a second later) must still count as one, so the probe comes only after."""
+    return is_server(uri) and (failed_in_transit(err) or not server_up(uri))
+
+
+def failed_in_transit(err: BaseException) -> bool:
+    """Whether an error, or one it was raised from, says the server did not answer, timed out
+    or failed on its side (HTTP 5xx); an HTTP 4xx is a refusal. MLflow's client wraps the
+    HTTP library's error in an MlflowException, often without `from`: both links are read."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, requests.HTTPError):
+            return seen.response is not None and seen.response.status_code >= 500
+        if isinstance(seen, (requests.ConnectionError, requests.Timeout,
+                             requests.exceptions.RetryError, ConnectionError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def pending(folder: Path) -> list[dict[str, Any]]:
@@ -157,7 +175,7 @@ class Outbox:
         try:
             live()
         except Exception as err:
-            if not server_gone(self.uri):
+            if not server_gone(self.uri, err):
                 raise
             log.warning("tracking server %s unreachable (%s); run %s goes on, its data is kept "
                         "in %s until the server is back", self.uri, type(err).__name__,

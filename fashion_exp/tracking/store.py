@@ -18,7 +18,7 @@ from fashion_exp.config import project_root
 from fashion_exp.files import file_lock
 from fashion_exp.tracking import views
 from fashion_exp.tracking.logged_models import MODEL_ARTIFACT
-from fashion_exp.tracking.offline import Outbox
+from fashion_exp.tracking.offline import Outbox, server_gone
 from fashion_exp.tracking.recorder import Recorder
 from fashion_exp.tracking.store_checks import (
     check_store,
@@ -240,8 +240,8 @@ def tracked_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str
         with interrupts.deferred():  # a stop while the run starts is raised once it has
             try:
                 run_id = _begin(client, experiment_id, run_name, tags, resume_run_id)
-            except Exception:
-                if cfg is None or not is_server(uri) or server_problem(uri) is None:
+            except Exception as err:
+                if cfg is None or not server_gone(uri, err):
                     raise
                 # The server went away since setup(): wait for it, as at setup.
                 wait_for_server(uri, cfg.reconnect_seconds, cfg.connect_timeout)
