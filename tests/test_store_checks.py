@@ -17,12 +17,15 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from devtools.servers import free_port
+from fashion_exp.files import file_lock
 from fashion_exp.tracking import store_checks
 
 from .helpers import CLI_ENV
@@ -469,3 +472,36 @@ def test_passwords_are_masked_in_config_errors() -> None:
     with pytest.raises(ConfigError) as err:
         TrackingConfig(uri="postgres://bob:hunter2@127.0.0.1:1/db")
     assert "hunter2" not in str(err.value) and "bob:***@" in str(err.value)
+
+
+def test_a_store_being_created_by_another_job_is_asked_again_once_it_is_done(tmp_path) -> None:
+    """Parallel jobs: one creates a new store's tables under the store's lock while another
+    checks it. The checker waits for the lock and finds the finished store; a command that
+    may not create stores, or a store still half-made once the lock is free, is refused."""
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE experiments (id INTEGER)")  # MLflow's first step
+    uri = f"sqlite:///{db}"
+    creator_holds = threading.Event()
+
+    def create_the_rest() -> None:
+        with file_lock(db.with_name(db.name + ".lock")):
+            creator_holds.set()
+            time.sleep(1.0)
+            with sqlite3.connect(db) as conn:
+                for table in store_checks.MLFLOW_TABLES:
+                    conn.execute(f"CREATE TABLE IF NOT EXISTS {table} (id INTEGER)")
+
+    with pytest.raises(store_checks.StoreError, match="half-created"):
+        store_checks.check_store(uri, write=False, connect_timeout=5)
+    creator = threading.Thread(target=create_the_rest)
+    creator.start()
+    creator_holds.wait(5)
+    assert store_checks.check_store(uri, write=True, create=True, connect_timeout=5) == uri
+    creator.join()
+
+    half = tmp_path / "half.db"
+    with sqlite3.connect(half) as conn:
+        conn.execute("CREATE TABLE experiments (id INTEGER)")
+    with pytest.raises(store_checks.StoreError, match="half-created"):
+        store_checks.check_store(f"sqlite:///{half}", write=True, create=True, connect_timeout=5)

@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from fashion_exp.files import file_lock
 from fashion_exp.paths import project_root
 from fashion_exp.uris import DATABASES, SERVERS, URI_SCHEMES, lower_scheme, scheme, shown
 
@@ -41,6 +42,11 @@ QUICK_CHECK_SECONDS = 0.25
 
 class StoreError(RuntimeError):
     """The tracking store cannot be used as asked; the message is one line."""
+
+
+class StoreInFlux(StoreError):
+    """A SQLite store looks half-written (tables missing, file shorter than its header says):
+    broken, or caught while another process creates or writes it."""
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -120,7 +126,8 @@ def check_store(uri: str | None, *, write: bool, connect_timeout: float, create:
         where = f"{shown(resolved)} ({source})"
         db = sqlite_path(resolved)
         if db is not None:
-            _check_sqlite(db, where, option, write=write, create=create, timeout=connect_timeout)
+            _check_sqlite_settled(db, where, option, write=write, create=create,
+                                  timeout=connect_timeout)
         elif kind in DATABASES:
             _check_database(resolved, where, option, need_tables=not write,
                             timeout=connect_timeout)
@@ -218,10 +225,27 @@ def _sqlite_header(db: Path, where: str, todo: str) -> bytes:
     counted = header[92:96] == header[24:28]
     wal = db.with_name(db.name + "-wal")
     if counted and pages and size < pages * page_size and not wal.exists():
-        raise StoreError(f"tracking store {where} is cut short: {size} of the "
+        raise StoreInFlux(f"tracking store {where} is cut short: {size} of the "
                          f"{pages * page_size} bytes its header announces; restore it from a "
                          f"backup or {todo}")
     return header
+
+
+def _check_sqlite_settled(db: Path, where: str, option: str, *, write: bool, create: bool,
+                          timeout: float) -> None:
+    """_check_sqlite; a store that looks half-written to a command that may create it is
+    asked again once the store's lock is free. Parallel jobs create and migrate a new store
+    under that lock (tracking.store.store_lock), so a job that looked in the meantime would
+    otherwise refuse a store that is fine a moment later. Without that lock file nobody is
+    creating it: the store is refused as it is, and nothing is written beside it."""
+    lock = db.with_name(db.name + ".lock")
+    try:
+        _check_sqlite(db, where, option, write=write, create=create, timeout=timeout)
+    except StoreInFlux:
+        if not create or not lock.is_file():
+            raise
+        with file_lock(lock):
+            _check_sqlite(db, where, option, write=write, create=create, timeout=timeout)
 
 
 def _check_sqlite(db: Path, where: str, option: str, *, write: bool, create: bool,
@@ -317,7 +341,7 @@ def _check_tables(tables: set[str], where: str, todo: str, *, fresh_ok: bool) ->
         others = ", ".join(sorted(tables)[:5]) + (", ..." if len(tables) > 5 else "")
         raise StoreError(f"tracking store {where} is a database but not an MLflow store (its "
                          f"tables: {others}); {todo}")
-    raise StoreError(f"tracking store {where} lacks MLflow's tables {', '.join(missing)} (a "
+    raise StoreInFlux(f"tracking store {where} lacks MLflow's tables {', '.join(missing)} (a "
                      f"half-created store); restore it from a backup or {todo}")
 
 
