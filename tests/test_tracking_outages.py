@@ -9,10 +9,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 
 from devtools import team
@@ -21,39 +23,69 @@ from .helpers import CLI_ENV, requires_real_data
 
 pytestmark = [pytest.mark.slow, requires_real_data]
 
-# Two short epochs with figures and the model: every phase of a run, in ~15 s.
+# Two short epochs with figures and the model: every phase of a run, in ~15 s. A killed
+# server or a stopped database fails a call at once; the request timeout stays long enough
+# that a busy machine's slow answer is not taken for an outage.
 RUN = ["debug=fast", "data.limit=600", "trainer.epochs=2", "tracking=server",
-       "tracking.retries=0", "tracking.request_timeout=3",
+       "tracking.retries=0", "tracking.request_timeout=15",
        "tracking.reconnect_seconds=120"]
 DOWN_SECONDS = 3.0  # how long the server stays dead before it is started again
 
 
 class Outage(threading.Thread):
     """Kill the stack's tracking server once `when()` is true, start it again after `down`
-    seconds (never, with down=None)."""
+    seconds (never, with down=None).
 
-    def __init__(self, stack: team.Stack, when: Callable[[], bool],
+    The command's processes (`proc` and its children) are paused (SIGSTOP) from the moment
+    `when()` is seen until the fault is in place: on a machine of any speed the command meets
+    the outage in the phase that `when()` names, not after it."""
+
+    def __init__(self, stack: team.Stack, when: Callable[[], bool], proc: subprocess.Popen,
                  down: float | None = DOWN_SECONDS) -> None:
         super().__init__(daemon=True)
-        self.stack, self.when, self.down = stack, when, down
+        self.stack, self.when, self.proc, self.down = stack, when, proc, down
         self.killed = self.restarted = False
         self.deadline = time.monotonic() + 600
+        self.restarting = threading.Lock()  # the thread and the test's cleanup may both try
 
     def run(self) -> None:
         while not self.when():
             if time.monotonic() > self.deadline:
                 return
             time.sleep(0.05)
-        team.kill_mlflow(self.stack)
+        with paused(self.proc):
+            self.fault()
         self.killed = True
         if self.down is not None:
             time.sleep(self.down)
             self.restart()
 
+    def fault(self) -> None:
+        team.kill_mlflow(self.stack)
+
     def restart(self) -> None:
-        if not team.server_up(self.stack.tracking_uri):
-            team.restart_mlflow(self.stack)
-        self.restarted = True
+        with self.restarting:
+            if not team.server_up(self.stack.tracking_uri):
+                team.restart_mlflow(self.stack)
+            self.restarted = True
+
+
+@contextmanager
+def paused(proc: subprocess.Popen) -> Iterator[None]:
+    """The process and its children stopped (SIGSTOP) inside, continued (SIGCONT) after."""
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:  # it has ended: nothing to pause
+        procs = []
+    for each in procs:
+        with suppress(psutil.NoSuchProcess):
+            each.suspend()
+    try:
+        yield
+    finally:
+        for each in procs:
+            with suppress(psutil.NoSuchProcess):
+                each.resume()
 
 
 def logged(log: Path, text: str, times: int = 1) -> Callable[[], bool]:
@@ -158,7 +190,7 @@ def test_a_run_loses_nothing_when_the_server_dies(team_stack, undisturbed, tmp_p
     proc, log = start(tmp_path, *RUN, f"tracking.uri={uri}",
                       f"tracking.experiment_name={experiment}")
     when = model_ready(uri, experiment) if phase == "end" else logged(log, PHASES[phase])
-    outage = Outage(team_stack, when)
+    outage = Outage(team_stack, when, proc)
     outage.start()
     out = finish(proc, log, outage)
     (run,) = runs_of(uri, experiment)
@@ -176,7 +208,7 @@ def test_a_run_whose_model_cannot_be_sent_keeps_it_for_upload(team_stack, undist
     uri = team_stack.tracking_uri
     proc, log = start(tmp_path, *RUN[:-1], "tracking.reconnect_seconds=2", f"tracking.uri={uri}",
                       "tracking.experiment_name=outage_upload")
-    outage = Outage(team_stack, logged(log, PHASES["model"]), down=None)
+    outage = Outage(team_stack, logged(log, PHASES["model"]), proc, down=None)
     outage.start()
     try:
         out = finish(proc, log, outage)
@@ -220,7 +252,7 @@ def test_a_sweep_loses_nothing_when_the_server_dies_at_its_end(team_stack, undis
     uri, experiment = team_stack.tracking_uri, "outage_sweep_end"
     proc, log = start(tmp_path, *SWEEP, f"tracking.uri={uri}",
                       f"tracking.experiment_name={experiment}")
-    outage = Outage(team_stack, logged(log, "test_accuracy=", 2))
+    outage = Outage(team_stack, logged(log, "test_accuracy=", 2), proc)
     outage.start()
     finish(proc, log, outage)
     check_sweep(uri, experiment, undisturbed)
@@ -231,7 +263,7 @@ def test_a_sweep_whose_server_stays_away_at_the_end_is_finished_by_upload(
     uri = team_stack.tracking_uri
     proc, log = start(tmp_path, *SWEEP[:-1], "tracking.reconnect_seconds=2", f"tracking.uri={uri}",
                       "tracking.experiment_name=outage_sweep_upload")
-    outage = Outage(team_stack, logged(log, "test_accuracy=", 2), down=None)
+    outage = Outage(team_stack, logged(log, "test_accuracy=", 2), proc, down=None)
     outage.start()
     try:
         out = finish(proc, log, outage)
@@ -259,7 +291,7 @@ def test_a_search_loses_nothing_when_the_server_dies(team_stack, tmp_path, phase
         "pruned at epoch") >= 2
     # end: both trials are over; the study's pictures and the leaderboard are next.
     when = logged(log, "Data <data>") if phase == "start" else trials_ended
-    outage = Outage(team_stack, when)
+    outage = Outage(team_stack, when, proc)
     outage.start()
     finish(proc, log, outage)
     runs = runs_of(uri, experiment)
@@ -276,16 +308,11 @@ class DatabaseOutage(Outage):
     """Stop the PostgreSQL server behind the tracking server (which keeps answering, 5xx)
     once `when()` is true, and start it again after `down` seconds."""
 
-    def run(self) -> None:
-        while not self.when():
-            if time.monotonic() > self.deadline:
-                return
-            time.sleep(0.05)
-        pgdata = Path(self.stack.dir) / "pgdata"
-        team.stop_postgres(pgdata)
-        self.killed = True
-        time.sleep(self.down)
-        team.start_postgres(pgdata, self.stack.pg_port)
+    def fault(self) -> None:
+        team.stop_postgres(Path(self.stack.dir) / "pgdata")
+
+    def restart(self) -> None:
+        team.start_postgres(Path(self.stack.dir) / "pgdata", self.stack.pg_port)
         self.restarted = True
 
 
@@ -294,7 +321,7 @@ def test_a_run_loses_nothing_when_the_database_behind_the_server_fails(
     uri = team_stack.tracking_uri
     proc, log = start(tmp_path, *RUN, f"tracking.uri={uri}",
                       "tracking.experiment_name=outage_database")
-    outage = DatabaseOutage(team_stack, logged(log, PHASES["epochs"]), down=8)
+    outage = DatabaseOutage(team_stack, logged(log, PHASES["epochs"]), proc, down=8)
     outage.start()
     out = finish(proc, log, outage)
     (run,) = runs_of(uri, "outage_database")
@@ -317,7 +344,8 @@ def test_a_search_whose_database_goes_away_stops_in_one_line_and_keeps_its_run(
     deadline = time.monotonic() + 300
     while not logged(log, PHASES["epochs"])() and time.monotonic() < deadline:
         time.sleep(0.05)
-    team.stop_postgres(pgdata)
+    with paused(proc):  # the first trial meets the outage however fast the machine
+        team.stop_postgres(pgdata)
     try:
         assert proc.wait(timeout=600) == 1, log.read_text()[-4000:]
     finally:
