@@ -103,7 +103,9 @@ JobAcctGatherFrequency=task=1
 JobAcctGatherParams=OverMemoryKill
 MailProg=/bin/true
 ReturnToService=2
-KillWait=5
+# Seconds from SIGTERM to SIGKILL (SLURM's default): time for a job on a busy node to end
+# its run and leave its checkpoint.
+KillWait=30
 MinJobAge=300
 SchedulerParameters=sched_interval=1
 NodeName={NODE} NodeAddr=127.0.0.1 NodeHostname={socket.gethostname()} CPUs={cpus} \
