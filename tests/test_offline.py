@@ -31,7 +31,8 @@ def fake_server(health: int = 200, store_status: int = 200,
                 statuses: dict[str, int] | None = None) -> Iterator[str]:
     """An HTTP server on 127.0.0.1 that answers /health and the store probe with the given
     statuses (or those in `statuses`, which may change meanwhile), as an MLflow server whose
-    database is up or gone would."""
+    database is up or gone would. A "store_next" status takes over once the store probe has
+    been answered once."""
     statuses = statuses if statuses is not None else {"health": health, "store": store_status}
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -39,6 +40,8 @@ def fake_server(health: int = 200, store_status: int = 200,
             code = statuses["health"] if self.path == "/health" else statuses["store"]
             if self.path not in ("/health", STORE_PROBE):
                 code = 404
+            if self.path == STORE_PROBE and "store_next" in statuses:
+                statuses["store"] = statuses.pop("store_next")
             self.send_response(code)
             self.send_header("Content-Length", "2")
             self.end_headers()
@@ -170,9 +173,7 @@ def test_waiting_for_a_server_that_stays_away_ends_in_one_line(caplog) -> None:
 
 
 def test_waiting_for_a_server_whose_store_comes_back(caplog) -> None:
-    statuses = {"health": 200, "store": 500}
-    with fake_server(statuses=statuses) as uri:
-        threading.Timer(1.0, statuses.update, kwargs={"store": 200}).start()
+    with fake_server(statuses={"health": 200, "store": 500, "store_next": 200}) as uri:
         store.wait_for_server(uri, 30.0)
     assert "answers but its store fails (HTTP 500); waiting up to 30 s" in caplog.text
     assert f"the tracking server {uri} is back" in caplog.text

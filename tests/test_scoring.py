@@ -291,7 +291,9 @@ def test_a_request_cut_by_the_drain_gets_a_json_503_and_one_log_line(caplog, pat
             sock.sendall(f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: "
                          f"application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
                          + payload[:100])  # the rest never comes
-            time.sleep(0.3)
+            deadline = time.monotonic() + 10  # until the app has the request, not before
+            while not server.server_state.tasks and time.monotonic() < deadline:
+                time.sleep(0.01)
             server.should_exit = True
             answer = b""
             while chunk := sock.recv(65536):
@@ -335,6 +337,9 @@ def test_metrics_count_what_was_sent() -> None:
     assert got[("fashion_exp_request_images_sum", (("endpoint", "/invocations"),))] == 6
     assert got[("fashion_exp_request_images_count", (("endpoint", "/invocations"),))] == 3
     assert got[("fashion_exp_batch_images_sum", ())] == 7  # every image went through the model
+    # Answered requests are no longer in progress; the /metrics request itself still is.
+    assert got[("fashion_exp_requests_in_progress", (("endpoint", "/invocations"),))] == 0
+    assert got[("fashion_exp_requests_in_progress", (("endpoint", "/metrics"),))] == 1
     assert got[("fashion_exp_model_info", (("model_id", "m-1"), ("run_id", "run1"),
                                            ("uri", "models:/shop@champion"),
                                            ("version", "1")))] == 1

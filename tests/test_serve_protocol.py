@@ -218,9 +218,18 @@ def test_sigterm_finishes_the_requests_in_flight_and_exits_0(served_store, image
             return httpx.post(f"{base}/invocations", content=slow_body(), timeout=30,
                               headers={"Content-Type": "application/json"})
 
+        def in_progress() -> float:
+            text = httpx.get(f"{base}/metrics", timeout=10).text
+            line = 'fashion_exp_requests_in_progress{endpoint="/invocations"} '
+            return sum(float(x.removeprefix(line)) for x in text.splitlines()
+                       if x.startswith(line))
+
         with ThreadPoolExecutor(4) as pool:
             pending = [pool.submit(request) for _ in range(4)]
             sent_half.wait(timeout=30)
+            deadline = time.monotonic() + 30  # the server holds all four: not idle connections
+            while in_progress() < 4 and time.monotonic() < deadline:
+                time.sleep(0.02)
             proc.send_signal(signal.SIGTERM)
             answers = [p.result() for p in pending]
         assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]

@@ -268,7 +268,10 @@ def test_connections_that_stall_or_swell_are_cut(served_store, tmp_path) -> None
             exchange(port, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/"
                            b"form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n",
                      close=True)
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30  # each aborted upload logged before the stop
+        while (tmp_path / "serve.log").read_text().count("request body ended") < 21 and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
         assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)

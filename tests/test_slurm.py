@@ -189,10 +189,11 @@ def test_sweep_with_a_preempted_and_a_failing_job(cluster, tmp_path) -> None:
 def test_job_at_its_time_limit_is_requeued_and_finishes(cluster, tmp_path) -> None:
     # A 3-minute limit with SIGUSR2 120 s before it. SLURM checks time limits only every 30 s,
     # so the signal comes 60-90 s into the job: after the first epoch's checkpoint even on a
-    # slow machine, but a fast machine could finish the 25 epochs by then. The test therefore stops (SIGSTOP) the job's processes once epoch 2 is logged
-    # and waits for SLURM's SIGUSR2 (SLURM sends a SIGCONT with it; were it to come without,
-    # the test sends the SIGCONT): the signal lands mid-training on any machine. The requeued
-    # job gets a 10-minute limit and starts at once.
+    # slow machine, but a fast machine could finish the 25 epochs by then. The test therefore
+    # stops (SIGSTOP) the job's processes once epoch 2 is logged and waits for SLURM's SIGUSR2
+    # (SLURM sends a SIGCONT with it; were it to come without, the test sends the SIGCONT): the
+    # signal lands mid-training on any machine. The requeued job gets a 10-minute limit and
+    # starts at once.
     proc = start_sweep(cluster, tmp_path, "hydra.launcher.cpus_per_task=2",
                        "hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=120",
                        "data.limit=2000", "trainer.epochs=25", "optimizer.lr=0.05")

@@ -2,6 +2,7 @@
 
     fashion_exp_requests_total{endpoint,status}      requests answered
     fashion_exp_request_seconds{endpoint}            latency histogram, request to answer
+    fashion_exp_requests_in_progress{endpoint}       requests the app is working on now
     fashion_exp_request_images{endpoint}             images per predicting request
     fashion_exp_batch_images                         images per model call (batching at work)
     fashion_exp_model_info{uri,model_id,run_id,version}  1 for the model served by default
@@ -48,6 +49,9 @@ class ServiceMetrics:
         self.latency = Histogram("fashion_exp_request_seconds", "Seconds from a request's "
                                  "arrival to its answer", ["endpoint"], buckets=LATENCY_BUCKETS,
                                  registry=self.registry)
+        self.in_progress = Gauge("fashion_exp_requests_in_progress", "Requests the app is "
+                                 "working on now (arrived, not yet answered), by endpoint",
+                                 ["endpoint"], registry=self.registry)
         self.request_images = Histogram("fashion_exp_request_images", "Images per predicting "
                                         "request", ["endpoint"], buckets=IMAGE_BUCKETS,
                                         registry=self.registry)
@@ -98,8 +102,10 @@ class CountRequests:
             await send(message)
 
         start = time.perf_counter()
+        self.metrics.in_progress.labels(endpoint).inc()
         try:
             await self.app(scope, receive, sent)
         finally:
+            self.metrics.in_progress.labels(endpoint).dec()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
             self.metrics.requests.labels(endpoint, str(status[0])).inc()
