@@ -152,9 +152,10 @@ def test_the_image_serves_sagemakers_contract_with_the_answers_of_the_service_ou
     assert inspect["Config"]["Labels"][
         "com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
     with container(images.baked) as box:  # as SageMaker runs it: root, port 8080
-        # The target is 15 s (7 s measured on 2 idle cores, docs/deploy.md); the bound leaves
-        # room for a machine busy with other tests (17 s was seen).
-        assert box.ready_seconds <= 30, f"cold start {box.ready_seconds:.1f} s"
+        # The target is 15 s, timed by scripts/bench_image.py (7 s measured on 2 idle cores,
+        # docs/deploy.md); this bound only catches a start that hangs, on a machine of any
+        # speed (17 s was seen on one busy with other tests).
+        assert box.ready_seconds <= 60, f"cold start {box.ready_seconds:.1f} s"
         started = time.monotonic()
         assert httpx.get(f"{box.url}/ping", timeout=2).status_code == 200
         assert time.monotonic() - started < 2
@@ -208,7 +209,9 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0_within_30_s(
         threads = [threading.Thread(target=client) for _ in range(4)]
         for thread in threads:
             thread.start()
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60  # every client answered once: requests in flight
+        while len(statuses) < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.05)
         stopped = time.monotonic()
         assert podman("kill", "--signal", "TERM", box.id).returncode == 0
         waited = podman("wait", box.id, timeout=40)

@@ -9,6 +9,7 @@ import dataclasses
 import io
 import json
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -357,7 +358,8 @@ def test_metrics_can_be_turned_off() -> None:
 async def load_while_moving(registry: Registry, moves: list[tuple[int, ...]],
                             every: float = 0.1) -> tuple[list[tuple[int, str, int]], object]:
     """Send 8 concurrent request streams while the alias moves through `moves` (versions,
-    one per 0.5 s). Each answer: (status, the version its headers name, its class)."""
+    each 0.5 s after the one before has answered). Each answer: (status, the version its
+    headers name, its class)."""
     app = create_app(registry.load(version(1)), registry.resolve, registry.load,
                      Settings(follow_seconds=every), follow="models:/shop@champion")
     answers: list[tuple[int, str, int]] = []
@@ -375,10 +377,19 @@ async def load_while_moving(registry: Registry, moves: list[tuple[int, ...]],
                 answers.append((answer.status_code, answer.headers.get("X-Model-Version"),
                                 klass))
 
+        async def until(done: Callable[[], bool]) -> None:
+            deadline = time.monotonic() + 10  # a busy machine: wait for the event, not a time
+            while not done() and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+
         streams = [asyncio.create_task(stream()) for _ in range(8)]
-        for move in moves:
+        current = "1"
+        for move in moves:  # each move once the version before it has answered
+            await until(lambda seen=current: any(name == seen for _, name, _ in answers[-16:]))
             await asyncio.sleep(0.5)
             registry.alias = move
+            current = str(move)
+        await until(lambda: current in registry.loads)  # the follower has seen the last move
         await asyncio.sleep(0.5 + 4 * every)
         stop.set()
         await asyncio.gather(*streams)
