@@ -22,6 +22,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -38,6 +39,8 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 MLFLOW_TABLES = ("alembic_version", "experiments", "runs", "metrics", "params", "tags")
 # Most seconds spent on PRAGMA quick_check; a bigger store gets the rest of the checks only.
 QUICK_CHECK_SECONDS = 0.25
+# A SQLite store that looks half-written is asked again after this pause (a write in flight).
+SETTLE_SECONDS = 0.25
 
 
 class StoreError(RuntimeError):
@@ -233,18 +236,22 @@ def _sqlite_header(db: Path, where: str, todo: str) -> bytes:
 
 def _check_sqlite_settled(db: Path, where: str, option: str, *, write: bool, create: bool,
                           timeout: float) -> None:
-    """_check_sqlite; a store that looks half-written to a command that may create it is
-    asked again once the store's lock is free. Parallel jobs create and migrate a new store
-    under that lock (tracking.store.store_lock), so a job that looked in the meantime would
-    otherwise refuse a store that is fine a moment later. Without that lock file nobody is
-    creating it: the store is refused as it is, and nothing is written beside it."""
+    """_check_sqlite; a store that looks half-written is asked again before it is refused.
+
+    Parallel jobs create and migrate a new store under the store's lock file
+    (tracking.store.store_lock): a command that may create the store waits for that lock. A
+    write in progress can also show a header that announces pages not yet on disk: anyone
+    asks again after a moment (SETTLE_SECONDS). Only a store still half-written then is
+    refused, and nothing is written beside a store nobody is creating."""
     lock = db.with_name(db.name + ".lock")
     try:
         _check_sqlite(db, where, option, write=write, create=create, timeout=timeout)
     except StoreInFlux:
-        if not create or not lock.is_file():
-            raise
-        with file_lock(lock):
+        if create and lock.is_file():
+            with file_lock(lock):
+                _check_sqlite(db, where, option, write=write, create=create, timeout=timeout)
+        else:
+            time.sleep(SETTLE_SECONDS)
             _check_sqlite(db, where, option, write=write, create=create, timeout=timeout)
 
 
