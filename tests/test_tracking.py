@@ -218,3 +218,31 @@ def test_parallel_first_use_of_a_fresh_store_does_not_corrupt_it(tmp_path) -> No
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["shared"], output_format="list")
     assert len(runs) == 4 and all(r.data.metrics["m"] == 1 for r in runs)
+
+
+def test_a_run_whose_creation_answer_was_lost_is_not_created_twice(tracking_uri, experiment,
+                                                                    monkeypatch) -> None:
+    """The server created the run, then its answer was lost (a timeout, the server gone): the
+    run is found again once the server is back, not created a second time (that one would
+    stay RUNNING for good)."""
+    from omegaconf import OmegaConf
+    from requests.exceptions import ReadTimeout
+
+    created = []
+    create_run = mlflow.MlflowClient.create_run
+
+    def lost_answer(self, *args, **kwargs):
+        run = create_run(self, *args, **kwargs)
+        created.append(run.info.run_id)
+        if len(created) == 1:
+            raise mlflow.exceptions.MlflowException("API request failed") from ReadTimeout("x")
+        return run
+
+    monkeypatch.setattr(mlflow.MlflowClient, "create_run", lost_answer)
+    monkeypatch.setattr(store, "server_gone", lambda uri, err: True)  # as a server would be
+    monkeypatch.setattr(store, "wait_for_server", lambda *args: None)
+    cfg = OmegaConf.create({"reconnect_seconds": 1, "connect_timeout": 1})
+    with store.tracked_run(tracking_uri, experiment, "once", {}, cfg=cfg) as run:
+        run.log_metrics({"m": 1.0}, 0)
+    assert created[:1] == [_only_run(experiment).info.run_id]  # the first, and only it
+    assert _only_run(experiment).info.status == "FINISHED"

@@ -211,6 +211,17 @@ def _begin(client: mlflow.MlflowClient, experiment_id: str, run_name: str,
                              tags=resolve_tags(tags | owner)).info.run_id
 
 
+def _begun_before(client: mlflow.MlflowClient, experiment_id: str) -> str | None:
+    """The run an earlier, failed try of _begin created (the server wrote it, its answer was
+    lost): RUNNING and owned by this process. A process runs one run at a time, so runs of
+    its earlier jobs have ended."""
+    owner = " and ".join(f"tags.`process.{key}` = '{value}'"
+                         for key, value in procs.this_process().items())
+    runs = client.search_runs([experiment_id], f"{owner} and attributes.status = 'RUNNING'",
+                              max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 def _end(recorder: Recorder, err: BaseException) -> None:
     """End a run that `err` stopped: KILLED for a stop (Ctrl-C, SIGTERM), else FAILED, with
     the error recorded; another stop meanwhile waits until the run has ended."""
@@ -243,9 +254,11 @@ def tracked_run(uri: str, experiment_id: str, run_name: str, tags: dict[str, str
             except Exception as err:
                 if cfg is None or not server_gone(uri, err):
                     raise
-                # The server went away since setup(): wait for it, as at setup.
+                # The server went away since setup(): wait for it, as at setup. The first
+                # try may have created the run before its answer was lost: that run is used.
                 wait_for_server(uri, cfg.reconnect_seconds, cfg.connect_timeout)
-                run_id = _begin(client, experiment_id, run_name, tags, resume_run_id)
+                run_id = (None if resume_run_id else _begun_before(client, experiment_id)) \
+                    or _begin(client, experiment_id, run_name, tags, resume_run_id)
             outbox = (Outbox(uri, run_id, offline_root(cfg))
                       if cfg is not None and is_server(uri) else None)
             recorder = Recorder(client, run_id, outbox)
