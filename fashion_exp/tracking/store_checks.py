@@ -229,8 +229,8 @@ def _sqlite_header(db: Path, where: str, todo: str) -> bytes:
     wal = db.with_name(db.name + "-wal")
     if counted and pages and size < pages * page_size and not wal.exists():
         raise StoreInFlux(f"tracking store {where} is cut short: {size} of the "
-                         f"{pages * page_size} bytes its header announces; restore it from a "
-                         f"backup or {todo}")
+                          f"{pages * page_size} bytes its header announces; restore it from a "
+                          f"backup or {todo}")
     return header
 
 
@@ -349,7 +349,7 @@ def _check_tables(tables: set[str], where: str, todo: str, *, fresh_ok: bool) ->
         raise StoreError(f"tracking store {where} is a database but not an MLflow store (its "
                          f"tables: {others}); {todo}")
     raise StoreInFlux(f"tracking store {where} lacks MLflow's tables {', '.join(missing)} (a "
-                     f"half-created store); restore it from a backup or {todo}")
+                      f"half-created store); restore it from a backup or {todo}")
 
 
 def connect_args(url: Any, timeout: float) -> dict[str, Any]:
